@@ -1,0 +1,1 @@
+"""Server-side arithmetic: partial sums, aggregation rules, server optimizers."""

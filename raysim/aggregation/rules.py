@@ -1,0 +1,76 @@
+"""Aggregation rules as pure functions over partial sums.
+
+A :class:`PartialSum` is what an actor returns for all the devices it trained
+in a round: float64 sums of weighted updates and the summed weights that went
+into each element. Weights broadcast against the update, so a scalar weight
+(every device holds the whole tensor) and a per-element count (devices hold
+different slices) are the same code path. Summation is associative up to
+float64 rounding, which is why the number of actors does not change results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class PartialSum:
+    sums: Tensors  # name -> float64 sum of weight * update
+    weights: Tensors  # name -> float64 summed weight, broadcastable to sums[name]
+    num_devices: int = 0
+
+    @classmethod
+    def zeros_like(cls, state: Tensors) -> "PartialSum":
+        return cls(
+            sums={k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()},
+            weights={k: torch.zeros((), dtype=torch.float64, device=v.device) for k, v in state.items()},
+        )
+
+    def add(self, update: Tensors, *, weight: float) -> None:
+        """Accumulate one device's update with a scalar weight."""
+        for name, delta in update.items():
+            self.sums[name].add_(delta.to(torch.float64), alpha=weight)
+            self.weights[name].add_(weight)
+        self.num_devices += 1
+
+    def to(self, device: str) -> "PartialSum":
+        return PartialSum(
+            sums={k: v.to(device) for k, v in self.sums.items()},
+            weights={k: v.to(device) for k, v in self.weights.items()},
+            num_devices=self.num_devices,
+        )
+
+
+def combine(partials: list[PartialSum]) -> PartialSum:
+    """The sum of partial sums (None entries, from idle actors, are skipped)."""
+    partials = [p for p in partials if p is not None and p.num_devices > 0]
+    if not partials:
+        raise ValueError("no updates to combine")
+    total = PartialSum(
+        sums={k: v.clone() for k, v in partials[0].sums.items()},
+        weights={k: v.clone() for k, v in partials[0].weights.items()},
+        num_devices=partials[0].num_devices,
+    )
+    for p in partials[1:]:
+        for name in total.sums:
+            total.sums[name] = total.sums[name] + p.sums[name]
+            total.weights[name] = total.weights[name] + p.weights[name]
+        total.num_devices += p.num_devices
+    return total
+
+
+def weighted_mean(total: PartialSum) -> Tensors:
+    """FedAvg: sum(w_k * delta_k) / sum(w_k) per element; 0 where nobody contributed.
+
+    A zero mean leaves the global value as it was: elements that no device
+    held keep their value.
+    """
+    out = {}
+    for name, s in total.sums.items():
+        w = total.weights[name].expand_as(s)
+        out[name] = torch.where(w > 0, s / w.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(s))
+    return out

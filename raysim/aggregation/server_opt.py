@@ -1,0 +1,54 @@
+"""Server optimizers: apply the aggregated update to the global state.
+
+The aggregated update is the mean of ``local - global`` (a pseudo-gradient
+with the sign of descent). FedAvg with server learning rate 1 sets the global
+state to the average of the local states; FedAdam (Reddi et al., 2021,
+"Adaptive Federated Optimization") keeps Adam moments of that update on the
+server.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from raysim.config import AggregationConfig
+
+Tensors = dict[str, torch.Tensor]
+
+
+class ServerOptimizer(Protocol):
+    def step(self, state: Tensors, update: Tensors) -> Tensors: ...
+
+
+class FedAvg:
+    def __init__(self, *, lr: float):
+        self.lr = lr
+
+    def step(self, state: Tensors, update: Tensors) -> Tensors:
+        return {k: (v.double() + self.lr * update[k]).to(v.dtype) for k, v in state.items()}
+
+
+class FedAdam:
+    def __init__(self, *, lr: float, beta1: float, beta2: float, tau: float):
+        self.lr, self.beta1, self.beta2, self.tau = lr, beta1, beta2, tau
+        self.m: Tensors = {}
+        self.v: Tensors = {}
+
+    def step(self, state: Tensors, update: Tensors) -> Tensors:
+        out = {}
+        for k, x in state.items():
+            d = update[k]
+            m = self.m.get(k, torch.zeros_like(d))
+            v = self.v.get(k, torch.zeros_like(d))
+            self.m[k] = m = self.beta1 * m + (1 - self.beta1) * d
+            self.v[k] = v = self.beta2 * v + (1 - self.beta2) * d * d
+            out[k] = (x.double() + self.lr * m / (v.sqrt() + self.tau)).to(x.dtype)
+        return out
+
+
+def make_server_optimizer(cfg: AggregationConfig) -> ServerOptimizer:
+    if cfg.server_optimizer == "fedadam":
+        return FedAdam(lr=cfg.server_lr, beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.tau)
+    return FedAvg(lr=cfg.server_lr)

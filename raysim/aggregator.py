@@ -1,0 +1,47 @@
+"""The aggregator: holds the global trainable state and applies each round's updates.
+
+Run as a Ray actor. It receives the actors' partial sums directly (the driver
+passes object refs, never the tensors), combines them with a pure rule,
+finishes the processor chain's server side, and takes a server-optimizer
+step. The new state is returned as its own object so the driver can hand the
+ref to the device actors without fetching it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from raysim.aggregation.rules import PartialSum, Tensors, combine, weighted_mean
+from raysim.aggregation.server_opt import make_server_optimizer
+from raysim.config import AggregationConfig
+from raysim.processors import ServerContext, UpdateProcessor, run_on_server
+
+
+class Aggregator:
+    def __init__(self, *, state: Tensors, cfg: AggregationConfig, seed: int, processors: list[UpdateProcessor] = ()):
+        self.state = {k: v.clone() for k, v in state.items()}
+        self.optimizer = make_server_optimizer(cfg)
+        self.processors = list(processors)
+        self.seed = seed
+
+    def get_state(self) -> Tensors:
+        return self.state
+
+    def aggregate(self, round: int, *partials: PartialSum | None) -> tuple[Tensors, dict[str, float]]:
+        """One server step; returns (new state, stats). Keeps the state when no update came."""
+        present = [p for p in partials if p is not None]
+        if not present:
+            return self.state, {"update_norm": 0.0, "num_aggregated": 0}
+        total = combine(present)
+        update = weighted_mean(total)
+        update = run_on_server(
+            self.processors, update, context=ServerContext(seed=self.seed, round=round, num_devices=total.num_devices)
+        )
+        self.state = self.optimizer.step(self.state, update)
+        norm = math.sqrt(sum(float(u.pow(2).sum()) for u in update.values()))
+        return self.state, {"update_norm": norm, "num_aggregated": total.num_devices}
+
+    def save(self, path: str) -> None:
+        torch.save(self.state, path)

@@ -1,0 +1,203 @@
+"""Experiment configuration: OmegaConf structured configs with one clear error.
+
+``load_experiment(path, overrides)`` merges, in order, the dataclass defaults,
+the YAML file and ``key=value`` overrides, then validates ranges. Unknown keys
+and wrong types are rejected by OmegaConf's structured merge; the error is
+turned into a :class:`ConfigError` that names the file (or "override") and the
+dotted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from raysim.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO_ROOT / "experiments" / "quickstart.yaml"
+
+
+@dataclass
+class CohortConfig:
+    size: int = 16  # updates aggregated per round (the target)
+    sampling: str = "fixed"  # fixed | poisson
+    over_selection: float = 1.0  # select ceil(size * over_selection) devices
+    deadline_s: float | None = None  # virtual seconds; None = wait for the target
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 4
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    vocab_size: int = 1024
+    n_positions: int = 64
+    dropout: float = 0.0  # GPT-2's resid/embd/attn dropout during local training
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    examples_per_user: int = 32
+    seq_len: int = 64
+    num_styles: int = 8  # synthetic: clusters of users that write alike (non-IID)
+    eval_users: int = 32  # held-out users for evaluation
+
+
+@dataclass
+class MethodsConfig:
+    """The per-device method space a policy chooses from."""
+
+    lora_rank: list[int] = field(default_factory=lambda: [8])
+    lora_alpha_per_rank: float = 2.0  # alpha = lora_alpha_per_rank * rank
+    lora_target_modules: list[str] = field(default_factory=lambda: ["c_attn"])
+
+
+@dataclass
+class AggregationConfig:
+    server_optimizer: str = "fedavg"  # fedavg | fedadam
+    server_lr: float = 1.0
+    beta1: float = 0.9  # fedadam
+    beta2: float = 0.99  # fedadam
+    tau: float = 1e-3  # fedadam adaptivity
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5  # rounds; 0 = never (the last round is always evaluated when > 0)
+    batch_size: int = 32
+    target_accuracy: float | None = None  # summary.json reports the virtual time to reach it
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: a private local Ray; "auto" or host:port: a cluster
+    num_actors: int | None = None  # None: one per CPU (or GPU fraction) available
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    include_dashboard: bool = False
+    chunks_per_actor: int = 2  # work items per actor per round (load balance vs overhead)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = 10
+    output_dir: str | None = None  # default runs/<name>-<timestamp>
+    population: str = "gboard"  # a name from device_profiles/ or a path
+    population_size: int | None = None  # None: the population file's size
+    policy: str = "uniform"  # a name from policies/ or a path
+    progress: bool = True
+    cohort: CohortConfig = field(default_factory=CohortConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def _explain(err: OmegaConfBaseException, *, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or None
+    msg = str(err).splitlines()[0]
+    if "not in" in msg or "Key '" in msg and "not" in msg:
+        msg = "unknown key"
+    return ConfigError(msg, file=source, field=key)
+
+
+def _merge(base: DictConfig, extra: Any, *, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, extra)
+    except OmegaConfBaseException as err:
+        raise _explain(err, source=source) from None
+
+
+def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Defaults <- YAML file <- overrides, validated; a plain ExperimentConfig."""
+    cfg = OmegaConf.structured(ExperimentConfig)
+    source = "override"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("experiment file not found", file=source)
+        try:
+            data = OmegaConf.load(p)
+        except Exception as err:  # YAML syntax errors come in many types
+            raise ConfigError(f"cannot parse YAML: {str(err).splitlines()[0]}", file=source) from None
+        if not isinstance(data, DictConfig):
+            raise ConfigError("an experiment file must be a mapping of keys", file=source)
+        cfg = _merge(cfg, data, source=source)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value", file="override")
+        try:
+            dot = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise _explain(err, source="override") from None
+        cfg = _merge(cfg, dot, source="override")
+    experiment = OmegaConf.to_object(cfg)
+    validate(experiment, source=source)
+    return experiment
+
+
+def _check(ok: bool, field_name: str, message: str, *, source: str) -> None:
+    if not ok:
+        raise ConfigError(message, file=source, field=field_name)
+
+
+def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
+    """Range checks the type system cannot express."""
+    c = lambda ok, key, msg: _check(ok, key, msg, source=source)  # noqa: E731
+    c(cfg.rounds >= 1, "rounds", "must be >= 1")
+    c(cfg.population_size is None or cfg.population_size >= 1, "population_size", "must be >= 1")
+    c(cfg.cohort.size >= 1, "cohort.size", "must be >= 1")
+    c(cfg.cohort.sampling in ("fixed", "poisson"), "cohort.sampling", "must be 'fixed' or 'poisson'")
+    c(cfg.cohort.over_selection >= 1.0, "cohort.over_selection", "must be >= 1.0")
+    c(cfg.cohort.deadline_s is None or cfg.cohort.deadline_s > 0, "cohort.deadline_s", "must be > 0")
+    c(cfg.train.local_steps >= 1, "train.local_steps", "must be >= 1")
+    c(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    c(cfg.train.lr > 0, "train.lr", "must be > 0")
+    m = cfg.model
+    c(m.n_layer >= 1, "model.n_layer", "must be >= 1")
+    c(m.n_head >= 1 and m.n_embd % m.n_head == 0, "model.n_head", "must divide model.n_embd")
+    c(m.vocab_size >= 8, "model.vocab_size", "must be >= 8")
+    c(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    c(cfg.data.source == "synthetic", "data.source", "only 'synthetic' is available")
+    c(2 <= cfg.data.seq_len <= m.n_positions, "data.seq_len", f"must be in [2, model.n_positions={m.n_positions}]")
+    c(cfg.data.examples_per_user >= 1, "data.examples_per_user", "must be >= 1")
+    c(cfg.data.num_styles >= 1, "data.num_styles", "must be >= 1")
+    c(cfg.data.eval_users >= 1, "data.eval_users", "must be >= 1")
+    c(len(cfg.methods.lora_rank) >= 1, "methods.lora_rank", "needs at least one rank")
+    for i, r in enumerate(cfg.methods.lora_rank):
+        c(1 <= r <= m.n_embd, f"methods.lora_rank[{i}]", f"rank {r} must be in [1, layer width {m.n_embd}]")
+    c(cfg.methods.lora_alpha_per_rank > 0, "methods.lora_alpha_per_rank", "must be > 0")
+    c(cfg.aggregation.server_optimizer in ("fedavg", "fedadam"), "aggregation.server_optimizer",
+      "must be 'fedavg' or 'fedadam'")
+    c(cfg.aggregation.server_lr > 0, "aggregation.server_lr", "must be > 0")
+    c(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    c(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    r = cfg.ray
+    c(r.num_actors is None or r.num_actors >= 1, "ray.num_actors", "must be >= 1")
+    c(r.cpus_per_actor > 0, "ray.cpus_per_actor", "must be > 0")
+    c(r.gpus_per_actor >= 0, "ray.gpus_per_actor", "must be >= 0")
+    c(r.chunks_per_actor >= 1, "ray.chunks_per_actor", "must be >= 1")
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,74 @@
+"""Federated datasets: every device id maps to a user's examples.
+
+One interface, :class:`FederatedDataset`, is all the rest of raysim reads:
+``device_examples(device_id)`` gives the token sequences of the user on that device and
+``eval_examples()`` the held-out users'. A dataset is derived from the seed,
+never stored per device, so a population of 10^6 devices costs nothing until a
+device is sampled.
+
+:class:`SyntheticTokens` is a seeded non-IID generator for scale runs and
+benchmarks: users belong to *styles* (clusters), each style is a sparse
+next-token table (every token has a few possible successors), and each user
+has their own preference over those successors. A small LM can learn it, and
+users of different styles disagree, as real users do.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from raysim import rng
+from raysim.config import DataConfig
+
+_EVAL_USER_OFFSET = 1 << 40  # held-out users live in their own id range
+
+
+class FederatedDataset(Protocol):
+    """Token sequences per user; all tensors are int64 ``[n, seq_len]``."""
+
+    def device_examples(self, device_id: int) -> torch.Tensor: ...
+
+    def eval_examples(self) -> torch.Tensor: ...
+
+
+class SyntheticTokens:
+    """Seeded non-IID token sequences; any number of users, made on demand."""
+
+    successors = 4  # candidates per (style, token)
+
+    def __init__(self, cfg: DataConfig, *, vocab_size: int, seed: int):
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.seed = seed
+        g = rng.generator(seed, "data", "tables")
+        self.tables = torch.randint(0, vocab_size, (cfg.num_styles, vocab_size, self.successors), generator=g)
+
+    def device_examples(self, device_id: int) -> torch.Tensor:
+        return self._generate(device_id, self.cfg.examples_per_user)
+
+    def eval_examples(self) -> torch.Tensor:
+        users = [self._generate(_EVAL_USER_OFFSET + u, self.cfg.examples_per_user) for u in range(self.cfg.eval_users)]
+        return torch.cat(users)
+
+    def _generate(self, user_id: int, n: int) -> torch.Tensor:
+        g = rng.generator(self.seed, "data", "user", user_id)
+        styles = self.cfg.num_styles
+        # Mostly the user's own style, sometimes another one: non-IID but overlapping.
+        own = int(torch.randint(0, styles, (1,), generator=g))
+        seq_style = torch.where(torch.rand(n, generator=g) < 0.8, own, torch.randint(0, styles, (n,), generator=g))
+        # The user's own preference over successors: a peaked softmax of Gaussians.
+        prefs = torch.softmax(2.0 * torch.randn(self.successors, generator=g), dim=0)
+        choice = torch.multinomial(prefs, n * (self.cfg.seq_len - 1), replacement=True, generator=g)
+        choice = choice.view(n, self.cfg.seq_len - 1)
+        tokens = torch.empty(n, self.cfg.seq_len, dtype=torch.long)
+        tokens[:, 0] = torch.randint(0, self.vocab_size, (n,), generator=g)
+        for t in range(1, self.cfg.seq_len):
+            tokens[:, t] = self.tables[seq_style, tokens[:, t - 1], choice[:, t - 1]]
+        return tokens
+
+
+def build_dataset(cfg: DataConfig, *, vocab_size: int, seed: int) -> FederatedDataset:
+    """The dataset named by ``data.source``."""
+    return SyntheticTokens(cfg, vocab_size=vocab_size, seed=seed)

@@ -1,0 +1,134 @@
+"""The device worker: one long-lived process slot that emulates many devices in turn.
+
+A worker holds the base model once. For each device it is handed, it loads the
+round's global trainable state, trains for real on that device's data with
+every random draw keyed by (seed, round, device id), runs the update through
+the processor chain and adds it into a float64 partial sum. The round's
+partial sum leaves the worker once, at ``end_round``; per-device records leave
+as a few columns per work item. :mod:`raysim.pool` runs workers as Ray actors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from raysim import costmodel, rng
+from raysim.aggregation.rules import PartialSum, Tensors
+from raysim.config import ExperimentConfig
+from raysim.data import build_dataset
+from raysim.models import add_lora, build_base_model, trainable_state
+from raysim.processors import DeviceContext, UpdateProcessor, run_on_device
+from raysim.types import DeviceConfig
+
+
+def batch_indices(num_examples: int, *, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """``steps`` batches drawn without replacement, reshuffling at each epoch."""
+    need = steps * batch_size
+    epochs = -(-need // num_examples)
+    order = torch.cat([torch.randperm(num_examples, generator=generator) for _ in range(epochs)])
+    return order[:need].view(steps, batch_size)
+
+
+def state_nbytes(state: Tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+class DeviceWorker:
+    """Trains devices for the driver; wrapped as a Ray actor by the pool."""
+
+    def __init__(self, *, cfg: ExperimentConfig, num_threads: int, processors: list[UpdateProcessor] = ()):
+        torch.set_num_threads(num_threads)
+        self.cfg = cfg
+        self.device = torch.device("cuda" if cfg.ray.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
+        self.dataset = build_dataset(cfg.data, vocab_size=cfg.model.vocab_size, seed=cfg.seed)
+        base = build_base_model(cfg.model, seed=cfg.seed)
+        self.model = add_lora(base, rank=cfg.methods.lora_rank[0], methods=cfg.methods).to(self.device)
+        self.params = trainable_state(self.model)
+        self.optimizer = torch.optim.AdamW(
+            self.params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=True
+        )
+        self.processors = list(processors)
+        self._global: list[torch.Tensor] = []
+        self._round = -1
+        self._partial: PartialSum | None = None
+        self._eval: torch.Tensor | None = None
+
+    def initial_state(self) -> Tensors:
+        return {k: v.detach().cpu().clone() for k, v in self.params.items()}
+
+    def measure(self, config: DeviceConfig) -> costmodel.Measurement:
+        """Measured costs of one local step of ``config`` on this model."""
+        g = rng.generator(self.cfg.seed, "measure")
+        batch = torch.randint(0, self.cfg.model.vocab_size, (self.cfg.train.batch_size, self.cfg.data.seq_len), generator=g)
+        size = state_nbytes(self.params)
+        return costmodel.measure(self.model, batch=batch.to(self.device), bytes_down=size, bytes_up=size)
+
+    def begin_round(self, state: Tensors, round: int) -> None:
+        self._round = round
+        self._global = [state[k].to(self.device) for k in self.params]
+        self._partial = PartialSum.zeros_like(self.params)
+
+    def train(self, device_ids: list[int], configs: list[DeviceConfig]) -> dict[str, np.ndarray]:
+        """Train each device in turn; return its records as columns."""
+        losses = np.empty(len(device_ids))
+        counts = np.empty(len(device_ids), dtype=np.int64)
+        for i, (device_id, config) in enumerate(zip(device_ids, configs)):
+            losses[i], counts[i] = self._train_one(device_id, config)
+        return {"device_id": np.asarray(device_ids, dtype=np.int64), "train_loss": losses, "num_examples": counts}
+
+    def end_round(self) -> PartialSum | None:
+        partial, self._partial = self._partial, None
+        if partial is None or partial.num_devices == 0:
+            return None
+        return partial.to("cpu")
+
+    def evaluate(self, state: Tensors, *, shard: int, num_shards: int) -> np.ndarray:
+        """Summed next-token loss, token count and top-1 hits on a shard of held-out users."""
+        if self._eval is None:
+            self._eval = self.dataset.eval_examples()
+        rows = self._eval[shard::num_shards]
+        totals = torch.zeros(3, dtype=torch.float64)
+        with torch.no_grad():
+            for p, k in zip(self.params.values(), self.params):
+                p.copy_(state[k])
+            self.model.eval()
+            for batch in rows.split(self.cfg.eval.batch_size):
+                batch = batch.to(self.device)
+                logits = self.model(input_ids=batch).logits[:, :-1]
+                target = batch[:, 1:]
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum")
+                totals += torch.tensor(
+                    [loss.item(), target.numel(), (logits.argmax(-1) == target).sum().item()], dtype=torch.float64
+                )
+            self.model.train()
+        return totals.numpy()
+
+    def _train_one(self, device_id: int, config: DeviceConfig) -> tuple[float, int]:
+        seed, round = self.cfg.seed, self._round
+        torch.manual_seed(rng.torch_seed(seed, "train", round, device_id))  # model dropout
+        params = list(self.params.values())
+        with torch.no_grad():
+            torch._foreach_copy_(params, self._global)
+        self.optimizer.state.clear()
+        data = self.dataset.device_examples(device_id)
+        batches = batch_indices(
+            len(data),
+            steps=self.cfg.train.local_steps,
+            batch_size=self.cfg.train.batch_size,
+            generator=rng.generator(seed, "batches", round, device_id),
+        )
+        loss_sum = torch.zeros((), device=self.device)
+        for index in batches:
+            x = data[index].to(self.device)
+            loss = self.model(input_ids=x, labels=x).loss
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+        with torch.no_grad():
+            update = dict(zip(self.params, torch._foreach_sub(params, self._global)))
+        context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config, num_examples=len(data))
+        update = run_on_device(self.processors, update, context=context)
+        self._partial.add(update, weight=float(len(data)))
+        return loss_sum.item() / len(batches), len(data)

@@ -1,0 +1,96 @@
+"""A pool of long-lived device actors: actors are slots, devices are data.
+
+The pool knows nothing of training; it places work. Each round it hands the
+global-state ref to every actor once, splits the devices to train into
+chunks balanced by predicted compute, dispatches them with Ray's
+``ActorPool`` (an idle actor takes the next chunk), then collects one partial
+sum ref per actor for the aggregator.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+import ray
+from ray.util import ActorPool
+
+from raysim.config import ExperimentConfig
+from raysim.costmodel import Measurement
+from raysim.device import DeviceWorker
+from raysim.types import DeviceConfig
+
+
+def default_num_actors(cfg: ExperimentConfig) -> int:
+    """One actor per CPU share (and per GPU fraction when GPUs are asked for)."""
+    resources = ray.available_resources()
+    n = int(resources.get("CPU", 1) // cfg.ray.cpus_per_actor)
+    if cfg.ray.gpus_per_actor > 0:
+        n = min(n, int(resources.get("GPU", 0) // cfg.ray.gpus_per_actor))
+    return max(1, n)
+
+
+def balance(costs: np.ndarray, *, num_chunks: int) -> list[np.ndarray]:
+    """Split positions into chunks of near-equal total cost (longest job first).
+
+    Each chunk keeps its positions in ascending order.
+    """
+    num_chunks = max(1, min(num_chunks, len(costs)))
+    heap = [(0.0, c) for c in range(num_chunks)]
+    chunks: list[list[int]] = [[] for _ in range(num_chunks)]
+    for pos in np.argsort(-costs, kind="stable"):
+        load, c = heapq.heappop(heap)
+        chunks[c].append(int(pos))
+        heapq.heappush(heap, (load + float(costs[pos]), c))
+    return [np.sort(np.asarray(c, dtype=np.int64)) for c in chunks if c]
+
+
+class DevicePool:
+    def __init__(self, *, cfg: ExperimentConfig, num_actors: int | None = None):
+        self.cfg = cfg
+        n = num_actors or cfg.ray.num_actors or default_num_actors(cfg)
+        actor_cls = ray.remote(DeviceWorker).options(num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor)
+        threads = max(1, int(cfg.ray.cpus_per_actor))
+        self.actors = [actor_cls.remote(cfg=cfg, num_threads=threads) for _ in range(n)]
+        self._measured: dict[DeviceConfig, Measurement] = {}
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def initial_state(self) -> ray.ObjectRef:
+        return self.actors[0].initial_state.remote()
+
+    def measure(self, config: DeviceConfig) -> Measurement:
+        """Measured costs of ``config``, cached for the pool's lifetime."""
+        if config not in self._measured:
+            self._measured[config] = ray.get(self.actors[0].measure.remote(config))
+        return self._measured[config]
+
+    def train(
+        self,
+        state: ray.ObjectRef,
+        *,
+        round: int,
+        device_ids: np.ndarray,
+        configs: list[DeviceConfig],
+        costs: np.ndarray,
+    ) -> tuple[dict[str, np.ndarray], list[ray.ObjectRef]]:
+        """Train ``device_ids``; return their records (id order) and partial-sum refs."""
+        for actor in self.actors:
+            actor.begin_round.remote(state, round)
+        chunks = balance(costs, num_chunks=len(self.actors) * self.cfg.ray.chunks_per_actor)
+        work = [([int(device_ids[p]) for p in chunk], [configs[p] for p in chunk]) for chunk in chunks]
+        results = list(ActorPool(self.actors).map_unordered(lambda a, w: a.train.remote(*w), work))
+        partials = [actor.end_round.remote() for actor in self.actors]
+        if not results:
+            return {"device_id": np.empty(0, np.int64), "train_loss": np.empty(0), "num_examples": np.empty(0, np.int64)}, partials
+        records = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+        order = np.argsort(records["device_id"])
+        return {k: v[order] for k, v in records.items()}, partials
+
+    def evaluate(self, state: ray.ObjectRef) -> tuple[float, float]:
+        """Held-out (loss per token, top-1 accuracy), each actor taking one shard."""
+        n = len(self.actors)
+        totals = sum(ray.get([a.evaluate.remote(state, shard=i, num_shards=n) for i, a in enumerate(self.actors)]))
+        loss_sum, tokens, hits = totals
+        return float(loss_sum / tokens), float(hits / tokens)

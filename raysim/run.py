@@ -1,0 +1,194 @@
+"""One experiment: the round loop, top to bottom.
+
+Per round: sample a cohort at virtual time t, let the policy assign configs,
+price every device with the cost model, settle who arrives in time, train
+those devices for real on the actor pool, aggregate their partial sums on the
+aggregator actor, evaluate every ``eval.every`` rounds, write the records,
+advance the virtual clock.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+import raysim
+from raysim import cluster, rng
+from raysim.aggregator import Aggregator
+from raysim.clock import DROPPED, OK, OOM, STRAGGLER, UNAVAILABLE, settle_round
+from raysim.cohort import sample_cohort
+from raysim.config import ExperimentConfig, to_yaml
+from raysim.costmodel import device_costs
+from raysim.policies import load_policy
+from raysim.pool import DevicePool
+from raysim.profiles import load_population
+from raysim.results import RunWriter
+from raysim.types import RoundState
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    return Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_experiment(cfg: ExperimentConfig) -> Path:
+    """Run ``cfg`` to completion; return the run directory."""
+    population = load_population(cfg.population, size=cfg.population_size)
+    policy = load_policy(cfg.policy, methods=cfg.methods)
+    where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard)
+    pool = DevicePool(cfg=cfg)
+    aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(
+        state=pool.initial_state(), cfg=cfg.aggregation, seed=cfg.seed
+    )
+    state_ref = aggregator.get_state.remote()
+    run_dir = default_run_dir(cfg)
+    writer = RunWriter(run_dir, config_yaml=to_yaml(cfg))
+    print(f"raysim: {where}, {len(pool)} device actors, population {population.name} "
+          f"({population.size:,} devices) -> {run_dir}", file=sys.stderr)
+
+    sim_time = 0.0
+    totals = {"bytes_up": 0, "bytes_down": 0, "devices_trained": 0}
+    last: dict = {}
+    time_to_target = None
+    start = time.perf_counter()
+    progress = tqdm(total=cfg.rounds, disable=not cfg.progress, file=sys.stderr, unit="round", dynamic_ncols=True)
+    for rnd in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        cohort = sample_cohort(population, cfg.cohort, seed=cfg.seed, round=rnd, sim_time_s=sim_time)
+        draws = population.draw(cohort.device_id, seed=cfg.seed)
+        state = RoundState(round=rnd, sim_time_s=sim_time, last_train_loss=last.get("train_loss"),
+                           last_eval_loss=last.get("eval_loss"))
+        configs = policy.assign(draws, state)
+        costs = device_costs(draws, [pool.measure(c) for c in configs], local_steps=cfg.train.local_steps)
+        dropped = rng.uniform(cfg.seed, "dropout", rnd, ids=cohort.device_id) < draws.dropout_prob
+        outcome = settle_round(finish_s=costs.total_s, available=cohort.available, fits=costs.fits(draws),
+                               dropped=dropped, target=cohort.target, deadline_s=cfg.cohort.deadline_s)
+
+        trained = np.flatnonzero(outcome.status == OK)
+        records, partials = pool.train(
+            state_ref, round=rnd, device_ids=cohort.device_id[trained],
+            configs=[configs[i] for i in trained], costs=costs.compute_s[trained],
+        )
+        state_ref, stats_ref = aggregator.aggregate.options(num_returns=2).remote(rnd, *partials)
+        evaluate = cfg.eval.every > 0 and (rnd % cfg.eval.every == 0 or rnd == cfg.rounds)
+        eval_loss, eval_acc = pool.evaluate(state_ref) if evaluate else (math.nan, math.nan)
+        stats = ray.get(stats_ref)
+        sim_time += outcome.duration_s
+
+        devices = _device_columns(rnd, draws, configs, costs, outcome.status, trained, records)
+        n = {s: int((outcome.status == s).sum()) for s in (OK, OOM, DROPPED, STRAGGLER, UNAVAILABLE)}
+        examples = records["num_examples"]
+        row = {
+            "round": rnd,
+            "sim_time_s": sim_time,
+            "round_duration_s": outcome.duration_s,
+            "wall_time_s": time.perf_counter() - t0,
+            "train_loss": float(np.average(records["train_loss"], weights=examples)) if len(examples) else math.nan,
+            "eval_loss": eval_loss,
+            "eval_accuracy": eval_acc,
+            "epsilon": math.inf,  # no privacy mechanism in this run
+            "delta": 0.0,
+            "bytes_up": int(devices["bytes_up"].sum()),
+            "bytes_down": int(devices["bytes_down"].sum()),
+            "n_selected": len(cohort.device_id),
+            "n_completed": n[OK],
+            "n_dropped": n[DROPPED],
+            "n_oom": n[OOM],
+            "n_stragglers": n[STRAGGLER],
+            "n_unavailable": n[UNAVAILABLE],
+            "update_norm": stats["update_norm"],
+        }
+        writer.write_round(row, devices)
+        policy.observe({"round": row, "devices": devices})
+        totals["bytes_up"] += row["bytes_up"]
+        totals["bytes_down"] += row["bytes_down"]
+        totals["devices_trained"] += n[OK]
+        last |= {k: row[k] for k in ("train_loss", "eval_loss", "eval_accuracy") if not math.isnan(row[k])}
+        target = cfg.eval.target_accuracy
+        if time_to_target is None and target is not None and eval_acc >= target:
+            time_to_target = sim_time
+        progress.set_postfix_str(
+            f"sim {sim_time / 3600:.2f}h loss {row['train_loss']:.3f} "
+            f"eval {last.get('eval_loss', math.nan):.3f} ok {n[OK]}/{row['n_selected']}", refresh=False)
+        progress.update()
+    progress.close()
+
+    aggregator.save.remote(str((run_dir / "final_state.pt").resolve()))
+    summary = {
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "rounds": cfg.rounds,
+        "population": population.name,
+        "population_size": population.size,
+        "num_actors": len(pool),
+        "sim_time_s": sim_time,
+        "wall_time_s": time.perf_counter() - start,
+        "final": last,
+        "time_to_target_s": time_to_target,
+        "target_accuracy": cfg.eval.target_accuracy,
+        "epsilon": math.inf,
+        "delta": 0.0,
+        "totals": totals,
+        "versions": _versions(),
+    }
+    ray.get(aggregator.get_state.remote())  # the save above has finished
+    writer.close(summary)
+    return run_dir
+
+
+def _device_columns(rnd, draws, configs, costs, status, trained, records) -> dict[str, np.ndarray]:
+    """One row per selected device; traffic and compute only where they happened.
+
+    Available devices download the state; OOM devices stop before computing;
+    only aggregated devices' uploads are accepted (the round is closed to
+    stragglers; dropped devices never finish).
+    """
+    n = len(status)
+    reached = status != UNAVAILABLE
+    computed = reached & (status != OOM)
+    ok = status == OK
+    loss = np.full(n, math.nan)
+    loss[trained] = records["train_loss"]
+    examples = np.zeros(n, dtype=np.int64)
+    examples[trained] = records["num_examples"]
+    return {
+        "round": np.full(n, rnd, dtype=np.int32),
+        "device_id": draws.device_id,
+        "device_class": draws.device_class.astype(str),
+        "lora_rank": np.array([c.lora_rank for c in configs], dtype=np.int32),
+        "prune_ratio": np.array([c.prune_ratio for c in configs], dtype=np.float32),
+        "dropout_rate": np.array([c.dropout_rate for c in configs], dtype=np.float32),
+        "trainable_layers": np.array([-1 if c.trainable_layers is None else c.trainable_layers for c in configs],
+                                     dtype=np.int32),
+        "partial_embeddings": np.array([c.partial_embeddings for c in configs], dtype=bool),
+        "bits": np.array([c.bits for c in configs], dtype=np.int32),
+        "status": status.astype(str),
+        "compute_s": np.where(computed, costs.compute_s, 0.0),
+        "download_s": np.where(reached, costs.download_s, 0.0),
+        "upload_s": np.where(ok, costs.upload_s, 0.0),
+        "finish_s": np.where(computed, costs.total_s, math.nan),
+        "bytes_up": np.where(ok, costs.bytes_up, 0),
+        "bytes_down": np.where(reached, costs.bytes_down, 0),
+        "peak_memory_bytes": costs.peak_memory_bytes,
+        "memory_bytes": draws.memory_bytes.astype(np.int64),
+        "num_examples": examples.astype(np.int32),
+        "train_loss": loss,
+    }
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {"raysim": raysim.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "ray": ray.__version__, "transformers": transformers.__version__, "peft": peft.__version__}

@@ -1,0 +1,79 @@
+"""Frozen dataclasses that cross module boundaries: what every hook sees."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One device's draw from its class: what it can do, in SI units."""
+
+    device_id: int
+    device_class: str
+    train_flops_per_s: float
+    memory_bytes: float
+    uplink_bps: float
+    downlink_bps: float
+    rtt_s: float
+    dropout_prob: float
+
+
+@dataclass(frozen=True)
+class DeviceDraws:
+    """Profile draws for many devices at once, one numpy array per field.
+
+    The columnar twin of :class:`DeviceProfile`: the scheduler and cost model
+    work on whole cohorts with array arithmetic; ``row(i)`` gives one profile.
+    """
+
+    device_id: np.ndarray  # int64
+    device_class: np.ndarray  # str (object)
+    train_flops_per_s: np.ndarray
+    memory_bytes: np.ndarray
+    uplink_bps: np.ndarray
+    downlink_bps: np.ndarray
+    rtt_s: np.ndarray
+    dropout_prob: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.device_id)
+
+    def row(self, i: int) -> DeviceProfile:
+        values = {f.name: getattr(self, f.name)[i] for f in fields(self)}
+        values["device_id"] = int(values["device_id"])
+        values["device_class"] = str(values["device_class"])
+        return DeviceProfile(**{k: v if k in ("device_id", "device_class") else float(v) for k, v in values.items()})
+
+    def take(self, index: np.ndarray) -> "DeviceDraws":
+        return DeviceDraws(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """The method and configuration one device trains with in one round.
+
+    Hashable: the cost model caches measurements per distinct config.
+    ``lora_rank`` 0 trains the selected weights fully; ``bits`` 32 sends the
+    update unquantized.
+    """
+
+    lora_rank: int = 8
+    prune_ratio: float = 0.0
+    dropout_rate: float = 0.0
+    trainable_layers: int | None = None  # None: all blocks
+    partial_embeddings: bool = False
+    bits: int = 32
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """What a policy sees of the run when it assigns configs."""
+
+    round: int
+    sim_time_s: float
+    last_train_loss: float | None = None
+    last_eval_loss: float | None = None
+    epsilon: float | None = None

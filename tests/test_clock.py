@@ -1,0 +1,45 @@
+import numpy as np
+
+from raysim.clock import settle_round
+
+
+def _settle(finish, *, target, deadline=None, available=None, fits=None, dropped=None):
+    n = len(finish)
+    ones = np.ones(n, dtype=bool)
+    return settle_round(
+        finish_s=np.asarray(finish, dtype=float),
+        available=ones if available is None else np.asarray(available),
+        fits=ones if fits is None else np.asarray(fits),
+        dropped=~ones if dropped is None else np.asarray(dropped),
+        target=target,
+        deadline_s=deadline,
+    )
+
+
+def test_round_closes_at_the_target_th_arrival_and_later_ones_straggle():
+    out = _settle([5.0, 1.0, 3.0, 9.0], target=2)
+    assert list(out.status) == ["straggler", "ok", "ok", "straggler"]
+    assert out.duration_s == 3.0
+
+
+def test_round_closes_at_the_deadline_when_the_target_is_not_reached():
+    out = _settle([5.0, 1.0, 30.0], target=3, deadline=10.0)
+    assert list(out.status) == ["ok", "ok", "straggler"]
+    assert out.duration_s == 10.0
+
+
+def test_oom_dropped_and_unavailable_devices_are_not_aggregated():
+    out = _settle([1.0, 2.0, 3.0, 4.0], target=4, available=[True, True, True, False],
+                  fits=[True, False, True, True], dropped=[False, False, True, False])
+    assert list(out.status) == ["ok", "oom", "dropped", "unavailable"]
+    assert out.duration_s == 1.0
+
+
+def test_ties_in_arrival_are_broken_by_device_order():
+    out = _settle([2.0, 2.0, 2.0], target=2)
+    assert list(out.status) == ["ok", "ok", "straggler"]
+
+
+def test_empty_round_lasts_zero_without_deadline():
+    out = _settle([1.0], target=1, fits=[False])
+    assert out.duration_s == 0.0
