@@ -53,6 +53,7 @@ class Workload:
             f"train.local_steps={self.local_steps}", f"train.batch_size={self.batch_size}", f"train.lr={self.lr}",
             f"model.n_layer={self.n_layer}", f"model.n_embd={self.n_embd}", f"model.n_head={self.n_head}",
             f"model.vocab_size={self.vocab_size}", f"model.n_positions={self.n_positions}",
+            "model.dropout=0.1",  # GPT2Config's default, which the workloads and the plain loop use
             f"data.seq_len={self.seq_len}", f"data.examples_per_user={self.examples}",
             f"methods.lora_rank=[{self.rank}]", f"methods.lora_alpha_per_rank={self.alpha / self.rank}",
             "eval.every=0",
@@ -83,7 +84,8 @@ def _build(wl: Workload):
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=wl.n_layer, n_embd=wl.n_embd, n_head=wl.n_head,
-                                       vocab_size=wl.vocab_size, n_positions=wl.n_positions))
+                                       vocab_size=wl.vocab_size, n_positions=wl.n_positions,
+                                       bos_token_id=0, eos_token_id=0))
     lora = LoraConfig(r=wl.rank, lora_alpha=wl.alpha, target_modules=["c_attn"], fan_in_fan_out=True)
     return get_peft_model(model, lora)
 

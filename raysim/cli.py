@@ -7,6 +7,7 @@ other failure prints one line too unless ``--debug`` asks for the traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from raysim.errors import ConfigError
@@ -17,7 +18,7 @@ def _run(args: argparse.Namespace) -> int:
     from raysim.run import run_experiment
 
     path, overrides = args.experiment, list(args.overrides)
-    if path is not None and "=" in path and not path.endswith((".yaml", ".yml")):
+    if path is not None and re.match(r"[A-Za-z_][\w.]*=", path):  # no file, only overrides
         path, overrides = None, [path, *overrides]
     cfg = load_experiment(path or QUICKSTART, overrides)
     run_dir = run_experiment(cfg)

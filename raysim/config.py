@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from raysim.errors import ConfigError
 
@@ -113,10 +113,12 @@ class ExperimentConfig:
 
 
 def _explain(err: OmegaConfBaseException, *, source: str) -> ConfigError:
-    key = getattr(err, "full_key", None) or None
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or None
+    if isinstance(err, ConfigKeyError):
+        return ConfigError("unknown key", file=source, field=key)
     msg = str(err).splitlines()[0]
-    if "not in" in msg or "Key '" in msg and "not" in msg:
-        msg = "unknown key"
+    if "is not a subclass of" in msg:
+        msg = "expected a mapping of keys"
     return ConfigError(msg, file=source, field=key)
 
 

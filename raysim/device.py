@@ -106,7 +106,11 @@ class DeviceWorker:
 
     def _train_one(self, device_id: int, config: DeviceConfig) -> tuple[float, int]:
         seed, round = self.cfg.seed, self._round
-        torch.manual_seed(rng.torch_seed(seed, "train", round, device_id))  # model dropout
+        # Model dropout draws from the default generator. torch.manual_seed would
+        # also seed every lazily-initialised accelerator backend (ms per call).
+        torch.default_generator.manual_seed(rng.torch_seed(seed, "train", round, device_id))
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(rng.torch_seed(seed, "train", round, device_id))
         params = list(self.params.values())
         with torch.no_grad():
             torch._foreach_copy_(params, self._global)

@@ -34,6 +34,8 @@ def build_base_model(cfg: ModelConfig, *, seed: int) -> GPT2LMHeadModel:
         resid_pdrop=cfg.dropout,
         embd_pdrop=cfg.dropout,
         attn_pdrop=cfg.dropout,
+        bos_token_id=0,  # GPT-2's 50256 lies outside a small vocabulary
+        eos_token_id=0,
     )
     torch.manual_seed(rng.torch_seed(seed, "model", "init"))
     return GPT2LMHeadModel(config)

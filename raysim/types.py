@@ -42,10 +42,8 @@ class DeviceDraws:
         return len(self.device_id)
 
     def row(self, i: int) -> DeviceProfile:
-        values = {f.name: getattr(self, f.name)[i] for f in fields(self)}
-        values["device_id"] = int(values["device_id"])
-        values["device_class"] = str(values["device_class"])
-        return DeviceProfile(**{k: v if k in ("device_id", "device_class") else float(v) for k, v in values.items()})
+        numbers = {f.name: float(getattr(self, f.name)[i]) for f in fields(self)[2:]}
+        return DeviceProfile(device_id=int(self.device_id[i]), device_class=str(self.device_class[i]), **numbers)
 
     def take(self, index: np.ndarray) -> "DeviceDraws":
         return DeviceDraws(**{f.name: getattr(self, f.name)[index] for f in fields(self)})

@@ -1,0 +1,22 @@
+# The two set-up commands of the README: `make run` and `make test`.
+# Both install what a fresh machine lacks first (once; see .installed).
+PY ?= python3
+ARGS ?=
+
+.PHONY: run test bench
+.installed: pyproject.toml
+	# The CPU wheel of torch first: any other torch spec pulls GBs of CUDA packages.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[test]"
+	touch .installed
+
+run: .installed
+	$(PY) -m raysim.cli run $(ARGS)
+
+test: .installed
+	$(PY) -m pytest
+
+bench: .installed
+	$(PY) bench/round_overhead.py
+	$(PY) bench/device_overhead.py
+	$(PY) bench/population_memory.py

@@ -1,0 +1,164 @@
+"""raysim.cluster: address resolution, failing fast, a loopback-only local Ray, cluster.yaml."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from raysim import cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, *, timeout_s: float) -> dict:
+    """Run ``code`` in a fresh interpreter (its own Ray, none of ours) and parse its last line as JSON."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- address resolution (pure) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "environ", "expected"),
+    [
+        (None, {}, None),
+        ("local", {"RAY_ADDRESS": "10.0.0.5:6379"}, None),
+        (None, {"RAY_ADDRESS": "10.0.0.5:6379"}, "10.0.0.5:6379"),
+        (None, {"RAY_ADDRESS": ""}, None),
+        (None, {"RAY_ADDRESS": "local"}, None),
+        ("auto", {"RAY_ADDRESS": "10.0.0.5:6379"}, "auto"),
+        ("10.0.0.7:6379", {"RAY_ADDRESS": "10.0.0.5:6379"}, "10.0.0.7:6379"),
+        ("ray://head:10001", {}, "ray://head:10001"),
+    ],
+)
+def test_resolve_address_explicit_wins_then_env(address, environ, expected):
+    assert cluster.resolve_address(address=address, environ=environ) == expected
+
+
+# --- joining a cluster that is not there ---------------------------------------------------
+
+
+def test_dead_or_malformed_address_fails_fast_with_config_error():
+    result = run_python(
+        """
+        import json, time
+        from raysim import cluster
+        from raysim.errors import ConfigError
+        out = {}
+        for address in ["127.0.0.1:1", "ray://127.0.0.1:1", "no-port", "http://127.0.0.1:1"]:
+            start = time.monotonic()
+            try:
+                cluster.connect(address=address)
+                out[address] = None
+            except ConfigError as err:
+                out[address] = [str(err), err.field, time.monotonic() - start]
+        print(json.dumps(out))
+        """,
+        timeout_s=60,
+    )
+    for address, outcome in result.items():
+        assert outcome is not None, f"{address} connected"
+        message, field, seconds = outcome
+        assert field == "ray.address"
+        assert address in message
+        assert seconds < 30
+    assert "no Ray cluster answers at 127.0.0.1:1" in result["127.0.0.1:1"][0]
+
+
+# --- a private local Ray -------------------------------------------------------------------
+
+
+def test_local_ray_listens_on_loopback_only():
+    start = time.monotonic()
+    result = run_python(
+        """
+        import ipaddress, json, time
+        import psutil, ray
+        from raysim import cluster
+
+        start = time.monotonic()
+        description = cluster.connect(address=None, num_cpus=1)
+        init_s = time.monotonic() - start
+        ray.get(ray.remote(lambda: 1).remote())  # a worker process is up too
+        me = psutil.Process()
+        listening = set()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                sockets = proc.net_connections(kind="inet")
+            except psutil.NoSuchProcess:
+                continue
+            listening |= {(s.laddr.ip, s.laddr.port) for s in sockets if s.status == psutil.CONN_LISTEN}
+
+        def loopback(ip):
+            ip = ipaddress.ip_address(ip.split("%")[0])
+            return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+        exposed = sorted(f"{ip}:{port}" for ip, port in listening if not loopback(ip))
+        cluster.shutdown()
+        print(json.dumps({"description": description, "n": len(listening), "exposed": exposed,
+                          "init_s": init_s, "after_shutdown": ray.is_initialized()}))
+        """,
+        timeout_s=90,
+    )
+    assert result["n"] >= 5  # GCS, raylet, agents, workers: there was something to check
+    assert result["exposed"] == []
+    assert result["description"] == "local Ray (1 CPU, loopback only)"  # no dashboard URL
+    assert result["after_shutdown"] is False
+    print(f"local Ray up in {result['init_s']:.1f} s, whole check {time.monotonic() - start:.1f} s")
+
+
+def test_initialised_ray_is_reused(ray_session):
+    assert cluster.connect(address="127.0.0.1:1").startswith("Ray already running in this process")
+
+
+# --- cluster.yaml --------------------------------------------------------------------------
+
+
+def load_cluster_yaml() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_passes_rays_own_schema():
+    config = prepare_config(load_cluster_yaml())  # the defaults filling `ray up` does
+    validate_config(config)
+    types = config["available_node_types"]
+    assert config["cluster_name"] == "raysim"
+    assert types[config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    assert any(t["resources"].get("GPU", 0) >= 1 for t in types.values())
+    assert sum(1 for t in types.values() if t["resources"].get("GPU", 0) == 0) >= 2  # head + CPU workers
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--head" in head_start and "--dashboard-host=127.0.0.1" in head_start
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda c: c.update(bogus_key=1),
+        lambda c: c["available_node_types"]["worker.gpu"].pop("resources"),
+        lambda c: c["available_node_types"]["worker.gpu"]["resources"].update(GPU=-1),
+        lambda c: c.update(max_workers="many"),
+    ],
+    ids=["unknown-top-level-key", "missing-resources", "negative-gpu", "max-workers-not-int"],
+)
+def test_schema_check_rejects_broken_configs(mutate):
+    config = copy.deepcopy(load_cluster_yaml())
+    mutate(config)
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(config))

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+
+from raysim.config import load_experiment
+from raysim.costmodel import Measurement, device_costs
+from raysim.device import DeviceWorker
+from raysim.types import DeviceConfig, DeviceDraws
+
+from conftest import TINY
+
+
+def _draws(**kw):
+    base = dict(device_id=np.array([0]), device_class=np.array(["x"], dtype=object),
+                train_flops_per_s=np.array([1e9]), memory_bytes=np.array([1e9]), uplink_bps=np.array([8e6]),
+                downlink_bps=np.array([16e6]), rtt_s=np.array([0.05]), dropout_prob=np.array([0.0]))
+    base.update({k: np.array([v]) for k, v in kw.items()})
+    return DeviceDraws(**base)
+
+
+def test_device_times_follow_the_profile():
+    m = Measurement(flops_per_step=2e9, activation_bytes=0, param_bytes=0, trainable_params=0,
+                    bytes_down=2_000_000, bytes_up=1_000_000)
+    c = device_costs(_draws(), [m], local_steps=3)
+    assert c.compute_s[0] == pytest.approx(6.0)
+    assert c.download_s[0] == pytest.approx(0.05 + 1.0)
+    assert c.upload_s[0] == pytest.approx(0.05 + 1.0)
+    assert c.total_s[0] == pytest.approx(8.1)
+
+
+def test_peak_memory_counts_weights_trainable_state_and_activations():
+    m = Measurement(flops_per_step=1, activation_bytes=1000, param_bytes=400, trainable_params=10,
+                    bytes_down=0, bytes_up=0)
+    assert m.peak_memory_bytes == 400 + 10 * 12 + 1000
+
+
+def test_a_device_with_too_little_memory_does_not_fit():
+    m = Measurement(flops_per_step=1, activation_bytes=10**9, param_bytes=0, trainable_params=0,
+                    bytes_down=0, bytes_up=0)
+    assert not device_costs(_draws(memory_bytes=5e8), [m], local_steps=1).fits(_draws(memory_bytes=5e8))[0]
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return DeviceWorker(cfg=load_experiment(None, TINY), num_threads=1)
+
+
+def test_lora_step_costs_about_two_forward_passes(worker):
+    # Frozen weights need input gradients only (one more GEMM each), no weight gradients.
+    m = worker.measure(DeviceConfig(lora_rank=4))
+    cfg = worker.cfg
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    h, v, layers = cfg.model.n_embd, cfg.model.vocab_size, cfg.model.n_layer
+    forward_dense = 2 * tokens * (layers * (h * 3 * h + h * h + 2 * h * 4 * h) + h * v)
+    assert 1.5 * forward_dense < m.flops_per_step < 2.5 * forward_dense
+
+
+def test_flops_are_linear_in_batch_size(worker):
+    small = worker.measure(DeviceConfig(lora_rank=4))
+    worker.cfg.train.batch_size *= 2
+    try:
+        large = worker.measure(DeviceConfig(lora_rank=4))
+    finally:
+        worker.cfg.train.batch_size //= 2
+    assert large.flops_per_step == 2 * small.flops_per_step
+    assert 1.8 * small.activation_bytes < large.activation_bytes < 2.2 * small.activation_bytes
+
+
+def test_measurement_leaves_the_model_unchanged(worker):
+    before = {k: v.clone() for k, v in worker.model.state_dict().items()}
+    worker.measure(DeviceConfig(lora_rank=4))
+    after = worker.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in worker.model.parameters())
+
+
+def test_bytes_are_the_trainable_state_size(worker):
+    m = worker.measure(DeviceConfig(lora_rank=4))
+    assert m.bytes_up == m.bytes_down == 4 * m.trainable_params

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from raysim.config import load_experiment
+from raysim.device import DeviceWorker, batch_indices
+from raysim.types import DeviceConfig
+
+from conftest import TINY
+
+CFG = DeviceConfig(lora_rank=4)
+
+
+@pytest.fixture(scope="module")
+def workers():
+    cfg = load_experiment(None, [*TINY, "model.dropout=0.1"])
+    return DeviceWorker(cfg=cfg, num_threads=1), DeviceWorker(cfg=cfg, num_threads=1)
+
+
+def _run(worker, state, ids):
+    worker.begin_round(state, 3)
+    records = worker.train(ids, [CFG] * len(ids))
+    return records, worker.end_round()
+
+
+def test_a_device_trains_the_same_whatever_came_before_it_on_the_worker(workers):
+    a, b = workers
+    state = a.initial_state()
+    rec_a, _ = _run(a, state, [11, 42, 7])
+    rec_b, _ = _run(b, state, [7])
+    assert rec_a["train_loss"][2] == rec_b["train_loss"][0]
+
+
+def test_partial_sums_split_across_workers_add_up_to_one_worker(workers):
+    a, b = workers
+    state = a.initial_state()
+    _, whole = _run(a, state, [1, 2, 3, 4])
+    _, left = _run(a, state, [1, 2])
+    _, right = _run(b, state, [3, 4])
+    for k in whole.sums:
+        torch.testing.assert_close(whole.sums[k], left.sums[k] + right.sums[k], rtol=1e-12, atol=1e-15)
+        assert float(whole.weights[k]) == float(left.weights[k] + right.weights[k])
+
+
+def test_local_training_moves_the_adapter(workers):
+    a, _ = workers
+    _, partial = _run(a, a.initial_state(), [5])
+    assert all(float(s.abs().sum()) > 0 for s in partial.sums.values())
+
+
+def test_evaluation_shards_add_up_to_the_whole_held_out_set(workers):
+    a, _ = workers
+    state = a.initial_state()
+    whole = a.evaluate(state, shard=0, num_shards=1)
+    parts = a.evaluate(state, shard=0, num_shards=2) + a.evaluate(state, shard=1, num_shards=2)
+    np.testing.assert_allclose(whole, parts, rtol=1e-6)
+    assert whole[1] == a.cfg.data.eval_users * a.cfg.data.examples_per_user * (a.cfg.data.seq_len - 1)
+
+
+def test_batches_cover_every_example_once_per_epoch():
+    g = torch.Generator().manual_seed(0)
+    idx = batch_indices(8, steps=4, batch_size=4, generator=g)
+    assert sorted(idx[:2].flatten().tolist()) == list(range(8))
+    assert sorted(idx[2:].flatten().tolist()) == list(range(8))
+
+
+def test_an_idle_worker_returns_no_partial_sum(workers):
+    a, _ = workers
+    a.begin_round(a.initial_state(), 1)
+    assert a.end_round() is None
