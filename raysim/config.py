@@ -46,15 +46,42 @@ class ModelConfig:
     vocab_size: int = 1024
     n_positions: int = 64
     dropout: float = 0.0  # GPT-2's resid/embd/attn dropout during local training
+    path: str | None = None  # a local Hugging Face model folder; overrides the sizes above
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None  # tokenizer.json (or a folder holding one); None: train BPE on the public split
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
-    examples_per_user: int = 32
+    # python-docs (the shipped corpus) | synthetic | a path: .parquet, .jsonl, or a datasets save_to_disk folder
+    source: str = "python-docs"
+    user_column: str = "user"
+    text_column: str = "text"
+    partition: str = "natural"  # natural (by user column) | dirichlet (over label_column) | iid
+    label_column: str | None = None  # dirichlet: the label/topic column
+    dirichlet_alpha: float = 0.5
+    num_users: int | None = None  # dirichlet / iid: users to make (None: as many as natural users)
+    public_fraction: float = 0.0  # share of users set aside as public text (the corpus' own public split is kept)
+    min_examples: int = 2  # drop users with fewer sequences
+    max_examples: int | None = 256  # keep at most this many sequences per user
     seq_len: int = 64
-    num_styles: int = 8  # synthetic: clusters of users that write alike (non-IID)
     eval_users: int = 32  # held-out users for evaluation
+    examples_per_user: int = 32  # synthetic only
+    num_styles: int = 8  # synthetic only: clusters of users that write alike
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class PretrainConfig:
+    """Central pre-training on the public split, cached by content hash."""
+
+    steps: int = 0  # 0: start federated rounds from the initial (or loaded) model
+    batch_size: int = 32
+    lr: float = 3e-3
+    cache_dir: str = "~/.cache/raysim"
 
 
 @dataclass
@@ -79,6 +106,7 @@ class AggregationConfig:
 class EvalConfig:
     every: int = 5  # rounds; 0 = never (the last round is always evaluated when > 0)
     batch_size: int = 32
+    max_examples: int = 512  # held-out sequences evaluated (spread over the eval users)
     target_accuracy: float | None = None  # summary.json reports the virtual time to reach it
 
 
@@ -106,6 +134,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     methods: MethodsConfig = field(default_factory=MethodsConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -180,11 +209,23 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(m.n_head >= 1 and m.n_embd % m.n_head == 0, "model.n_head", "must divide model.n_embd")
     c(m.vocab_size >= 8, "model.vocab_size", "must be >= 8")
     c(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-    c(cfg.data.source == "synthetic", "data.source", "only 'synthetic' is available")
-    c(2 <= cfg.data.seq_len <= m.n_positions, "data.seq_len", f"must be in [2, model.n_positions={m.n_positions}]")
-    c(cfg.data.examples_per_user >= 1, "data.examples_per_user", "must be >= 1")
-    c(cfg.data.num_styles >= 1, "data.num_styles", "must be >= 1")
-    c(cfg.data.eval_users >= 1, "data.eval_users", "must be >= 1")
+    d = cfg.data
+    c(2 <= d.seq_len <= m.n_positions, "data.seq_len", f"must be in [2, model.n_positions={m.n_positions}]")
+    c(d.partition in ("natural", "dirichlet", "iid"), "data.partition", "must be natural, dirichlet or iid")
+    c(d.partition != "dirichlet" or d.label_column is not None, "data.label_column",
+      "dirichlet partitions need a label column")
+    c(d.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+    c(d.num_users is None or d.num_users >= 2, "data.num_users", "must be >= 2")
+    c(0.0 <= d.public_fraction < 1.0, "data.public_fraction", "must be in [0, 1)")
+    c(d.min_examples >= 1, "data.min_examples", "must be >= 1")
+    c(d.max_examples is None or d.max_examples >= d.min_examples, "data.max_examples", "must be >= data.min_examples")
+    c(d.examples_per_user >= 1, "data.examples_per_user", "must be >= 1")
+    c(d.num_styles >= 1, "data.num_styles", "must be >= 1")
+    c(d.eval_users >= 1, "data.eval_users", "must be >= 1")
+    p = cfg.pretrain
+    c(p.steps >= 0, "pretrain.steps", "must be >= 0")
+    c(p.batch_size >= 1, "pretrain.batch_size", "must be >= 1")
+    c(p.lr > 0, "pretrain.lr", "must be > 0")
     c(len(cfg.methods.lora_rank) >= 1, "methods.lora_rank", "needs at least one rank")
     for i, r in enumerate(cfg.methods.lora_rank):
         c(1 <= r <= m.n_embd, f"methods.lora_rank[{i}]", f"rank {r} must be in [1, layer width {m.n_embd}]")
@@ -194,6 +235,7 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(cfg.aggregation.server_lr > 0, "aggregation.server_lr", "must be > 0")
     c(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     c(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    c(cfg.eval.max_examples >= 1, "eval.max_examples", "must be >= 1")
     r = cfg.ray
     c(r.num_actors is None or r.num_actors >= 1, "ray.num_actors", "must be >= 1")
     c(r.cpus_per_actor > 0, "ray.cpus_per_actor", "must be > 0")

@@ -16,8 +16,8 @@ import torch
 from raysim import costmodel, rng
 from raysim.aggregation.rules import PartialSum, Tensors
 from raysim.config import ExperimentConfig
-from raysim.data import build_dataset
-from raysim.models import add_lora, build_base_model, trainable_state
+from raysim.data import FederatedDataset
+from raysim.models import BaseModel, add_lora, instantiate, trainable_state
 from raysim.processors import DeviceContext, UpdateProcessor, run_on_device
 from raysim.types import DeviceConfig
 
@@ -37,13 +37,22 @@ def state_nbytes(state: Tensors) -> int:
 class DeviceWorker:
     """Trains devices for the driver; wrapped as a Ray actor by the pool."""
 
-    def __init__(self, *, cfg: ExperimentConfig, num_threads: int, processors: list[UpdateProcessor] = ()):
+    def __init__(
+        self,
+        *,
+        cfg: ExperimentConfig,
+        base: BaseModel,
+        dataset: FederatedDataset,
+        num_threads: int,
+        processors: list[UpdateProcessor] = (),
+    ):
         torch.set_num_threads(num_threads)
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.ray.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
-        self.dataset = build_dataset(cfg.data, vocab_size=cfg.model.vocab_size, seed=cfg.seed)
-        base = build_base_model(cfg.model, seed=cfg.seed)
-        self.model = add_lora(base, rank=cfg.methods.lora_rank[0], methods=cfg.methods).to(self.device)
+        self.dataset = dataset
+        self.vocab_size = base.vocab_size
+        model = instantiate(base)
+        self.model = add_lora(model, rank=cfg.methods.lora_rank[0], methods=cfg.methods, seed=cfg.seed).to(self.device)
         self.params = trainable_state(self.model)
         self.optimizer = torch.optim.AdamW(
             self.params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=True
@@ -60,7 +69,7 @@ class DeviceWorker:
     def measure(self, config: DeviceConfig) -> costmodel.Measurement:
         """Measured costs of one local step of ``config`` on this model."""
         g = rng.generator(self.cfg.seed, "measure")
-        batch = torch.randint(0, self.cfg.model.vocab_size, (self.cfg.train.batch_size, self.cfg.data.seq_len), generator=g)
+        batch = torch.randint(0, self.vocab_size, (self.cfg.train.batch_size, self.cfg.data.seq_len), generator=g)
         size = state_nbytes(self.params)
         return costmodel.measure(self.model, batch=batch.to(self.device), bytes_down=size, bytes_up=size)
 
@@ -84,23 +93,22 @@ class DeviceWorker:
         return partial.to("cpu")
 
     def evaluate(self, state: Tensors, *, shard: int, num_shards: int) -> np.ndarray:
-        """Summed next-token loss, token count and top-1 hits on a shard of held-out users."""
+        """Summed next-token loss, token count, top-1 and top-3 hits on a shard of held-out sequences."""
         if self._eval is None:
             self._eval = self.dataset.eval_examples()
         rows = self._eval[shard::num_shards]
-        totals = torch.zeros(3, dtype=torch.float64)
+        totals = torch.zeros(4, dtype=torch.float64)
         with torch.no_grad():
-            for p, k in zip(self.params.values(), self.params):
-                p.copy_(state[k])
+            torch._foreach_copy_(list(self.params.values()), [state[k].to(self.device) for k in self.params])
             self.model.eval()
             for batch in rows.split(self.cfg.eval.batch_size):
                 batch = batch.to(self.device)
-                logits = self.model(input_ids=batch).logits[:, :-1]
+                logits = self.model(input_ids=batch).logits[:, :-1].float()
                 target = batch[:, 1:]
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum")
-                totals += torch.tensor(
-                    [loss.item(), target.numel(), (logits.argmax(-1) == target).sum().item()], dtype=torch.float64
-                )
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
+                top3 = logits.topk(3, dim=-1).indices
+                totals += torch.tensor([loss.item(), target.numel(), (top3[..., 0] == target).sum().item(),
+                                        (top3 == target.unsqueeze(-1)).any(-1).sum().item()], dtype=torch.float64)
             self.model.train()
         return totals.numpy()
 

@@ -1,31 +1,51 @@
-"""Models: a Hugging Face causal LM with peft LoRA adapters.
+"""Models: a Hugging Face causal LM, its starting weights, and peft LoRA adapters.
 
-The base model is built once per actor from (config, seed), so every actor
-holds bit-identical frozen weights without shipping them. The *trainable
-state* is the ordered dict of the adapter's parameters: it is what travels to
-devices, what devices update and what the aggregator averages.
+A :class:`BaseModel` is what every actor starts from: the model's config and
+its weights (initial, pretrained by :mod:`raysim.pretrain`, or loaded from a
+local folder). The driver builds it once and ships it through the object
+store, so every actor holds bit-identical frozen weights and no node needs
+the cache or the folder. The *trainable state* is the ordered dict of the
+adapter's parameters: what travels to devices, what devices update and what
+the aggregator averages.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from raysim import rng
 from raysim.config import MethodsConfig, ModelConfig
+from raysim.errors import ConfigError
 
 hf_logging.set_verbosity_error()
 # peft probes a deprecated transformers attribute on every wrap; not ours to fix.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def build_base_model(cfg: ModelConfig, *, seed: int) -> GPT2LMHeadModel:
-    """A GPT-2-family causal LM initialised from (config, seed)."""
-    config = GPT2Config(
+@dataclass(frozen=True)
+class BaseModel:
+    config: dict  # a transformers config as a dict (with model_type)
+    state: dict[str, torch.Tensor]
+    origin: str  # "init", "pretrained <key>", or the folder it came from
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.config.get("n_positions") or self.config.get("max_position_embeddings"))
+
+
+def gpt2_config(cfg: ModelConfig) -> GPT2Config:
+    return GPT2Config(
         n_layer=cfg.n_layer,
         n_embd=cfg.n_embd,
         n_head=cfg.n_head,
@@ -37,11 +57,30 @@ def build_base_model(cfg: ModelConfig, *, seed: int) -> GPT2LMHeadModel:
         bos_token_id=0,  # GPT-2's 50256 lies outside a small vocabulary
         eos_token_id=0,
     )
+
+
+def initial_base_model(cfg: ModelConfig, *, seed: int) -> BaseModel:
+    """A GPT-2-family model initialised from (config, seed), or loaded from ``model.path``."""
+    if cfg.path:
+        folder = Path(cfg.path).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ConfigError("not a Hugging Face model folder (no config.json)", file=str(folder), field="model.path")
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        return BaseModel(config=model.config.to_dict(), state=model.state_dict(), origin=str(folder))
     torch.manual_seed(rng.torch_seed(seed, "model", "init"))
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(gpt2_config(cfg))
+    return BaseModel(config=model.config.to_dict(), state=model.state_dict(), origin="init")
 
 
-def add_lora(model: torch.nn.Module, *, rank: int, methods: MethodsConfig) -> torch.nn.Module:
+def instantiate(base: BaseModel) -> PreTrainedModel:
+    """The model a BaseModel describes, with its weights."""
+    config = dict(base.config)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    model.load_state_dict(base.state)
+    return model
+
+
+def add_lora(model: torch.nn.Module, *, rank: int, methods: MethodsConfig, seed: int) -> torch.nn.Module:
     """Wrap ``model`` with peft LoRA at ``rank`` on the configured modules."""
     lora = LoraConfig(
         r=rank,
@@ -51,6 +90,7 @@ def add_lora(model: torch.nn.Module, *, rank: int, methods: MethodsConfig) -> to
         fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as (in, out)
         bias="none",
     )
+    torch.manual_seed(rng.torch_seed(seed, "lora", rank))  # the same adapter init on every actor
     return get_peft_model(model, lora)
 
 

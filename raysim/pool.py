@@ -10,6 +10,7 @@ sum ref per actor for the aggregator.
 from __future__ import annotations
 
 import heapq
+import math
 
 import numpy as np
 import ray
@@ -46,12 +47,13 @@ def balance(costs: np.ndarray, *, num_chunks: int) -> list[np.ndarray]:
 
 
 class DevicePool:
-    def __init__(self, *, cfg: ExperimentConfig, num_actors: int | None = None):
+    def __init__(self, *, cfg: ExperimentConfig, base: ray.ObjectRef, dataset: ray.ObjectRef,
+                 num_actors: int | None = None):
         self.cfg = cfg
         n = num_actors or cfg.ray.num_actors or default_num_actors(cfg)
         actor_cls = ray.remote(DeviceWorker).options(num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor)
         threads = max(1, int(cfg.ray.cpus_per_actor))
-        self.actors = [actor_cls.remote(cfg=cfg, num_threads=threads) for _ in range(n)]
+        self.actors = [actor_cls.remote(cfg=cfg, base=base, dataset=dataset, num_threads=threads) for _ in range(n)]
         self._measured: dict[DeviceConfig, Measurement] = {}
 
     def __len__(self) -> int:
@@ -88,9 +90,10 @@ class DevicePool:
         order = np.argsort(records["device_id"])
         return {k: v[order] for k, v in records.items()}, partials
 
-    def evaluate(self, state: ray.ObjectRef) -> tuple[float, float]:
-        """Held-out (loss per token, top-1 accuracy), each actor taking one shard."""
+    def evaluate(self, state: ray.ObjectRef) -> dict[str, float]:
+        """Held-out loss per token, perplexity, top-1 and top-3 accuracy; one shard per actor."""
         n = len(self.actors)
-        totals = sum(ray.get([a.evaluate.remote(state, shard=i, num_shards=n) for i, a in enumerate(self.actors)]))
-        loss_sum, tokens, hits = totals
-        return float(loss_sum / tokens), float(hits / tokens)
+        loss, tokens, top1, top3 = sum(ray.get([a.evaluate.remote(state, shard=i, num_shards=n)
+                                               for i, a in enumerate(self.actors)]))
+        return {"eval_loss": loss / tokens, "eval_perplexity": math.exp(loss / tokens),
+                "eval_accuracy": top1 / tokens, "eval_top3_accuracy": top3 / tokens}

@@ -23,6 +23,8 @@ ROUNDS_SCHEMA = pa.schema([
     ("train_loss", pa.float64()),
     ("eval_loss", pa.float64()),
     ("eval_accuracy", pa.float64()),
+    ("eval_top3_accuracy", pa.float64()),
+    ("eval_perplexity", pa.float64()),
     ("epsilon", pa.float64()),
     ("delta", pa.float64()),
     ("bytes_up", pa.int64()),

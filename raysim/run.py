@@ -27,11 +27,23 @@ from raysim.clock import DROPPED, OK, OOM, STRAGGLER, UNAVAILABLE, settle_round
 from raysim.cohort import sample_cohort
 from raysim.config import ExperimentConfig, to_yaml
 from raysim.costmodel import device_costs
+from raysim.data import build_dataset
+from raysim.errors import ConfigError
+from raysim.models import BaseModel, initial_base_model
 from raysim.policies import load_policy
 from raysim.pool import DevicePool
+from raysim.pretrain import pretrain
 from raysim.profiles import load_population
 from raysim.results import RunWriter
 from raysim.types import RoundState
+
+
+EVAL_COLUMNS = ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_top3_accuracy")
+
+
+def check_compatible(cfg: ExperimentConfig, base: BaseModel) -> None:
+    if cfg.data.seq_len > base.n_positions:
+        raise ConfigError(f"longer than the model's {base.n_positions} positions", field="data.seq_len")
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
@@ -44,8 +56,12 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     """Run ``cfg`` to completion; return the run directory."""
     population = load_population(cfg.population, size=cfg.population_size)
     policy = load_policy(cfg.policy, methods=cfg.methods)
+    dataset = build_dataset(cfg)
+    base = initial_base_model(cfg.model, seed=cfg.seed)
+    check_compatible(cfg, base)
+    base = pretrain(base, dataset.public_examples(), cfg.pretrain, seed=cfg.seed, progress=cfg.progress)
     where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard)
-    pool = DevicePool(cfg=cfg)
+    pool = DevicePool(cfg=cfg, base=ray.put(base), dataset=ray.put(dataset))
     aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(
         state=pool.initial_state(), cfg=cfg.aggregation, seed=cfg.seed
     )
@@ -53,7 +69,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     run_dir = default_run_dir(cfg)
     writer = RunWriter(run_dir, config_yaml=to_yaml(cfg))
     print(f"raysim: {where}, {len(pool)} device actors, population {population.name} "
-          f"({population.size:,} devices) -> {run_dir}", file=sys.stderr)
+          f"({population.size:,} devices), model {base.origin} -> {run_dir}", file=sys.stderr)
 
     sim_time = 0.0
     totals = {"bytes_up": 0, "bytes_down": 0, "devices_trained": 0}
@@ -80,7 +96,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
         )
         state_ref, stats_ref = aggregator.aggregate.options(num_returns=2).remote(rnd, *partials)
         evaluate = cfg.eval.every > 0 and (rnd % cfg.eval.every == 0 or rnd == cfg.rounds)
-        eval_loss, eval_acc = pool.evaluate(state_ref) if evaluate else (math.nan, math.nan)
+        metrics = pool.evaluate(state_ref) if evaluate else dict.fromkeys(EVAL_COLUMNS, math.nan)
         stats = ray.get(stats_ref)
         sim_time += outcome.duration_s
 
@@ -93,8 +109,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
             "round_duration_s": outcome.duration_s,
             "wall_time_s": time.perf_counter() - t0,
             "train_loss": float(np.average(records["train_loss"], weights=examples)) if len(examples) else math.nan,
-            "eval_loss": eval_loss,
-            "eval_accuracy": eval_acc,
+            **metrics,
             "epsilon": math.inf,  # no privacy mechanism in this run
             "delta": 0.0,
             "bytes_up": int(devices["bytes_up"].sum()),
@@ -112,9 +127,9 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
         totals["bytes_up"] += row["bytes_up"]
         totals["bytes_down"] += row["bytes_down"]
         totals["devices_trained"] += n[OK]
-        last |= {k: row[k] for k in ("train_loss", "eval_loss", "eval_accuracy") if not math.isnan(row[k])}
+        last |= {k: row[k] for k in ("train_loss", *EVAL_COLUMNS) if not math.isnan(row[k])}
         target = cfg.eval.target_accuracy
-        if time_to_target is None and target is not None and eval_acc >= target:
+        if time_to_target is None and target is not None and metrics["eval_accuracy"] >= target:
             time_to_target = sim_time
         progress.set_postfix_str(
             f"sim {sim_time / 3600:.2f}h loss {row['train_loss']:.3f} "
@@ -129,6 +144,8 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
         "rounds": cfg.rounds,
         "population": population.name,
         "population_size": population.size,
+        "model": base.origin,
+        "data": {"source": cfg.data.source, "fingerprint": dataset.fingerprint(), "users": dataset.num_users},
         "num_actors": len(pool),
         "sim_time_s": sim_time,
         "wall_time_s": time.perf_counter() - start,

@@ -28,7 +28,18 @@ TINY = [
     "data.eval_users=4",
     "eval.every=2",
     "methods.lora_rank=[4]",
+    "data.source=synthetic",
 ]
+
+
+def make_worker(cfg):
+    """A DeviceWorker in this process, built the way the pool builds one."""
+    from raysim.data import build_dataset
+    from raysim.device import DeviceWorker
+    from raysim.models import initial_base_model
+
+    return DeviceWorker(cfg=cfg, base=initial_base_model(cfg.model, seed=cfg.seed), dataset=build_dataset(cfg),
+                        num_threads=1)
 
 
 @pytest.fixture(scope="session")

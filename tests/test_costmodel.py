@@ -4,10 +4,9 @@ import torch
 
 from raysim.config import load_experiment
 from raysim.costmodel import Measurement, device_costs
-from raysim.device import DeviceWorker
 from raysim.types import DeviceConfig, DeviceDraws
 
-from conftest import TINY
+from conftest import TINY, make_worker
 
 
 def _draws(**kw):
@@ -42,7 +41,7 @@ def test_a_device_with_too_little_memory_does_not_fit():
 
 @pytest.fixture(scope="module")
 def worker():
-    return DeviceWorker(cfg=load_experiment(None, TINY), num_threads=1)
+    return make_worker(load_experiment(None, TINY))
 
 
 def test_lora_step_costs_about_two_forward_passes(worker):

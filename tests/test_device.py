@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from raysim.config import load_experiment
-from raysim.device import DeviceWorker, batch_indices
+from raysim.device import batch_indices
 from raysim.types import DeviceConfig
 
-from conftest import TINY
+from conftest import TINY, make_worker
 
 CFG = DeviceConfig(lora_rank=4)
 
@@ -14,7 +14,7 @@ CFG = DeviceConfig(lora_rank=4)
 @pytest.fixture(scope="module")
 def workers():
     cfg = load_experiment(None, [*TINY, "model.dropout=0.1"])
-    return DeviceWorker(cfg=cfg, num_threads=1), DeviceWorker(cfg=cfg, num_threads=1)
+    return make_worker(cfg), make_worker(cfg)
 
 
 def _run(worker, state, ids):

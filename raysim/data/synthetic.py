@@ -15,6 +15,7 @@ users of different styles disagree, as real users do.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol
 
 import torch
@@ -22,21 +23,29 @@ import torch
 from raysim import rng
 from raysim.config import DataConfig
 
-_EVAL_USER_OFFSET = 1 << 40  # held-out users live in their own id range
+_EVAL_USER_OFFSET = 1 << 40  # held-out and public users live in their own id ranges
+_PUBLIC_USER_OFFSET = 2 << 40
 
 
 class FederatedDataset(Protocol):
     """Token sequences per user; all tensors are int64 ``[n, seq_len]``."""
 
+    num_users: int | None  # distinct users behind the devices (None: one per device)
+
+    def fingerprint(self) -> str: ...
+
     def device_examples(self, device_id: int) -> torch.Tensor: ...
 
     def eval_examples(self) -> torch.Tensor: ...
+
+    def public_examples(self) -> torch.Tensor: ...
 
 
 class SyntheticTokens:
     """Seeded non-IID token sequences; any number of users, made on demand."""
 
     successors = 4  # candidates per (style, token)
+    num_users = None  # every device is its own user
 
     def __init__(self, cfg: DataConfig, *, vocab_size: int, seed: int):
         self.cfg = cfg
@@ -48,9 +57,18 @@ class SyntheticTokens:
     def device_examples(self, device_id: int) -> torch.Tensor:
         return self._generate(device_id, self.cfg.examples_per_user)
 
+    def fingerprint(self) -> str:
+        key = repr((self.seed, self.vocab_size, self.cfg.seq_len, self.cfg.examples_per_user, self.cfg.num_styles))
+        return hashlib.sha256(key.encode() + self.tables.numpy().tobytes()).hexdigest()[:16]
+
     def eval_examples(self) -> torch.Tensor:
-        users = [self._generate(_EVAL_USER_OFFSET + u, self.cfg.examples_per_user) for u in range(self.cfg.eval_users)]
-        return torch.cat(users)
+        return self._users(_EVAL_USER_OFFSET)
+
+    def public_examples(self) -> torch.Tensor:
+        return self._users(_PUBLIC_USER_OFFSET)
+
+    def _users(self, offset: int) -> torch.Tensor:
+        return torch.cat([self._generate(offset + u, self.cfg.examples_per_user) for u in range(self.cfg.eval_users)])
 
     def _generate(self, user_id: int, n: int) -> torch.Tensor:
         g = rng.generator(self.seed, "data", "user", user_id)
@@ -68,7 +86,3 @@ class SyntheticTokens:
             tokens[:, t] = self.tables[seq_style, tokens[:, t - 1], choice[:, t - 1]]
         return tokens
 
-
-def build_dataset(cfg: DataConfig, *, vocab_size: int, seed: int) -> FederatedDataset:
-    """The dataset named by ``data.source``."""
-    return SyntheticTokens(cfg, vocab_size=vocab_size, seed=seed)

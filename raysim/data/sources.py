@@ -1,0 +1,110 @@
+"""Read a text table and split it into users.
+
+Every text source goes through :func:`read_table` (Parquet, JSON Lines, or a
+Hugging Face ``datasets`` folder written by ``save_to_disk``, read with
+pyarrow alone) and :func:`partition` (natural by a user column, Dirichlet over
+a label column, or IID). Mistakes a user can make — a file that is not
+there or does not parse, a missing column, an empty user — raise one
+:class:`ConfigError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from raysim import rng
+from raysim.config import DataConfig
+from raysim.errors import ConfigError
+
+FIELD = "data.source"
+
+
+def read_table(path: str | Path) -> pa.Table:
+    """A table from a .parquet or .jsonl file or a ``datasets`` save_to_disk folder."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError("data file not found", file=str(p), field=FIELD)
+    try:
+        if p.is_dir():
+            return _read_datasets_folder(p)
+        if p.suffix == ".parquet":
+            return pq.read_table(p)
+        if p.suffix in (".jsonl", ".json"):
+            return pa_json.read_json(p)
+    except ConfigError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise ConfigError(f"cannot read: {str(err).splitlines()[0]}", file=str(p), field=FIELD) from None
+    raise ConfigError("unsupported format: use .parquet, .jsonl or a datasets folder", file=str(p), field=FIELD)
+
+
+def _read_datasets_folder(folder: Path) -> pa.Table:
+    """Arrow stream files of a ``Dataset.save_to_disk`` folder (the ``train`` split of a DatasetDict)."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+        return _read_datasets_folder(folder / ("train" if "train" in splits else splits[0]))
+    state = folder / "state.json"
+    if not state.is_file():
+        raise ConfigError("not a datasets folder (no state.json or dataset_dict.json)", file=str(folder), field=FIELD)
+    files = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    tables = []
+    for name in files:
+        with pa.memory_map(str(folder / name)) as source:
+            tables.append(ipc.open_stream(source).read_all())
+    return pa.concat_tables(tables)
+
+
+def _column(table: pa.Table, name: str | None, *, key: str, source: str) -> list:
+    if name not in table.column_names:
+        raise ConfigError(f"no column {name!r} (columns: {', '.join(table.column_names)})", file=source, field=key)
+    return table.column(name).to_pylist()
+
+
+def partition(table: pa.Table, cfg: DataConfig, *, seed: int, source: str) -> dict[str, list[str]]:
+    """Texts per user, users in a stable order, by ``data.partition``."""
+    texts = _column(table, cfg.text_column, key="data.text_column", source=source)
+    if any(not isinstance(t, str) for t in texts):
+        raise ConfigError("text column must hold strings (no nulls)", file=source, field="data.text_column")
+    if cfg.partition == "natural":
+        users = _column(table, cfg.user_column, key="data.user_column", source=source)
+        out: dict[str, list[str]] = {}
+        for row, (user, text) in enumerate(zip(users, texts)):
+            if user is None or str(user).strip() == "":
+                raise ConfigError(f"row {row} has an empty user", file=source, field="data.user_column")
+            out.setdefault(str(user), []).append(text)
+        return out
+    n_users = cfg.num_users or len(set(_column(table, cfg.user_column, key="data.user_column", source=source)))
+    gen = np.random.default_rng(rng.key(seed, "partition"))
+    if cfg.partition == "iid":
+        owner = gen.permutation(len(texts)) % n_users
+    else:
+        labels = _column(table, cfg.label_column, key="data.label_column", source=source)
+        owner = dirichlet_owners(labels, n_users=n_users, alpha=cfg.dirichlet_alpha, gen=gen)
+    out = {f"user{u:06d}": [] for u in range(n_users)}
+    for text, u in zip(texts, owner):
+        out[f"user{u:06d}"].append(text)
+    return {u: t for u, t in out.items() if t}
+
+
+def dirichlet_owners(labels: list, *, n_users: int, alpha: float, gen: np.random.Generator) -> np.ndarray:
+    """Give each row a user: every label's rows are split over users by a Dirichlet(alpha) draw.
+
+    Small alpha: each user sees few labels (strongly non-IID); large alpha: near IID.
+    """
+    labels_arr = np.asarray([str(x) for x in labels])
+    owner = np.empty(len(labels_arr), dtype=np.int64)
+    for label in sorted(set(labels_arr)):
+        rows = np.flatnonzero(labels_arr == label)
+        rows = rows[gen.permutation(len(rows))]
+        shares = gen.dirichlet(np.full(n_users, alpha))
+        cuts = np.floor(np.cumsum(shares)[:-1] * len(rows)).astype(int)
+        for user, part in enumerate(np.split(rows, cuts)):
+            owner[part] = user
+    return owner

@@ -1,0 +1,81 @@
+"""Central pre-training on public text, cached by content hash.
+
+Today's on-device LMs start from a model pretrained on public data and are
+then fine-tuned privately on devices; LoRA needs something to adapt. This
+stage trains the whole base model on the dataset's public split in the
+driver, before any device runs, and caches the weights under
+``pretrain.cache_dir`` keyed by everything that determines them (model
+config, starting weights, public tokens, steps, batch, learning rate, seed):
+the first run pays, later runs load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from raysim import rng
+from raysim.config import PretrainConfig
+from raysim.models import BaseModel, instantiate
+
+
+def cache_key(base: BaseModel, public: torch.Tensor, cfg: PretrainConfig, *, seed: int) -> str:
+    h = hashlib.sha256()
+    h.update(repr(sorted(base.config.items())).encode())
+    for name in sorted(base.state):
+        h.update(name.encode())
+        h.update(base.state[name].detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(public.numpy().tobytes())
+    h.update(repr((cfg.steps, cfg.batch_size, cfg.lr, seed)).encode())
+    return h.hexdigest()[:16]
+
+
+def lr_at(step: int, *, steps: int, lr: float) -> float:
+    """Linear warm-up over 5 % of the steps, then cosine decay to 10 % of ``lr``."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def pretrain(base: BaseModel, public: torch.Tensor, cfg: PretrainConfig, *, seed: int, progress: bool) -> BaseModel:
+    """``base`` trained for ``cfg.steps`` on ``public`` sequences (or loaded from the cache)."""
+    if cfg.steps == 0 or len(public) == 0:
+        return base
+    key = cache_key(base, public, cfg, seed=seed)
+    path = Path(cfg.cache_dir).expanduser() / "pretrained" / f"{key}.pt"
+    if path.is_file():
+        return BaseModel(config=base.config, state=torch.load(path, weights_only=True), origin=f"pretrained {key}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    model = instantiate(base)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    g = rng.generator(seed, "pretrain")
+    bar = tqdm(range(cfg.steps), desc="pre-training on public text", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps=cfg.steps, lr=cfg.lr)
+        x = public[torch.randint(len(public), (cfg.batch_size,), generator=g)]
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 20 == 0:
+            bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
+    torch.set_num_threads(threads)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return BaseModel(config=base.config, state=state, origin=f"pretrained {key}")

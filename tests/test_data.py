@@ -1,0 +1,157 @@
+"""Data sources, partitions, the shipped corpus, tokenizers and packing."""
+
+import hashlib
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+import pytest
+
+from raysim.config import DataConfig, load_experiment
+from raysim.data.corpus import PUBLIC_USER, SHIPPED
+from raysim.data.sources import partition, read_table
+from raysim.data.text import build_text_dataset
+from raysim.data.tokenizer import train_tokenizer
+from raysim.errors import ConfigError
+
+ROWS = {"user": ["ann", "bob", "ann", "cy", "bob", "ann"],
+        "text": ["alpha beta", "gamma", "delta epsilon", "zeta", "eta theta", "iota"],
+        "topic": ["a", "b", "a", "b", "a", "b"]}
+
+
+def _write_all(tmp_path):
+    table = pa.table(ROWS)
+    pq.write_table(table, tmp_path / "t.parquet")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(dict(zip(ROWS, r))) + "\n" for r in zip(*ROWS.values())))
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    with ipc.new_stream(str(folder / "data-00000-of-00001.arrow"), table.schema) as w:
+        w.write_table(table)
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    return [tmp_path / "t.parquet", tmp_path / "t.jsonl", folder]
+
+
+def test_every_source_reads_the_same_rows(tmp_path):
+    for path in _write_all(tmp_path):
+        assert read_table(path).select(["user", "text"]).to_pydict() == {"user": ROWS["user"], "text": ROWS["text"]}
+
+
+def test_natural_partition_groups_texts_by_user(tmp_path):
+    users = partition(pa.table(ROWS), DataConfig(), seed=0, source="t")
+    assert users == {"ann": ["alpha beta", "delta epsilon", "iota"], "bob": ["gamma", "eta theta"], "cy": ["zeta"]}
+
+
+def test_iid_partition_deals_texts_evenly():
+    rows = {"user": ["u"] * 100, "text": [f"t{i}" for i in range(100)]}
+    users = partition(pa.table(rows), DataConfig(partition="iid", num_users=4), seed=0, source="t")
+    assert sorted(len(v) for v in users.values()) == [25, 25, 25, 25]
+    assert sorted(t for v in users.values() for t in v) == sorted(rows["text"])
+
+
+def test_dirichlet_small_alpha_concentrates_labels_large_alpha_spreads_them():
+    labels = [str(i % 5) for i in range(2000)]
+    rows = {"user": ["u"] * 2000, "text": [f"{lab}:{i}" for i, lab in enumerate(labels)], "topic": labels}
+
+    def labels_per_user(alpha):
+        cfg = DataConfig(partition="dirichlet", label_column="topic", dirichlet_alpha=alpha, num_users=10)
+        users = partition(pa.table(rows), cfg, seed=0, source="t")
+        assert sum(len(v) for v in users.values()) == 2000
+        # Share of each user's texts in its most common label.
+        return np.mean([Counter(t.split(":")[0] for t in v).most_common(1)[0][1] / len(v) for v in users.values()])
+
+    assert labels_per_user(0.05) > 0.6 > 0.3 > labels_per_user(100.0)  # 5 labels: 0.2 is fully mixed
+
+
+def test_missing_column_names_the_file_and_field(tmp_path):
+    path = _write_all(tmp_path)[0]
+    with pytest.raises(ConfigError) as err:
+        partition(read_table(path), DataConfig(text_column="body"), seed=0, source=str(path))
+    assert err.value.field == "data.text_column" and "t.parquet" in str(err.value) and "body" in str(err.value)
+
+
+def test_empty_user_is_rejected_with_its_row():
+    rows = {"user": ["ann", ""], "text": ["a", "b"]}
+    with pytest.raises(ConfigError, match="row 1 has an empty user"):
+        partition(pa.table(rows), DataConfig(), seed=0, source="t")
+
+
+def test_unreadable_and_missing_files_are_config_errors(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_table(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        read_table(tmp_path / "nope.jsonl")
+
+
+# ---- the shipped corpus ----------------------------------------------------
+
+PINNED_HASHES = {  # sha256 of each user's texts joined by NUL: the corpus must not drift
+    "json.decoder": "dabba56bc4217fe0",
+    "turtle": "413c4f5b0eabed3f",
+    "email.message": "a7d4c62c9cc52b2b",
+}
+
+
+def _user_hash(table, user):
+    texts = [t for u, t in zip(table["user"], table["text"]) if u == user]
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
+
+
+def test_shipped_corpus_has_hundreds_of_very_different_users():
+    table = pq.read_table(SHIPPED).to_pydict()
+    chars = Counter()
+    for u, t in zip(table["user"], table["text"]):
+        chars[u] += len(t)
+    del chars[PUBLIC_USER]
+    sizes = sorted(chars.values())
+    assert len(sizes) >= 200
+    assert sizes[-1] / sizes[len(sizes) // 2] > 20  # a few users say far more than the median user
+
+
+def test_shipped_corpus_users_are_pinned_by_content_hash():
+    table = pq.read_table(SHIPPED).to_pydict()
+    assert {u: _user_hash(table, u) for u in PINNED_HASHES} == PINNED_HASHES
+
+
+def test_tokenizer_training_is_cached_by_content(tmp_path):
+    texts = ["the quick brown fox", "jumps over the lazy dog"] * 50
+    a = train_tokenizer(texts, vocab_size=300, cache_dir=tmp_path)
+    files = list((tmp_path / "tokenizers").rglob("tokenizer.json"))
+    b = train_tokenizer(texts, vocab_size=300, cache_dir=tmp_path)
+    assert len(files) == 1 and a.get_vocab() == b.get_vocab()
+    train_tokenizer(texts + ["more"], vocab_size=300, cache_dir=tmp_path)
+    assert len(list((tmp_path / "tokenizers").rglob("tokenizer.json"))) == 2
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = load_experiment(None, ["model.vocab_size=1024", f"pretrain.cache_dir={cache}", "data.seq_len=32",
+                                 "model.n_positions=32", "data.eval_users=8", "eval.max_examples=64"])
+    return cfg, build_text_dataset(cfg)
+
+
+def test_python_docs_dataset_splits_train_eval_and_public_users(docs):
+    cfg, ds = docs
+    assert ds.num_users >= 200 and len(ds.eval_users) == 8
+    assert not set(ds.users) & set(ds.eval_users) and PUBLIC_USER not in ds.users
+    sizes = np.diff(ds.offsets)
+    assert sizes.min() >= cfg.data.min_examples and sizes.max() <= cfg.data.max_examples
+    assert ds.blocks.shape[1] == 32 and len(ds.public_blocks) > 0 and len(ds.eval_blocks) <= 64
+    assert int(ds.blocks.max()) < ds.vocab_size <= 1024
+
+
+def test_a_device_holds_its_users_sequences(docs):
+    _, ds = docs
+    u = ds.user_of(12345)
+    assert np.array_equal(ds.device_examples(12345).numpy(), ds.blocks[ds.offsets[u]:ds.offsets[u + 1]].numpy())
+    assert ds.user_of(12345) == ds.user_of(12345 + ds.num_users)
+
+
+def test_rebuilding_gives_the_same_dataset(docs):
+    cfg, ds = docs
+    assert build_text_dataset(cfg).fingerprint() == ds.fingerprint()
