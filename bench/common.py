@@ -54,7 +54,7 @@ class Workload:
             f"model.n_layer={self.n_layer}", f"model.n_embd={self.n_embd}", f"model.n_head={self.n_head}",
             f"model.vocab_size={self.vocab_size}", f"model.n_positions={self.n_positions}",
             "model.dropout=0.1",  # GPT2Config's default, which the workloads and the plain loop use
-            f"data.seq_len={self.seq_len}", f"data.examples_per_user={self.examples}",
+            "data.source=synthetic", f"data.seq_len={self.seq_len}", f"data.examples_per_user={self.examples}",
             f"methods.lora_rank=[{self.rank}]", f"methods.lora_alpha_per_rank={self.alpha / self.rank}",
             "eval.every=0",
         ]

@@ -77,6 +77,7 @@ def instantiate(base: BaseModel) -> PreTrainedModel:
     config = dict(base.config)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
     model.load_state_dict(base.state)
+    model.config.use_cache = False  # training and evaluation never decode: no KV cache to build
     return model
 
 

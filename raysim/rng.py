@@ -39,12 +39,20 @@ def _part(value: int | str) -> int:
     return int(value) & _MASK64
 
 
+def _mix_int(x: int) -> int:
+    """SplitMix64 finaliser on a Python int: the same function as :func:`_mix`."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 def key(seed: int, *parts: int | str) -> int:
     """A 64-bit key for (seed, *parts); equal inputs give equal keys."""
-    k = np.asarray([_part(seed)], dtype=np.uint64)
+    k = _part(seed)
     for p in parts:
-        k = _mix(k ^ np.uint64(_part(p)))
-    return int(k[0])
+        k = _mix_int(k ^ _part(p))
+    return k
 
 
 def bits(seed: int, *parts: int | str, ids: np.ndarray) -> np.ndarray:

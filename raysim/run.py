@@ -71,6 +71,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     print(f"raysim: {where}, {len(pool)} device actors, population {population.name} "
           f"({population.size:,} devices), model {base.origin} -> {run_dir}", file=sys.stderr)
 
+    initial = pool.evaluate(state_ref) if cfg.eval.every > 0 else {}
     sim_time = 0.0
     totals = {"bytes_up": 0, "bytes_down": 0, "devices_trained": 0}
     last: dict = {}
@@ -149,6 +150,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
         "num_actors": len(pool),
         "sim_time_s": sim_time,
         "wall_time_s": time.perf_counter() - start,
+        "initial": initial,
         "final": last,
         "time_to_target_s": time_to_target,
         "target_accuracy": cfg.eval.target_accuracy,

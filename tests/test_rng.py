@@ -46,3 +46,8 @@ def test_torch_generators_with_equal_keys_draw_equal_values():
     b = torch.rand(4, generator=rng.generator(1, "t", 7))
     c = torch.rand(4, generator=rng.generator(1, "t", 8))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_scalar_and_vector_mixers_agree():
+    x = np.array([0, 1, 2**63 + 5, 2**64 - 1], dtype=np.uint64)
+    assert [int(v) for v in rng._mix(x)] == [rng._mix_int(int(v)) for v in x]

@@ -88,4 +88,6 @@ def test_summary_reports_final_metrics_seed_and_versions(runs):
     summary = json.loads((runs["two"] / "summary.json").read_text())
     assert summary["seed"] == 0 and summary["rounds"] == 3
     assert summary["final"]["eval_loss"] == _rounds(runs["two"])["eval_loss"][-1]
+    assert summary["initial"]["eval_loss"] > 0 and summary["initial"]["eval_top3_accuracy"] >= summary["initial"][
+        "eval_accuracy"]
     assert {"torch", "ray", "peft", "transformers"} <= set(summary["versions"])

@@ -1,0 +1,41 @@
+import torch
+
+from raysim.config import PretrainConfig, load_experiment
+from raysim.data import build_dataset
+from raysim.models import initial_base_model, instantiate
+from raysim.pretrain import lr_at, pretrain
+
+from conftest import TINY
+
+
+def _eval_loss(base, x):
+    with torch.no_grad():
+        return instantiate(base).eval()(input_ids=x, labels=x).loss.item()
+
+
+def test_pretraining_lowers_public_loss_and_is_cached(tmp_path):
+    cfg = load_experiment(None, TINY)
+    public = build_dataset(cfg).public_examples()
+    base = initial_base_model(cfg.model, seed=0)
+    settings = PretrainConfig(steps=30, batch_size=8, lr=1e-2, cache_dir=str(tmp_path))
+    trained = pretrain(base, public, settings, seed=0, progress=False)
+    assert _eval_loss(trained, public) < _eval_loss(base, public) - 0.1
+    cached = list((tmp_path / "pretrained").glob("*.pt"))
+    assert len(cached) == 1
+    again = pretrain(base, public, settings, seed=0, progress=False)
+    assert all(torch.equal(again.state[k], trained.state[k]) for k in trained.state)
+    assert again.origin == trained.origin and len(list((tmp_path / "pretrained").glob("*.pt"))) == 1
+
+
+def test_zero_steps_keeps_the_initial_model(tmp_path):
+    cfg = load_experiment(None, TINY)
+    base = initial_base_model(cfg.model, seed=0)
+    assert pretrain(base, build_dataset(cfg).public_examples(), PretrainConfig(steps=0, cache_dir=str(tmp_path)),
+                    seed=0, progress=False) is base
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    lrs = [lr_at(s, steps=100, lr=1.0) for s in range(100)]
+    assert lrs[0] < lrs[4] == 1.0
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+    assert abs(lrs[-1] - 0.1) < 0.01
