@@ -15,7 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -202,13 +202,16 @@ def report(name: str, raysim_s: float, plain_s: float, plain_name: str, variants
     print(f"ratio={ratio:.3f}")
 
 
+def compare(wl: Workload) -> None:
+    """Run ``wl`` through the best plain loop and through raysim, in this one run, and print the ratio."""
+    if "--cohort" in sys.argv:  # a smaller cohort for a quick check
+        wl = replace(wl, cohort=int(sys.argv[sys.argv.index("--cohort") + 1]))
+    n = cores()
+    print(f"{wl.name} on {n} cores, cohort {wl.cohort}, {wl.rounds} rounds")
+    plain_s, plain_name, variants = best_plain(wl, cores=n)
+    raysim_s = median_rounds(raysim_rounds(wl))
+    report(wl.name, raysim_s, plain_s, plain_name, variants)
+
+
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def cohort_option(default: int) -> int:
-    """``--cohort N`` on the command line runs a smaller cohort for a quick check."""
-    if "--cohort" in sys.argv:
-        return int(sys.argv[sys.argv.index("--cohort") + 1])
-    return default
-

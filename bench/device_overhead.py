@@ -10,14 +10,7 @@ last; target <= 1.0.
     python bench/device_overhead.py [--cohort N]
 """
 
-from dataclasses import replace
-
-from common import W2, best_plain, cohort_option, cores, median_rounds, raysim_rounds, report
+from common import W2, compare
 
 if __name__ == "__main__":
-    wl = replace(W2, cohort=cohort_option(W2.cohort))
-    n = cores()
-    print(f"W2 on {n} cores, cohort {wl.cohort}, {wl.rounds} rounds")
-    plain_s, plain_name, variants = best_plain(wl, cores=n)
-    raysim_s = median_rounds(raysim_rounds(wl))
-    report("W2", raysim_s, plain_s, plain_name, variants)
+    compare(W2)

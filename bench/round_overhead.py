@@ -9,14 +9,7 @@ Target on 2 cores: <= 1.10. ``--cohort 8`` runs a smaller cohort quickly.
     python bench/round_overhead.py [--cohort N]
 """
 
-from dataclasses import replace
-
-from common import W1, best_plain, cohort_option, cores, median_rounds, raysim_rounds, report
+from common import W1, compare
 
 if __name__ == "__main__":
-    wl = replace(W1, cohort=cohort_option(W1.cohort))
-    n = cores()
-    print(f"W1 on {n} cores, cohort {wl.cohort}, {wl.rounds} rounds")
-    plain_s, plain_name, variants = best_plain(wl, cores=n)
-    raysim_s = median_rounds(raysim_rounds(wl))
-    report("W1", raysim_s, plain_s, plain_name, variants)
+    compare(W1)

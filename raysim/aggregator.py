@@ -21,6 +21,9 @@ from raysim.processors import ServerContext, UpdateProcessor, run_on_server
 
 class Aggregator:
     def __init__(self, *, state: Tensors, cfg: AggregationConfig, seed: int, processors: list[UpdateProcessor] = ()):
+        # The aggregator takes no CPU slot from the device actors; with torch's default
+        # thread pool its idle OpenMP threads would spin on their cores after every step.
+        torch.set_num_threads(1)
         self.state = {k: v.clone() for k, v in state.items()}
         self.optimizer = make_server_optimizer(cfg)
         self.processors = list(processors)

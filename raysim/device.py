@@ -10,6 +10,8 @@ as a few columns per work item. :mod:`raysim.pool` runs workers as Ray actors.
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import torch
 
@@ -54,14 +56,20 @@ class DeviceWorker:
         model = instantiate(base)
         self.model = add_lora(model, rank=cfg.methods.lora_rank[0], methods=cfg.methods, seed=cfg.seed).to(self.device)
         self.params = trainable_state(self.model)
+        # The adapted model itself: peft injected its layers in place, so calling it
+        # directly skips the wrapper's per-call dispatch and trains the same weights.
+        self.lm = self.model.get_base_model()
         self.optimizer = torch.optim.AdamW(
-            self.params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=True
+            self.params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True
         )
         self.processors = list(processors)
         self._global: list[torch.Tensor] = []
         self._round = -1
         self._partial: PartialSum | None = None
         self._eval: torch.Tensor | None = None
+        # Thousands of long-lived module and tensor objects: keep them out of every
+        # cyclic-GC pass the per-device loop's garbage triggers.
+        gc.freeze()
 
     def initial_state(self) -> Tensors:
         return {k: v.detach().cpu().clone() for k, v in self.params.items()}
@@ -103,7 +111,7 @@ class DeviceWorker:
             self.model.eval()
             for batch in rows.split(self.cfg.eval.batch_size):
                 batch = batch.to(self.device)
-                logits = self.model(input_ids=batch).logits[:, :-1].float()
+                logits = self.lm(input_ids=batch).logits[:, :-1].float()
                 target = batch[:, 1:]
                 loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
                 top3 = logits.topk(3, dim=-1).indices
@@ -133,7 +141,7 @@ class DeviceWorker:
         loss_sum = torch.zeros((), device=self.device)
         for index in batches:
             x = data[index].to(self.device)
-            loss = self.model(input_ids=x, labels=x).loss
+            loss = self.lm(input_ids=x, labels=x).loss
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -76,91 +76,97 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     totals = {"bytes_up": 0, "bytes_down": 0, "devices_trained": 0}
     last: dict = {}
     time_to_target = None
+    completed = 0
     start = time.perf_counter()
     progress = tqdm(total=cfg.rounds, disable=not cfg.progress, file=sys.stderr, unit="round", dynamic_ncols=True)
-    for rnd in range(1, cfg.rounds + 1):
-        t0 = time.perf_counter()
-        cohort = sample_cohort(population, cfg.cohort, seed=cfg.seed, round=rnd, sim_time_s=sim_time)
-        draws = population.draw(cohort.device_id, seed=cfg.seed)
-        state = RoundState(round=rnd, sim_time_s=sim_time, last_train_loss=last.get("train_loss"),
-                           last_eval_loss=last.get("eval_loss"))
-        configs = policy.assign(draws, state)
-        costs = device_costs(draws, [pool.measure(c) for c in configs], local_steps=cfg.train.local_steps)
-        dropped = rng.uniform(cfg.seed, "dropout", rnd, ids=cohort.device_id) < draws.dropout_prob
-        outcome = settle_round(finish_s=costs.total_s, available=cohort.available, fits=costs.fits(draws),
-                               dropped=dropped, target=cohort.target, deadline_s=cfg.cohort.deadline_s)
+    status = "interrupted"
+    try:
+        for rnd in range(1, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            cohort = sample_cohort(population, cfg.cohort, seed=cfg.seed, round=rnd, sim_time_s=sim_time)
+            draws = population.draw(cohort.device_id, seed=cfg.seed)
+            state = RoundState(round=rnd, sim_time_s=sim_time, last_train_loss=last.get("train_loss"),
+                               last_eval_loss=last.get("eval_loss"))
+            configs = policy.assign(draws, state)
+            costs = device_costs(draws, [pool.measure(c) for c in configs], local_steps=cfg.train.local_steps)
+            dropped = rng.uniform(cfg.seed, "dropout", rnd, ids=cohort.device_id) < draws.dropout_prob
+            outcome = settle_round(finish_s=costs.total_s, available=cohort.available, fits=costs.fits(draws),
+                                   dropped=dropped, target=cohort.target, deadline_s=cfg.cohort.deadline_s)
 
-        trained = np.flatnonzero(outcome.status == OK)
-        records, partials = pool.train(
-            state_ref, round=rnd, device_ids=cohort.device_id[trained],
-            configs=[configs[i] for i in trained], costs=costs.compute_s[trained],
-        )
-        state_ref, stats_ref = aggregator.aggregate.options(num_returns=2).remote(rnd, *partials)
-        evaluate = cfg.eval.every > 0 and (rnd % cfg.eval.every == 0 or rnd == cfg.rounds)
-        metrics = pool.evaluate(state_ref) if evaluate else dict.fromkeys(EVAL_COLUMNS, math.nan)
-        stats = ray.get(stats_ref)
-        sim_time += outcome.duration_s
+            trained = np.flatnonzero(outcome.status == OK)
+            records, partials = pool.train(
+                state_ref, round=rnd, device_ids=cohort.device_id[trained],
+                configs=[configs[i] for i in trained], costs=costs.compute_s[trained],
+            )
+            state_ref, stats_ref = aggregator.aggregate.options(num_returns=2).remote(rnd, *partials)
+            evaluate = cfg.eval.every > 0 and (rnd % cfg.eval.every == 0 or rnd == cfg.rounds)
+            metrics = pool.evaluate(state_ref) if evaluate else dict.fromkeys(EVAL_COLUMNS, math.nan)
+            stats = ray.get(stats_ref)
+            sim_time += outcome.duration_s
 
-        devices = _device_columns(rnd, draws, configs, costs, outcome.status, trained, records)
-        n = {s: int((outcome.status == s).sum()) for s in (OK, OOM, DROPPED, STRAGGLER, UNAVAILABLE)}
-        examples = records["num_examples"]
-        row = {
-            "round": rnd,
+            devices = _device_columns(rnd, draws, configs, costs, outcome.status, trained, records)
+            n = {s: int((outcome.status == s).sum()) for s in (OK, OOM, DROPPED, STRAGGLER, UNAVAILABLE)}
+            examples = records["num_examples"]
+            row = {
+                "round": rnd,
+                "sim_time_s": sim_time,
+                "round_duration_s": outcome.duration_s,
+                "wall_time_s": time.perf_counter() - t0,
+                "train_loss": float(np.average(records["train_loss"], weights=examples)) if len(examples) else math.nan,
+                **metrics,
+                "epsilon": math.inf,  # no privacy mechanism in this run
+                "delta": 0.0,
+                "bytes_up": int(devices["bytes_up"].sum()),
+                "bytes_down": int(devices["bytes_down"].sum()),
+                "n_selected": len(cohort.device_id),
+                "n_completed": n[OK],
+                "n_dropped": n[DROPPED],
+                "n_oom": n[OOM],
+                "n_stragglers": n[STRAGGLER],
+                "n_unavailable": n[UNAVAILABLE],
+                "update_norm": stats["update_norm"],
+            }
+            writer.write_round(row, devices)
+            policy.observe({"round": row, "devices": devices})
+            totals["bytes_up"] += row["bytes_up"]
+            totals["bytes_down"] += row["bytes_down"]
+            totals["devices_trained"] += n[OK]
+            last |= {k: row[k] for k in ("train_loss", *EVAL_COLUMNS) if not math.isnan(row[k])}
+            target = cfg.eval.target_accuracy
+            if time_to_target is None and target is not None and metrics["eval_accuracy"] >= target:
+                time_to_target = sim_time
+            progress.set_postfix_str(
+                f"sim {sim_time / 3600:.2f}h loss {row['train_loss']:.3f} "
+                f"eval {last.get('eval_loss', math.nan):.3f} ok {n[OK]}/{row['n_selected']}", refresh=False)
+            progress.update()
+            completed = rnd
+        status = "finished"
+    finally:
+        progress.close()
+        summary = {
+            "name": cfg.name,
+            "status": status,
+            "seed": cfg.seed,
+            "rounds": cfg.rounds,
+            "rounds_completed": completed,
+            "population": population.name,
+            "population_size": population.size,
+            "model": base.origin,
+            "data": {"source": cfg.data.source, "fingerprint": dataset.fingerprint(), "users": dataset.num_users},
+            "num_actors": len(pool),
             "sim_time_s": sim_time,
-            "round_duration_s": outcome.duration_s,
-            "wall_time_s": time.perf_counter() - t0,
-            "train_loss": float(np.average(records["train_loss"], weights=examples)) if len(examples) else math.nan,
-            **metrics,
-            "epsilon": math.inf,  # no privacy mechanism in this run
+            "wall_time_s": time.perf_counter() - start,
+            "initial": initial,
+            "final": last,
+            "time_to_target_s": time_to_target,
+            "target_accuracy": cfg.eval.target_accuracy,
+            "epsilon": math.inf,
             "delta": 0.0,
-            "bytes_up": int(devices["bytes_up"].sum()),
-            "bytes_down": int(devices["bytes_down"].sum()),
-            "n_selected": len(cohort.device_id),
-            "n_completed": n[OK],
-            "n_dropped": n[DROPPED],
-            "n_oom": n[OOM],
-            "n_stragglers": n[STRAGGLER],
-            "n_unavailable": n[UNAVAILABLE],
-            "update_norm": stats["update_norm"],
+            "totals": totals,
+            "versions": _versions(),
         }
-        writer.write_round(row, devices)
-        policy.observe({"round": row, "devices": devices})
-        totals["bytes_up"] += row["bytes_up"]
-        totals["bytes_down"] += row["bytes_down"]
-        totals["devices_trained"] += n[OK]
-        last |= {k: row[k] for k in ("train_loss", *EVAL_COLUMNS) if not math.isnan(row[k])}
-        target = cfg.eval.target_accuracy
-        if time_to_target is None and target is not None and metrics["eval_accuracy"] >= target:
-            time_to_target = sim_time
-        progress.set_postfix_str(
-            f"sim {sim_time / 3600:.2f}h loss {row['train_loss']:.3f} "
-            f"eval {last.get('eval_loss', math.nan):.3f} ok {n[OK]}/{row['n_selected']}", refresh=False)
-        progress.update()
-    progress.close()
-
-    aggregator.save.remote(str((run_dir / "final_state.pt").resolve()))
-    summary = {
-        "name": cfg.name,
-        "seed": cfg.seed,
-        "rounds": cfg.rounds,
-        "population": population.name,
-        "population_size": population.size,
-        "model": base.origin,
-        "data": {"source": cfg.data.source, "fingerprint": dataset.fingerprint(), "users": dataset.num_users},
-        "num_actors": len(pool),
-        "sim_time_s": sim_time,
-        "wall_time_s": time.perf_counter() - start,
-        "initial": initial,
-        "final": last,
-        "time_to_target_s": time_to_target,
-        "target_accuracy": cfg.eval.target_accuracy,
-        "epsilon": math.inf,
-        "delta": 0.0,
-        "totals": totals,
-        "versions": _versions(),
-    }
-    ray.get(aggregator.get_state.remote())  # the save above has finished
-    writer.close(summary)
+        writer.close(summary)  # rounds written so far stay readable, whatever stopped the run
+    ray.get(aggregator.save.remote(str((run_dir / "final_state.pt").resolve())))
     return run_dir
 
 

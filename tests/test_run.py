@@ -91,3 +91,29 @@ def test_summary_reports_final_metrics_seed_and_versions(runs):
     assert summary["initial"]["eval_loss"] > 0 and summary["initial"]["eval_top3_accuracy"] >= summary["initial"][
         "eval_accuracy"]
     assert {"torch", "ray", "peft", "transformers"} <= set(summary["versions"])
+
+
+def test_a_run_that_fails_keeps_its_finished_rounds_readable(ray_session, tmp_path):
+    from raysim.config import load_experiment
+    from raysim.policies.base import REGISTRY
+    from raysim.policies.static import Uniform
+
+    from conftest import TINY
+
+    class FailsInRoundTwo(Uniform):
+        def assign(self, devices, state):
+            if state.round == 2:
+                raise RuntimeError("policy bug")
+            return super().assign(devices, state)
+
+    REGISTRY["fails-in-round-two"] = FailsInRoundTwo
+    (tmp_path / "p.yaml").write_text("policy: fails-in-round-two\n")
+    cfg = load_experiment(None, [*TINY, f"output_dir={tmp_path / 'run'}", f"policy={tmp_path / 'p.yaml'}"])
+    try:
+        with pytest.raises(RuntimeError, match="policy bug"):
+            run_experiment(cfg)
+    finally:
+        del REGISTRY["fails-in-round-two"]
+    assert _rounds(tmp_path / "run")["round"] == [1]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["rounds_completed"] == 1
