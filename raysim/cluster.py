@@ -80,6 +80,9 @@ def _start_local(*, num_cpus: int | None, num_gpus: int | None, include_dashboar
             include_dashboard=include_dashboard,
             dashboard_host=LOOPBACK,
             _node_ip_address=LOOPBACK,
+            # Ray nices its workers (15) so that they never starve a shared node's daemons;
+            # here the device actors are the work, at the driver's priority.
+            _system_config={"worker_niceness": 0},
             log_to_driver=False,  # worker output stays in the session's log files
             logging_level=logging.WARNING,
         )
