@@ -1,10 +1,9 @@
 import pytest
 import torch
 
-from raysim.config import ModelConfig
+from raysim.config import MethodsConfig, ModelConfig
 from raysim.errors import ConfigError
 from raysim.models import add_lora, initial_base_model, instantiate, trainable_state
-from raysim.config import MethodsConfig
 
 TINY = ModelConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
 
