@@ -12,7 +12,7 @@ tokenizer and the central pre-training stage and is never a device's data.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,15 +77,11 @@ def load_user_texts(cfg: ExperimentConfig) -> tuple[dict[str, list[str]], str]:
     """Texts per user from ``data.source``, and the source name for messages."""
     if cfg.data.source == "python-docs":
         table, source = pq.read_table(SHIPPED), str(SHIPPED)
-        return partition(table, _natural(cfg), seed=cfg.seed, source=source), source
+        # The shipped corpus is always split naturally, by module.
+        natural = replace(cfg.data, partition="natural", user_column="user", text_column="text")
+        return partition(table, natural, seed=cfg.seed, source=source), source
     source = str(Path(cfg.data.source).expanduser())
     return partition(read_table(source), cfg.data, seed=cfg.seed, source=source), source
-
-
-def _natural(cfg: ExperimentConfig):
-    from dataclasses import replace
-
-    return replace(cfg.data, partition="natural", user_column="user", text_column="text")
 
 
 def build_text_dataset(cfg: ExperimentConfig) -> TextDataset:
