@@ -45,9 +45,6 @@ class DeviceDraws:
         numbers = {f.name: float(getattr(self, f.name)[i]) for f in fields(self)[2:]}
         return DeviceProfile(device_id=int(self.device_id[i]), device_class=str(self.device_class[i]), **numbers)
 
-    def take(self, index: np.ndarray) -> "DeviceDraws":
-        return DeviceDraws(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-
 
 @dataclass(frozen=True)
 class DeviceConfig:

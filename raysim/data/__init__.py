@@ -7,7 +7,8 @@ the device actors through the object store.
 from __future__ import annotations
 
 from raysim.config import ExperimentConfig
-from raysim.data.synthetic import FederatedDataset, SyntheticTokens
+from raysim.data.base import FederatedDataset
+from raysim.data.synthetic import SyntheticTokens
 from raysim.data.text import TextDataset, build_text_dataset
 
 __all__ = ["FederatedDataset", "SyntheticTokens", "TextDataset", "build_dataset"]

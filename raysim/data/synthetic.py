@@ -1,14 +1,8 @@
-"""Federated datasets: every device id maps to a user's examples.
+"""A seeded non-IID token generator for scale runs and benchmarks.
 
-One interface, :class:`FederatedDataset`, is all the rest of raysim reads:
-``device_examples(device_id)`` gives the token sequences of the user on that device and
-``eval_examples()`` the held-out users'. A dataset is derived from the seed,
-never stored per device, so a population of 10^6 devices costs nothing until a
-device is sampled.
-
-:class:`SyntheticTokens` is a seeded non-IID generator for scale runs and
-benchmarks: users belong to *styles* (clusters), each style is a sparse
-next-token table (every token has a few possible successors), and each user
+Users are derived from the seed, never stored, so a population of 10^6
+devices costs nothing until a device is sampled. Users belong to *styles*
+(clusters), each style is a sparse next-token table (every token has a few possible successors), and each user
 has their own preference over those successors. A small LM can learn it, and
 users of different styles disagree, as real users do.
 """
@@ -16,7 +10,6 @@ users of different styles disagree, as real users do.
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol
 
 import torch
 
@@ -25,20 +18,6 @@ from raysim.config import DataConfig
 
 _EVAL_USER_OFFSET = 1 << 40  # held-out and public users live in their own id ranges
 _PUBLIC_USER_OFFSET = 2 << 40
-
-
-class FederatedDataset(Protocol):
-    """Token sequences per user; all tensors are int64 ``[n, seq_len]``."""
-
-    num_users: int | None  # distinct users behind the devices (None: one per device)
-
-    def fingerprint(self) -> str: ...
-
-    def device_examples(self, device_id: int) -> torch.Tensor: ...
-
-    def eval_examples(self) -> torch.Tensor: ...
-
-    def public_examples(self) -> torch.Tensor: ...
 
 
 class SyntheticTokens:
