@@ -2,9 +2,10 @@
 
 Users are derived from the seed, never stored, so a population of 10^6
 devices costs nothing until a device is sampled. Users belong to *styles*
-(clusters), each style is a sparse next-token table (every token has a few possible successors), and each user
-has their own preference over those successors. A small LM can learn it, and
-users of different styles disagree, as real users do.
+(clusters), each style is a sparse next-token table (every token has a few
+possible successors), and each user has their own preference over those
+successors. A small LM can learn it, and users of different styles disagree,
+as real users do.
 """
 
 from __future__ import annotations
