@@ -86,11 +86,24 @@ class PretrainConfig:
 
 @dataclass
 class MethodsConfig:
-    """The per-device method space a policy chooses from."""
+    """The per-device method space a policy chooses from: every list is one axis.
 
-    lora_rank: list[int] = field(default_factory=lambda: [8])
+    A policy hands each device one value from each list (``raysim.methods.space``
+    enumerates the product). The first value of every list is the default
+    config, which the ``uniform`` policy gives everyone.
+    """
+
+    lora_rank: list[int] = field(default_factory=lambda: [8])  # 0: train the targeted weights fully
+    prune_ratio: list[float] = field(default_factory=lambda: [0.0])  # structured width pruning, in [0, 1)
+    dropout_rate: list[float] = field(default_factory=lambda: [0.0])  # federated dropout, in [0, 1)
+    trainable_layers: list[int | None] = field(default_factory=lambda: [None])  # top k blocks; null: all
+    partial_embeddings: list[bool] = field(default_factory=lambda: [False])
+    bits: list[int] = field(default_factory=lambda: [32])  # update bit-width; 32: unquantized
     lora_alpha_per_rank: float = 2.0  # alpha = lora_alpha_per_rank * rank
     lora_target_modules: list[str] = field(default_factory=lambda: ["c_attn"])
+    pruning: str = "heterofl"  # heterofl (static prefix) | fedrolex (rolling window)
+    quantization: str = "tensor"  # tensor | row: one scale pair per tensor or per row
+    embedding_rows: int | None = None  # partial embeddings: send exactly this many rows (hides which)
 
 
 @dataclass
@@ -226,10 +239,7 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(p.steps >= 0, "pretrain.steps", "must be >= 0")
     c(p.batch_size >= 1, "pretrain.batch_size", "must be >= 1")
     c(p.lr > 0, "pretrain.lr", "must be > 0")
-    c(len(cfg.methods.lora_rank) >= 1, "methods.lora_rank", "needs at least one rank")
-    for i, r in enumerate(cfg.methods.lora_rank):
-        c(1 <= r <= m.n_embd, f"methods.lora_rank[{i}]", f"rank {r} must be in [1, layer width {m.n_embd}]")
-    c(cfg.methods.lora_alpha_per_rank > 0, "methods.lora_alpha_per_rank", "must be > 0")
+    _validate_methods(cfg.methods, cfg.model, c)
     c(cfg.aggregation.server_optimizer in ("fedavg", "fedadam"), "aggregation.server_optimizer",
       "must be 'fedavg' or 'fedadam'")
     c(cfg.aggregation.server_lr > 0, "aggregation.server_lr", "must be > 0")
@@ -241,6 +251,25 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(r.cpus_per_actor > 0, "ray.cpus_per_actor", "must be > 0")
     c(r.gpus_per_actor >= 0, "ray.gpus_per_actor", "must be >= 0")
     c(r.chunks_per_actor >= 1, "ray.chunks_per_actor", "must be >= 1")
+
+
+def _validate_methods(methods: MethodsConfig, model: ModelConfig, c) -> None:
+    for key in ("lora_rank", "prune_ratio", "dropout_rate", "trainable_layers", "partial_embeddings", "bits"):
+        c(len(getattr(methods, key)) >= 1, f"methods.{key}", "needs at least one value")
+    for i, r in enumerate(methods.lora_rank):
+        c(0 <= r <= model.n_embd, f"methods.lora_rank[{i}]", f"rank {r} must be in [0, layer width {model.n_embd}]")
+    for key in ("prune_ratio", "dropout_rate"):
+        for i, v in enumerate(getattr(methods, key)):
+            c(0.0 <= v < 1.0, f"methods.{key}[{i}]", "must be in [0, 1)")
+    for i, k in enumerate(methods.trainable_layers):
+        c(k is None or 1 <= k <= model.n_layer, f"methods.trainable_layers[{i}]",
+          f"must be null (all) or in [1, model.n_layer={model.n_layer}]")
+    for i, b in enumerate(methods.bits):
+        c(1 <= b <= 16 or b == 32, f"methods.bits[{i}]", "must be in [1, 16] or 32 (unquantized)")
+    c(methods.lora_alpha_per_rank > 0, "methods.lora_alpha_per_rank", "must be > 0")
+    c(methods.pruning in ("heterofl", "fedrolex"), "methods.pruning", "must be 'heterofl' or 'fedrolex'")
+    c(methods.quantization in ("tensor", "row"), "methods.quantization", "must be 'tensor' or 'row'")
+    c(methods.embedding_rows is None or methods.embedding_rows >= 1, "methods.embedding_rows", "must be >= 1")
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-from raysim.config import MethodsConfig
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
 
 
@@ -26,8 +25,3 @@ def register(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
         return factory
 
     return wrap
-
-
-def default_config(methods: MethodsConfig) -> DeviceConfig:
-    """The first choice of every method in the space."""
-    return DeviceConfig(lora_rank=methods.lora_rank[0])

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from raysim.config import MethodsConfig
-from raysim.policies.base import default_config, register
+from raysim.methods import default_config
+from raysim.policies.base import register
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
 
 
