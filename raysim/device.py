@@ -3,7 +3,8 @@
 A worker holds the base model once. For each device it is handed, it loads the
 round's global trainable state, trains for real on that device's data with
 every random draw keyed by (seed, round, device id), runs the update through
-the processor chain and adds it into a float64 partial sum. The round's
+the processor chain and adds it into a float64 partial sum (under DP-FedAvg,
+clipped first: :meth:`DeviceWorker._accumulate`). The round's
 partial sum leaves the worker once, at ``end_round``; per-device records leave
 as a few columns per work item. :mod:`raysim.pool` runs workers as Ray actors.
 """
@@ -20,6 +21,7 @@ from raysim.aggregation.rules import PartialSum, Tensors
 from raysim.config import ExperimentConfig
 from raysim.data import FederatedDataset
 from raysim.models import BaseModel, add_lora, instantiate, trainable_state
+from raysim.privacy import central, local
 from raysim.processors import DeviceContext, UpdateProcessor, run_on_device
 from raysim.types import DeviceConfig
 
@@ -63,9 +65,14 @@ class DeviceWorker:
             self.params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True
         )
         self.processors = list(processors)
+        self.local_dp = None
+        if cfg.privacy.local.enabled:
+            self.local_dp = local.LocalDPSGD(model=self.lm, optimizer=self.optimizer, cfg=cfg.privacy.local,
+                                             batch_size=cfg.train.batch_size)
         self._global: list[torch.Tensor] = []
         self._round = -1
         self._partial: PartialSum | None = None
+        self._clip_norm: float | None = None
         self._eval: torch.Tensor | None = None
         # Thousands of long-lived module and tensor objects: keep them out of every
         # cyclic-GC pass the per-device loop's garbage triggers.
@@ -81,8 +88,10 @@ class DeviceWorker:
         size = state_nbytes(self.params)
         return costmodel.measure(self.model, batch=batch.to(self.device), bytes_down=size, bytes_up=size)
 
-    def begin_round(self, state: Tensors, round: int) -> None:
+    def begin_round(self, state: Tensors, round: int, clip_norm: float | None = None) -> None:
+        """Load the round's global state; ``clip_norm`` turns on DP-FedAvg's per-device clipping."""
         self._round = round
+        self._clip_norm = clip_norm
         self._global = [state[k].to(self.device) for k in self.params]
         self._partial = PartialSum.zeros_like(self.params)
 
@@ -90,9 +99,11 @@ class DeviceWorker:
         """Train each device in turn; return its records as columns."""
         losses = np.empty(len(device_ids))
         counts = np.empty(len(device_ids), dtype=np.int64)
+        norms = np.empty(len(device_ids))
         for i, (device_id, config) in enumerate(zip(device_ids, configs)):
-            losses[i], counts[i] = self._train_one(device_id, config)
-        return {"device_id": np.asarray(device_ids, dtype=np.int64), "train_loss": losses, "num_examples": counts}
+            losses[i], counts[i], norms[i] = self._train_one(device_id, config)
+        return {"device_id": np.asarray(device_ids, dtype=np.int64), "train_loss": losses, "num_examples": counts,
+                "update_norm": norms}
 
     def end_round(self) -> PartialSum | None:
         partial, self._partial = self._partial, None
@@ -120,7 +131,7 @@ class DeviceWorker:
             self.model.train()
         return totals.numpy()
 
-    def _train_one(self, device_id: int, config: DeviceConfig) -> tuple[float, int]:
+    def _train_one(self, device_id: int, config: DeviceConfig) -> tuple[float, int, float]:
         seed, round = self.cfg.seed, self._round
         # Model dropout draws from the default generator. torch.manual_seed would
         # also seed every lazily-initialised accelerator backend (ms per call).
@@ -132,11 +143,25 @@ class DeviceWorker:
             torch._foreach_copy_(params, self._global)
         self.optimizer.state.clear()
         data = self.dataset.device_examples(device_id)
+        if self.local_dp is None:
+            train_loss = self._local_steps(data, generator=rng.generator(seed, "batches", round, device_id))
+        else:
+            train_loss = self.local_dp.train(
+                data, steps=self.cfg.train.local_steps, batch_size=self.cfg.train.batch_size, device=self.device,
+                batch_generator=rng.generator(seed, "batches", round, device_id),
+                noise_generator=rng.generator(seed, "local-dp-noise", round, device_id),
+            )
+        with torch.no_grad():
+            update = dict(zip(self.params, torch._foreach_sub(params, self._global)))
+        context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config, num_examples=len(data))
+        update = run_on_device(self.processors, update, context=context)
+        norm = self._accumulate(update, num_examples=len(data))
+        return train_loss, len(data), norm
+
+    def _local_steps(self, data: torch.Tensor, *, generator: torch.Generator) -> float:
+        """Plain local training; the mean loss over its steps."""
         batches = batch_indices(
-            len(data),
-            steps=self.cfg.train.local_steps,
-            batch_size=self.cfg.train.batch_size,
-            generator=rng.generator(seed, "batches", round, device_id),
+            len(data), steps=self.cfg.train.local_steps, batch_size=self.cfg.train.batch_size, generator=generator
         )
         loss_sum = torch.zeros((), device=self.device)
         for index in batches:
@@ -146,9 +171,20 @@ class DeviceWorker:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
-        with torch.no_grad():
-            update = dict(zip(self.params, torch._foreach_sub(params, self._global)))
-        context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config, num_examples=len(data))
-        update = run_on_device(self.processors, update, context=context)
-        self._partial.add(update, weight=float(len(data)))
-        return loss_sum.item() / len(batches), len(data)
+        return loss_sum.item() / len(batches)
+
+    def _accumulate(self, update: Tensors, *, num_examples: int) -> float:
+        """Add one device's update, in the aggregation space, to the partial sum; return its L2 norm.
+
+        The one place DP-FedAvg clips: after the processor chain decoded the
+        update (whatever its method or bit-width) and before it meets any other
+        device's, so the clip bounds exactly what the aggregator's noise is
+        calibrated for. Clipped updates weigh 1 each (the server divides by the
+        expected cohort size); FedAvg weighs by examples.
+        """
+        if self._clip_norm is None:
+            self._partial.add(update, weight=float(num_examples))
+            return central.global_norm(update)
+        clipped, norm = central.clip(update, clip_norm=self._clip_norm)
+        self._partial.add(clipped, weight=1.0)
+        return norm
