@@ -31,8 +31,7 @@ def worker():
     return make_worker(load_experiment(None, [*TINY, "privacy.local.enabled=true", "train.local_steps=3"]))
 
 
-def _update(worker, device_id):
-    state = worker.initial_state()
+def _update(worker, state, device_id):
     worker.begin_round(state, 1)
     records = worker.train([device_id], [DeviceConfig(lora_rank=4)])
     partial = worker.end_round()
@@ -41,8 +40,9 @@ def _update(worker, device_id):
 
 def test_dp_sgd_trains_only_lora_parameters_and_is_deterministic(worker):
     assert all("lora" in name for name in worker.params)
-    records, first = _update(worker, 5)
-    _, again = _update(worker, 5)
+    state = worker.initial_state()
+    records, first = _update(worker, state, 5)
+    _, again = _update(worker, state, 5)
     assert math.isfinite(records["train_loss"][0]) and records["update_norm"][0] > 0
     for k in first:
         assert torch.equal(first[k], again[k])

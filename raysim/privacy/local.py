@@ -13,6 +13,7 @@ in k rounds composes k of them.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from opacus import GradSampleModule
@@ -20,6 +21,9 @@ from opacus.optimizers import DPOptimizer
 
 from raysim.config import LocalPrivacyConfig, TrainConfig
 from raysim.privacy import accounting
+
+# Opacus's per-example hooks on LoRA layers whose inputs (frozen activations) need no grad: expected, harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 
 def poisson_batches(num_examples: int, *, steps: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
