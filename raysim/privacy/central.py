@@ -41,6 +41,9 @@ def noisy_mean(total: PartialSum, *, noise_std: float, expected_devices: float, 
                round: int) -> tuple[Tensors, dict[str, float]]:
     """(sum of clipped updates + noise) / expected cohort size, and its signal-to-noise ratio.
 
+    Every element gets the same fixed denominator, including where devices
+    held different slices (per-element counts in ``total.weights``): dividing
+    by how many devices held an element would reveal it.
     ``signal_to_noise`` is ||sum of clipped updates|| / ||noise added to it||
     (inf without noise): below 1 the aggregate is mostly noise.
     """
