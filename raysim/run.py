@@ -166,7 +166,8 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
                 time_to_target = sim_time
             progress.set_postfix_str(
                 f"sim {sim_time / 3600:.2f}h loss {row['train_loss']:.3f} "
-                f"eval {last.get('eval_loss', math.nan):.3f} ok {n[OK]}/{row['n_selected']}", refresh=False)
+                f"eval {last.get('eval_loss', math.nan):.3f} ok {n[OK]}/{row['n_selected']}"
+                + (f" ε {epsilon:.3g}" if privacy else ""), refresh=False)
             progress.update()
             completed = rnd
         else:
