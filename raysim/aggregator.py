@@ -16,11 +16,13 @@ import torch
 from raysim.aggregation.rules import PartialSum, Tensors, combine, weighted_mean
 from raysim.aggregation.server_opt import make_server_optimizer
 from raysim.config import AggregationConfig
+from raysim.methods.submodel import Space
 from raysim.processors import ServerContext, UpdateProcessor, run_on_server
 
 
 class Aggregator:
-    def __init__(self, *, state: Tensors, cfg: AggregationConfig, seed: int, processors: list[UpdateProcessor] = ()):
+    def __init__(self, *, state: Tensors, cfg: AggregationConfig, seed: int, processors: list[UpdateProcessor] = (),
+                 space: Space | None = None, truncation_rank: int = 0):
         # The aggregator takes no CPU slot from the device actors; with torch's default
         # thread pool its idle OpenMP threads would spin on their cores after every step.
         torch.set_num_threads(1)
@@ -28,6 +30,8 @@ class Aggregator:
         self.optimizer = make_server_optimizer(cfg)
         self.processors = list(processors)
         self.seed = seed
+        self.space = space
+        self.truncation_rank = truncation_rank
 
     def get_state(self) -> Tensors:
         return self.state
@@ -36,7 +40,7 @@ class Aggregator:
         """One server step; returns (new state, stats). Keeps the state when no update came."""
         present = [p for p in partials if p is not None]
         if not present:
-            return self.state, {"update_norm": 0.0, "num_aggregated": 0}
+            return self.state, {"update_norm": 0.0, "num_aggregated": 0, **self._truncation()}
         total = combine(present)
         update = weighted_mean(total)
         update = run_on_server(
@@ -44,7 +48,13 @@ class Aggregator:
         )
         self.state = self.optimizer.step(self.state, update)
         norm = math.sqrt(sum(float(u.pow(2).sum()) for u in update.values()))
-        return self.state, {"update_norm": norm, "num_aggregated": total.num_devices}
+        return self.state, {"update_norm": norm, "num_aggregated": total.num_devices, **self._truncation()}
+
+    def _truncation(self) -> dict[str, float]:
+        """How much of the new state the lowest-rank LoRA device cannot start from."""
+        if self.space is None or self.truncation_rank == 0:
+            return {"lora_truncation_error": math.nan}
+        return {"lora_truncation_error": self.space.truncation_error(self.state, rank=self.truncation_rank)}
 
     def save(self, path: str) -> None:
         torch.save(self.state, path)

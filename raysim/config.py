@@ -113,6 +113,9 @@ class AggregationConfig:
     beta1: float = 0.9  # fedadam
     beta2: float = 0.99  # fedadam
     tau: float = 1e-3  # fedadam adaptivity
+    # Heterogeneous LoRA ranks: flexlora (exact product-space mean, SVD re-factoring)
+    # | hetlora (zero-padded factor mean; a baseline)
+    lora: str = "flexlora"
 
 
 @dataclass
@@ -243,6 +246,9 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(cfg.aggregation.server_optimizer in ("fedavg", "fedadam"), "aggregation.server_optimizer",
       "must be 'fedavg' or 'fedadam'")
     c(cfg.aggregation.server_lr > 0, "aggregation.server_lr", "must be > 0")
+    c(cfg.aggregation.lora in ("flexlora", "hetlora"), "aggregation.lora", "must be 'flexlora' or 'hetlora'")
+    c(cfg.aggregation.lora == "flexlora" or 0 not in cfg.methods.lora_rank, "methods.lora_rank",
+      "rank 0 (full weights) needs aggregation.lora=flexlora: hetlora aggregates factors")
     c(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     c(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     c(cfg.eval.max_examples >= 1, "eval.max_examples", "must be >= 1")

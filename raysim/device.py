@@ -1,11 +1,15 @@
 """The device worker: one long-lived process slot that emulates many devices in turn.
 
-A worker holds the base model once. For each device it is handed, it loads the
-round's global trainable state, trains for real on that device's data with
-every random draw keyed by (seed, round, device id), runs the update through
-the processor chain and adds it into a float64 partial sum. The round's
-partial sum leaves the worker once, at ``end_round``; per-device records leave
-as a few columns per work item. :mod:`raysim.pool` runs workers as Ray actors.
+A worker holds the base model once, and one real submodel per distinct
+structure its devices' configs ask for (:mod:`raysim.methods.submodel`). For
+each device it is handed, it loads the device's view of the round's global
+state into that submodel, trains for real on the device's data with every
+random draw keyed by (seed, round, device id), encodes the update as the
+device would send it, maps the decoded update back to full coordinates, runs
+it through the processor chain and adds it into a float64 partial sum. The
+round's partial sum leaves the worker once, at ``end_round``; per-device
+records leave as a few columns per work item. :mod:`raysim.pool` runs workers
+as Ray actors.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from raysim import costmodel, rng
 from raysim.aggregation.rules import PartialSum, Tensors
 from raysim.config import ExperimentConfig
 from raysim.data import FederatedDataset
-from raysim.models import BaseModel, add_lora, instantiate, trainable_state
+from raysim.methods import embeddings
+from raysim.methods.submodel import EMBEDDING, Encoding, Space, Structure, Submodel
+from raysim.models import BaseModel
 from raysim.processors import DeviceContext, UpdateProcessor, run_on_device
 from raysim.types import DeviceConfig
 
@@ -30,10 +36,6 @@ def batch_indices(num_examples: int, *, steps: int, batch_size: int, generator: 
     epochs = -(-need // num_examples)
     order = torch.cat([torch.randperm(num_examples, generator=generator) for _ in range(epochs)])
     return order[:need].view(steps, batch_size)
-
-
-def state_nbytes(state: Tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 class DeviceWorker:
@@ -52,39 +54,62 @@ class DeviceWorker:
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.ray.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
         self.dataset = dataset
+        self.base = base
         self.vocab_size = base.vocab_size
-        model = instantiate(base)
-        self.model = add_lora(model, rank=cfg.methods.lora_rank[0], methods=cfg.methods, seed=cfg.seed).to(self.device)
-        self.params = trainable_state(self.model)
-        # The adapted model itself: peft injected its layers in place, so calling it
-        # directly skips the wrapper's per-call dispatch and trains the same weights.
-        self.lm = self.model.get_base_model()
-        self.optimizer = torch.optim.AdamW(
-            self.params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True
-        )
+        self.space = Space.build(cfg, base)
+        self._submodels: dict[Structure, Submodel] = {}
         self.processors = list(processors)
-        self._global: list[torch.Tensor] = []
+        self._state: Tensors = {}
+        self._factors: dict = {}
         self._round = -1
         self._partial: PartialSum | None = None
         self._eval: torch.Tensor | None = None
+        self._eval_model = Submodel(space=self.space, base=base, cfg=cfg, device=self.device, structure=Structure(
+            lora_rank=0, heads=self.space.n_head, mlp=self.space.inner, blocks=(), embeddings=False))
         # Thousands of long-lived module and tensor objects: keep them out of every
         # cyclic-GC pass the per-device loop's garbage triggers.
         gc.freeze()
 
     def initial_state(self) -> Tensors:
-        return {k: v.detach().cpu().clone() for k, v in self.params.items()}
+        return self.space.initial_state(self.base, seed=self.cfg.seed)
+
+    def submodel(self, config: DeviceConfig) -> Submodel:
+        """The real submodel of ``config``'s structure, built on first use."""
+        structure = self.space.structure(config)
+        if structure not in self._submodels:
+            self._submodels[structure] = Submodel(space=self.space, structure=structure, base=self.base,
+                                                  cfg=self.cfg, device=self.device)
+            gc.freeze()
+        return self._submodels[structure]
+
+    def _encoding(self, config: DeviceConfig) -> Encoding:
+        m = self.cfg.methods
+        return Encoding(bits=config.bits, per_row=m.quantization == "row", embedding_rows=m.embedding_rows)
+
+    def _slices(self, config: DeviceConfig, *, round: int, device_id: int):
+        return self.space.slices(config, pruning=self.cfg.methods.pruning, seed=self.cfg.seed, round=round,
+                                 device_id=device_id)
 
     def measure(self, config: DeviceConfig) -> costmodel.Measurement:
-        """Measured costs of one local step of ``config`` on this model."""
+        """Measured costs of one local step of ``config`` on its real submodel, and its real payload sizes."""
         g = rng.generator(self.cfg.seed, "measure")
         batch = torch.randint(0, self.vocab_size, (self.cfg.train.batch_size, self.cfg.data.seq_len), generator=g)
-        size = state_nbytes(self.params)
-        return costmodel.measure(self.model, batch=batch.to(self.device), bytes_down=size, bytes_up=size)
+        sub = self.submodel(config)
+        zeros = {n: torch.zeros_like(p) for n, p in sub.params.items()}
+        rows = None
+        if config.partial_embeddings:  # without a fixed row count, the most a device can send
+            rows = torch.arange(min(self.cfg.methods.embedding_rows or self.vocab_size, self.vocab_size))
+        _, bytes_up = sub.encode(zeros, rows=rows, encoding=self._encoding(config), generator=g)
+        bytes_down = sum(4 * p.numel() for p in sub.params.values())
+        if config.dropout_rate > 0 or (config.prune_ratio > 0 and self.cfg.methods.pruning == "fedrolex"):
+            bytes_down += sub.width_bytes()  # the frozen slices change every round: they travel too
+        return costmodel.measure(sub.lm, batch=batch.to(self.device), bytes_down=bytes_down, bytes_up=bytes_up)
 
     def begin_round(self, state: Tensors, round: int) -> None:
         self._round = round
-        self._global = [state[k].to(self.device) for k in self.params]
-        self._partial = PartialSum.zeros_like(self.params)
+        self._state = {k: v.to(self.device) for k, v in state.items()}
+        self._factors = {}
+        self._partial = PartialSum.zeros_like(self._state)
 
     def train(self, device_ids: list[int], configs: list[DeviceConfig]) -> dict[str, np.ndarray]:
         """Train each device in turn; return its records as columns."""
@@ -106,31 +131,36 @@ class DeviceWorker:
             self._eval = self.dataset.eval_examples()
         rows = self._eval[shard::num_shards]
         totals = torch.zeros(4, dtype=torch.float64)
+        model = self._eval_model
         with torch.no_grad():
-            torch._foreach_copy_(list(self.params.values()), [state[k].to(self.device) for k in self.params])
-            self.model.eval()
+            model.load_frozen({k: v.to(self.device) for k, v in state.items()}, None, version=object())
+            model.lm.eval()
             for batch in rows.split(self.cfg.eval.batch_size):
                 batch = batch.to(self.device)
-                logits = self.lm(input_ids=batch).logits[:, :-1].float()
+                logits = model.lm(input_ids=batch).logits[:, :-1].float()
                 target = batch[:, 1:]
                 loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
                 top3 = logits.topk(3, dim=-1).indices
                 totals += torch.tensor([loss.item(), target.numel(), (top3[..., 0] == target).sum().item(),
                                         (top3 == target.unsqueeze(-1)).any(-1).sum().item()], dtype=torch.float64)
-            self.model.train()
         return totals.numpy()
 
     def _train_one(self, device_id: int, config: DeviceConfig) -> tuple[float, int]:
         seed, round = self.cfg.seed, self._round
+        sub = self.submodel(config)  # building one draws random numbers: seed after it
         # Model dropout draws from the default generator. torch.manual_seed would
         # also seed every lazily-initialised accelerator backend (ms per call).
         torch.default_generator.manual_seed(rng.torch_seed(seed, "train", round, device_id))
         if self.device.type == "cuda":
             torch.cuda.manual_seed(rng.torch_seed(seed, "train", round, device_id))
-        params = list(self.params.values())
+        slices = self._slices(config, round=round, device_id=device_id)
+        sub.load_frozen(self._state, slices, version=round)
+        initial = sub.initial(self._state, slices, self._factors)
+        params = list(sub.params.values())
+        starts = [initial[n] for n in sub.params]
         with torch.no_grad():
-            torch._foreach_copy_(params, self._global)
-        self.optimizer.state.clear()
+            torch._foreach_copy_(params, starts)
+        sub.optimizer.state.clear()
         data = self.dataset.device_examples(device_id)
         batches = batch_indices(
             len(data),
@@ -138,17 +168,30 @@ class DeviceWorker:
             batch_size=self.cfg.train.batch_size,
             generator=rng.generator(seed, "batches", round, device_id),
         )
+        rows = seen = None
+        if config.partial_embeddings:  # only the rows of tokens the device saw may change
+            rows = seen = embeddings.seen_rows(data[batches.flatten()])
+            keep = torch.zeros(self.vocab_size, 1, device=self.device)
+            keep[seen.to(self.device)] = 1.0
+            if self.cfg.methods.embedding_rows is not None:
+                rows = embeddings.fixed_rows(seen, count=self.cfg.methods.embedding_rows, vocab_size=self.vocab_size,
+                                             generator=rng.generator(seed, "embedding-rows", round, device_id))
         loss_sum = torch.zeros((), device=self.device)
         for index in batches:
             x = data[index].to(self.device)
-            loss = self.lm(input_ids=x, labels=x).loss
+            loss = sub.lm(input_ids=x, labels=x).loss
             loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if seen is not None:
+                sub.params[EMBEDDING].grad.mul_(keep)
+            sub.optimizer.step()
+            sub.optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
         with torch.no_grad():
-            update = dict(zip(self.params, torch._foreach_sub(params, self._global)))
+            update = dict(zip(sub.params, torch._foreach_sub(params, starts)))
+            update, _ = sub.encode(update, rows=rows, encoding=self._encoding(config),
+                                   generator=rng.generator(seed, "quantize", round, device_id))
+            update, held = sub.to_global(initial, update, self._state, slices, rows=rows)
         context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config, num_examples=len(data))
         update = run_on_device(self.processors, update, context=context)
-        self._partial.add(update, weight=float(len(data)))
+        self._partial.add(update, weight=float(len(data)), held=held)
         return loss_sum.item() / len(batches), len(data)

@@ -36,6 +36,7 @@ ROUNDS_SCHEMA = pa.schema([
     ("n_stragglers", pa.int32()),
     ("n_unavailable", pa.int32()),
     ("update_norm", pa.float64()),
+    ("lora_truncation_error", pa.float64()),  # ‖ΔW - ΔW_r‖/‖ΔW‖ at the space's lowest LoRA rank
 ])
 
 DEVICES_SCHEMA = pa.schema([

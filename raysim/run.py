@@ -29,6 +29,7 @@ from raysim.config import ExperimentConfig, to_yaml
 from raysim.costmodel import device_costs
 from raysim.data import build_dataset
 from raysim.errors import ConfigError
+from raysim.methods.submodel import Space
 from raysim.models import BaseModel, initial_base_model
 from raysim.policies import load_policy
 from raysim.pool import DevicePool
@@ -62,8 +63,10 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     base = pretrain(base, dataset.public_examples(), cfg.pretrain, seed=cfg.seed, progress=cfg.progress)
     where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard)
     pool = DevicePool(cfg=cfg, base=ray.put(base), dataset=ray.put(dataset))
+    ranks = [r for r in cfg.methods.lora_rank if r > 0]
     aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(
-        state=pool.initial_state(), cfg=cfg.aggregation, seed=cfg.seed
+        state=pool.initial_state(), cfg=cfg.aggregation, seed=cfg.seed, space=Space.build(cfg, base),
+        truncation_rank=min(ranks, default=0),
     )
     state_ref = aggregator.get_state.remote()
     run_dir = default_run_dir(cfg)
@@ -125,6 +128,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
                 "n_stragglers": n[STRAGGLER],
                 "n_unavailable": n[UNAVAILABLE],
                 "update_norm": stats["update_norm"],
+                "lora_truncation_error": stats["lora_truncation_error"],
             }
             writer.write_round(row, devices)
             policy.observe({"round": row, "devices": devices})
