@@ -36,6 +36,8 @@ ROUNDS_SCHEMA = pa.schema([
     ("n_stragglers", pa.int32()),
     ("n_unavailable", pa.int32()),
     ("update_norm", pa.float64()),
+    ("mean_device_flops", pa.float64()),  # training FLOPs per device that computed
+    ("mean_peak_memory_bytes", pa.float64()),  # peak training memory of the selected devices' configs
     ("lora_truncation_error", pa.float64()),  # ‖ΔW - ΔW_r‖/‖ΔW‖ at the space's lowest LoRA rank
 ])
 
@@ -50,6 +52,7 @@ DEVICES_SCHEMA = pa.schema([
     ("partial_embeddings", pa.bool_()),
     ("bits", pa.int32()),
     ("status", pa.string()),
+    ("flops", pa.float64()),
     ("compute_s", pa.float64()),
     ("download_s", pa.float64()),
     ("upload_s", pa.float64()),

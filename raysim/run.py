@@ -128,6 +128,8 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
                 "n_stragglers": n[STRAGGLER],
                 "n_unavailable": n[UNAVAILABLE],
                 "update_norm": stats["update_norm"],
+                "mean_device_flops": float(costs.flops[devices["compute_s"] > 0].mean()) if n[OK] else math.nan,
+                "mean_peak_memory_bytes": float(costs.peak_memory_bytes.mean()),
                 "lora_truncation_error": stats["lora_truncation_error"],
             }
             writer.write_round(row, devices)
@@ -201,6 +203,7 @@ def _device_columns(rnd, draws, configs, costs, status, trained, records) -> dic
         "partial_embeddings": np.array([c.partial_embeddings for c in configs], dtype=bool),
         "bits": np.array([c.bits for c in configs], dtype=np.int32),
         "status": status.astype(str),
+        "flops": np.where(computed, costs.flops, 0.0),
         "compute_s": np.where(computed, costs.compute_s, 0.0),
         "download_s": np.where(reached, costs.download_s, 0.0),
         "upload_s": np.where(ok, costs.upload_s, 0.0),
