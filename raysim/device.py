@@ -15,6 +15,7 @@ as Ray actors.
 from __future__ import annotations
 
 import gc
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from raysim import costmodel, rng
 from raysim.aggregation.rules import PartialSum, Tensors
 from raysim.config import ExperimentConfig
 from raysim.data import FederatedDataset
+from raysim.grouped import keyed, per_device_loss, stacked
 from raysim.methods import embeddings
 from raysim.methods.submodel import EMBEDDING, Encoding, Space, Structure, Submodel
 from raysim.models import BaseModel
@@ -58,6 +60,8 @@ class DeviceWorker:
         self.vocab_size = base.vocab_size
         self.space = Space.build(cfg, base)
         self._submodels: dict[Structure, Submodel] = {}
+        # Devices with one stackable config train together, this many per pass (raysim/grouped.py).
+        self.devices_per_pass = max(1, cfg.ray.tokens_per_pass // (cfg.train.batch_size * cfg.data.seq_len))
         self.processors = list(processors)
         self._state: Tensors = {}
         self._factors: dict = {}
@@ -112,11 +116,23 @@ class DeviceWorker:
         self._partial = PartialSum.zeros_like(self._state)
 
     def train(self, device_ids: list[int], configs: list[DeviceConfig]) -> dict[str, np.ndarray]:
-        """Train each device in turn; return its records as columns."""
+        """Train each device; return its records as columns.
+
+        Consecutive devices with the same config train together, up to
+        ``devices_per_pass`` at a time, where their submodel allows it (LoRA
+        adapters only, the same slices for everyone: see :mod:`raysim.grouped`).
+        """
         losses = np.empty(len(device_ids))
         counts = np.empty(len(device_ids), dtype=np.int64)
-        for i, (device_id, config) in enumerate(zip(device_ids, configs)):
-            losses[i], counts[i] = self._train_one(device_id, config)
+        start = 0
+        while start < len(device_ids):
+            config = configs[start]
+            limit = self.devices_per_pass if self.submodel(config).stackable and config.dropout_rate == 0 else 1
+            end = start + 1
+            while end < len(device_ids) and end - start < limit and configs[end] == config:
+                end += 1
+            losses[start:end], counts[start:end] = self._train_group(device_ids[start:end], config)
+            start = end
         return {"device_id": np.asarray(device_ids, dtype=np.int64), "train_loss": losses, "num_examples": counts}
 
     def end_round(self) -> PartialSum | None:
@@ -145,53 +161,65 @@ class DeviceWorker:
                                         (top3 == target.unsqueeze(-1)).any(-1).sum().item()], dtype=torch.float64)
         return totals.numpy()
 
-    def _train_one(self, device_id: int, config: DeviceConfig) -> tuple[float, int]:
-        seed, round = self.cfg.seed, self._round
-        sub = self.submodel(config)  # building one draws random numbers: seed after it
-        # Model dropout draws from the default generator. torch.manual_seed would
-        # also seed every lazily-initialised accelerator backend (ms per call).
-        torch.default_generator.manual_seed(rng.torch_seed(seed, "train", round, device_id))
-        if self.device.type == "cuda":
-            torch.cuda.manual_seed(rng.torch_seed(seed, "train", round, device_id))
-        slices = self._slices(config, round=round, device_id=device_id)
+    def _train_group(self, device_ids: list[int], config: DeviceConfig) -> tuple[list[float], list[int]]:
+        """Local training of devices that share ``config`` and its slices; their updates go into the partial sum."""
+        seed, round, k = self.cfg.seed, self._round, len(device_ids)
+        sub = self.submodel(config)
+        slices = self._slices(config, round=round, device_id=device_ids[0])
         sub.load_frozen(self._state, slices, version=round)
         initial = sub.initial(self._state, slices, self._factors)
-        params = list(sub.params.values())
         starts = [initial[n] for n in sub.params]
-        with torch.no_grad():
-            torch._foreach_copy_(params, starts)
-        sub.optimizer.state.clear()
-        data = self.dataset.device_examples(device_id)
-        batches = batch_indices(
-            len(data),
-            steps=self.cfg.train.local_steps,
-            batch_size=self.cfg.train.batch_size,
-            generator=rng.generator(seed, "batches", round, device_id),
-        )
-        rows = seen = None
-        if config.partial_embeddings:  # only the rows of tokens the device saw may change
-            rows = seen = embeddings.seen_rows(data[batches.flatten()])
+        data = [self.dataset.device_examples(d) for d in device_ids]
+        batches = [
+            batch_indices(len(x), steps=self.cfg.train.local_steps, batch_size=self.cfg.train.batch_size,
+                          generator=rng.generator(seed, "batches", round, d))
+            for d, x in zip(device_ids, data)
+        ]
+        # Model dropout draws from each device's own generator, whatever its group.
+        generators = [torch.Generator(self.device).manual_seed(rng.torch_seed(seed, "train", round, d))
+                      for d in device_ids]
+        rows = keep = None
+        if config.partial_embeddings:  # only the rows of tokens the device saw may change (k is 1)
+            rows = seen = embeddings.seen_rows(data[0][batches[0].flatten()])
             keep = torch.zeros(self.vocab_size, 1, device=self.device)
             keep[seen.to(self.device)] = 1.0
             if self.cfg.methods.embedding_rows is not None:
                 rows = embeddings.fixed_rows(seen, count=self.cfg.methods.embedding_rows, vocab_size=self.vocab_size,
-                                             generator=rng.generator(seed, "embedding-rows", round, device_id))
-        loss_sum = torch.zeros((), device=self.device)
-        for index in batches:
-            x = data[index].to(self.device)
-            loss = sub.lm(input_ids=x, labels=x).loss
-            loss.backward()
-            if seen is not None:
-                sub.params[EMBEDDING].grad.mul_(keep)
-            sub.optimizer.step()
-            sub.optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
+                                             generator=rng.generator(seed, "embedding-rows", round, device_ids[0]))
+        if k > 1:
+            # One (devices, ...) stack per trainable tensor, each row starting from the device's initial state.
+            tensors = [torch.nn.Parameter(t.unsqueeze(0).repeat(k, *(1,) * t.dim())) for t in starts]
+            optimizer = torch.optim.AdamW(tensors, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay,
+                                          fused=True)
+            weights = stacked(sub.lm, list(sub.params), tensors)
+        else:
+            params = list(sub.params.values())
+            with torch.no_grad():
+                torch._foreach_copy_(params, starts)
+            tensors = [p.unsqueeze(0) for p in params]  # views: row 0 is the trained model's tensor
+            optimizer = sub.optimizer
+            optimizer.state.clear()
+            weights = nullcontext()
+        loss_sum = torch.zeros(k, device=self.device)
+        with weights, keyed(generators):
+            for step in range(self.cfg.train.local_steps):
+                x = torch.cat([rows_[b[step]] for rows_, b in zip(data, batches)]).to(self.device)
+                losses = per_device_loss(sub.lm(input_ids=x).logits, x, devices=k)
+                losses.sum().backward()
+                if keep is not None:
+                    sub.params[EMBEDDING].grad.mul_(keep)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += losses.detach()
+        encoding = self._encoding(config)
         with torch.no_grad():
-            update = dict(zip(sub.params, torch._foreach_sub(params, starts)))
-            update, _ = sub.encode(update, rows=rows, encoding=self._encoding(config),
-                                   generator=rng.generator(seed, "quantize", round, device_id))
-            update, held = sub.to_global(initial, update, self._state, slices, rows=rows)
-        context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config, num_examples=len(data))
-        update = run_on_device(self.processors, update, context=context)
-        self._partial.add(update, weight=float(len(data)), held=held)
-        return loss_sum.item() / len(batches), len(data)
+            for j, device_id in enumerate(device_ids):
+                update = {name: t[j] - s for name, t, s in zip(sub.params, tensors, starts)}
+                update, _ = sub.encode(update, rows=rows, encoding=encoding,
+                                       generator=rng.generator(seed, "quantize", round, device_id))
+                update, held = sub.to_global(initial, update, self._state, slices, rows=rows)
+                context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config,
+                                        num_examples=len(data[j]))
+                update = run_on_device(self.processors, update, context=context)
+                self._partial.add(update, weight=float(len(data[j])), held=held)
+        return (loss_sum / self.cfg.train.local_steps).tolist(), [len(x) for x in data]

@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from raysim import rng
 from raysim.config import ExperimentConfig
+from raysim.grouped import install_keyed_dropout, stackable
 from raysim.methods import embeddings, layers, lora, quantize, width
 from raysim.models import BaseModel, add_lora, instantiate
 from raysim.types import DeviceConfig
@@ -197,9 +198,11 @@ class Submodel:
                 model.get_submodule(t.name).weight.requires_grad_(True)
         if structure.embeddings:
             model.get_parameter(EMBEDDING).requires_grad_(True)
+        install_keyed_dropout(model)
         self.lm = model.to(device)
         self.device = device
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.stackable = bool(self.params) and stackable(model, list(self.params))  # devices can share a pass
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay, fused=True) if self.params else None
         self._loaded: tuple | None = None
