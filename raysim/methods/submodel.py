@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from raysim import rng
 from raysim.config import ExperimentConfig
 from raysim.grouped import install_keyed_dropout, stackable
-from raysim.methods import embeddings, layers, lora, quantize, width
+from raysim.methods import layers, lora, quantize, width
 from raysim.models import BaseModel, add_lora, instantiate
 from raysim.types import DeviceConfig
 
@@ -85,8 +85,8 @@ class Space:
         c = base.config
         return cls(targets=tuple(targets), lora=cfg.aggregation.lora, max_rank=max(cfg.methods.lora_rank),
                    scale=cfg.methods.lora_alpha_per_rank, embeddings=any(cfg.methods.partial_embeddings),
-                   n_layer=c["n_layer"], n_head=c["n_head"], width=c["n_embd"], inner=c.get("n_inner") or 4 * c["n_embd"],
-                   vocab_size=c["vocab_size"])
+                   n_layer=c["n_layer"], n_head=c["n_head"], width=c["n_embd"],
+                   inner=c.get("n_inner") or 4 * c["n_embd"], vocab_size=c["vocab_size"])
 
     def initial_state(self, base: BaseModel, *, seed: int) -> Tensors:
         """Zero ``ΔW`` (flexlora), or a standard LoRA init at the largest rank (hetlora)."""
