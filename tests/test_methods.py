@@ -174,3 +174,22 @@ def test_heterogeneous_configs_aggregate_the_same_on_one_or_two_actors(ray_sessi
             ray.kill(actor)
     for k in means[0]:
         torch.testing.assert_close(means[0][k], means[1][k], rtol=1e-6, atol=1e-12)
+
+
+def test_hetlora_counts_the_padded_rank_components_of_lower_rank_devices_as_zeros():
+    worker = _worker("methods.lora_rank=[4,2]", "aggregation.lora=hetlora")
+    state = worker.initial_state()
+    (high, n_high), (_, n_low) = (_trained_alone(worker, state, 1, DeviceConfig(lora_rank=4)),
+                                  _trained_alone(worker, state, 2, DeviceConfig(lora_rank=2)))
+    _, partial = _round(worker, state, [1, 2], [DeviceConfig(lora_rank=4), DeviceConfig(lora_rank=2)])
+    new_b = _new_state(state, partial)[f"{C_ATTN}.lora_B"]
+    want = n_high / (n_high + n_low) * high[f"{C_ATTN}.lora_B.default.weight"][:, 2:].double()
+    torch.testing.assert_close(new_b[:, 2:], want, rtol=1e-5, atol=1e-8)
+
+
+def test_fedrolex_windows_roll_between_rounds_and_are_shared_within_one():
+    worker = _worker("methods.pruning=fedrolex")
+    config = DeviceConfig(lora_rank=4, prune_ratio=0.5)
+    one = worker._slices(config, round=1, device_id=1)
+    assert torch.equal(one[0][1], worker._slices(config, round=1, device_id=2)[0][1])
+    assert not torch.equal(one[0][1], worker._slices(config, round=2, device_id=1)[0][1])
