@@ -131,8 +131,8 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
 
 
 def _result_keys(config: dict) -> dict:
-    """A resolved config less what cannot change a run's results (where it runs, progress bars)."""
-    return {k: v for k, v in config.items() if k not in ("ray", "progress")}
+    """A resolved config less what cannot change a run's results (where it runs and writes, progress bars)."""
+    return {k: v for k, v in config.items() if k not in ("ray", "progress", "output_dir")}
 
 
 def is_finished(run: StudyRun) -> bool:

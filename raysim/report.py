@@ -21,16 +21,16 @@ from raysim.errors import ConfigError
 
 METRIC = "eval_accuracy"
 PLOTS = {  # file: (x column, x label, x scale)
-    "accuracy_vs_time.png": ("sim_time_s", "simulated time (h)", 1 / 3600),
+    "accuracy_vs_time.png": ("sim_time_s", "simulated time (s)", 1.0),
     "accuracy_vs_bytes.png": ("bytes_total", "bytes sent and received (MB)", 1e-6),
     "accuracy_vs_epsilon.png": ("epsilon", "privacy spent ε", 1.0),
 }
 TABLE = (  # column, header, scale, digits
     ("final_eval_accuracy", "final eval accuracy", 1.0, 4),
     ("final_eval_loss", "final eval loss", 1.0, 3),
-    ("time_to_target_s", "time to target (h)", 1 / 3600, 2),
+    ("time_to_target_s", "time to target (s)", 1.0, 1),
     ("bytes_to_target", "bytes to target (MB)", 1e-6, 1),
-    ("sim_time_s", "simulated time (h)", 1 / 3600, 2),
+    ("sim_time_s", "simulated time (s)", 1.0, 1),
     ("bytes_total", "bytes (MB)", 1e-6, 1),
     ("epsilon", "ε", 1.0, 2),
     ("oom_rate", "oom rate", 1.0, 3),

@@ -58,7 +58,7 @@ def test_report_marks_columns_that_only_some_seeds_reached(tmp_path):
     runs = [fake_run(tmp_path / "a", policy="uniform", seed=0, accuracy=[0.35]),
             fake_run(tmp_path / "b", policy="uniform", seed=1, accuracy=[0.2])]
     text = write_report(runs, out_dir=tmp_path / "out").read_text()
-    assert "0.03 ± 0.00 (1/2)" in text  # time to target (h): one of two seeds
+    assert "100.0 ± 0.0 (1/2)" in text  # time to target (s): one of two seeds
 
 
 def test_report_cli_accepts_a_study_folder(tmp_path, capsys):
