@@ -131,6 +131,9 @@ class RayConfig:
     gpus_per_actor: float = 0.0
     include_dashboard: bool = False
     chunks_per_actor: int = 2  # work items per actor per round (load balance vs overhead)
+    # Devices with the same config train together in one pass of up to this many tokens
+    # per step (raysim/grouped.py); results do not depend on it. 0: one device per pass.
+    tokens_per_pass: int = 4096
 
 
 @dataclass
@@ -266,6 +269,7 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(r.cpus_per_actor > 0, "ray.cpus_per_actor", "must be > 0")
     c(r.gpus_per_actor >= 0, "ray.gpus_per_actor", "must be >= 0")
     c(r.chunks_per_actor >= 1, "ray.chunks_per_actor", "must be >= 1")
+    c(r.tokens_per_pass >= 0, "ray.tokens_per_pass", "must be >= 0")
 
 
 def _validate_methods(methods: MethodsConfig, model: ModelConfig, c) -> None:

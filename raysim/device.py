@@ -11,6 +11,7 @@ as a few columns per work item. :mod:`raysim.pool` runs workers as Ray actors.
 from __future__ import annotations
 
 import gc
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from raysim import costmodel, rng
 from raysim.aggregation.rules import PartialSum, Tensors
 from raysim.config import ExperimentConfig
 from raysim.data import FederatedDataset
+from raysim.grouped import install_keyed_dropout, keyed, per_device_loss, stackable, stacked
 from raysim.models import BaseModel, add_lora, instantiate, trainable_state
 from raysim.processors import DeviceContext, UpdateProcessor, run_on_device
 from raysim.types import DeviceConfig
@@ -59,9 +61,14 @@ class DeviceWorker:
         # The adapted model itself: peft injected its layers in place, so calling it
         # directly skips the wrapper's per-call dispatch and trains the same weights.
         self.lm = self.model.get_base_model()
+        install_keyed_dropout(self.lm)
         self.optimizer = torch.optim.AdamW(
             self.params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True
         )
+        tokens_per_device = cfg.train.batch_size * cfg.data.seq_len
+        self.devices_per_pass = 1
+        if stackable(self.model, list(self.params)):
+            self.devices_per_pass = max(1, cfg.ray.tokens_per_pass // tokens_per_device)
         self.processors = list(processors)
         self._global: list[torch.Tensor] = []
         self._round = -1
@@ -87,11 +94,20 @@ class DeviceWorker:
         self._partial = PartialSum.zeros_like(self.params)
 
     def train(self, device_ids: list[int], configs: list[DeviceConfig]) -> dict[str, np.ndarray]:
-        """Train each device in turn; return its records as columns."""
+        """Train each device; return its records as columns.
+
+        Consecutive devices with the same config train together, up to
+        ``devices_per_pass`` at a time (see :mod:`raysim.grouped`).
+        """
         losses = np.empty(len(device_ids))
         counts = np.empty(len(device_ids), dtype=np.int64)
-        for i, (device_id, config) in enumerate(zip(device_ids, configs)):
-            losses[i], counts[i] = self._train_one(device_id, config)
+        start = 0
+        while start < len(device_ids):
+            end = start + 1
+            while end < len(device_ids) and end - start < self.devices_per_pass and configs[end] == configs[start]:
+                end += 1
+            losses[start:end], counts[start:end] = self._train_group(device_ids[start:end], configs[start])
+            start = end
         return {"device_id": np.asarray(device_ids, dtype=np.int64), "train_loss": losses, "num_examples": counts}
 
     def end_round(self) -> PartialSum | None:
@@ -120,35 +136,46 @@ class DeviceWorker:
             self.model.train()
         return totals.numpy()
 
-    def _train_one(self, device_id: int, config: DeviceConfig) -> tuple[float, int]:
-        seed, round = self.cfg.seed, self._round
-        # Model dropout draws from the default generator. torch.manual_seed would
-        # also seed every lazily-initialised accelerator backend (ms per call).
-        torch.default_generator.manual_seed(rng.torch_seed(seed, "train", round, device_id))
-        if self.device.type == "cuda":
-            torch.cuda.manual_seed(rng.torch_seed(seed, "train", round, device_id))
-        params = list(self.params.values())
+    def _train_group(self, device_ids: list[int], config: DeviceConfig) -> tuple[list[float], list[int]]:
+        """Local training of devices that share ``config``; their updates go into the partial sum."""
+        seed, round, k = self.cfg.seed, self._round, len(device_ids)
+        data = [self.dataset.device_examples(d) for d in device_ids]
+        batches = [
+            batch_indices(len(x), steps=self.cfg.train.local_steps, batch_size=self.cfg.train.batch_size,
+                          generator=rng.generator(seed, "batches", round, d))
+            for d, x in zip(device_ids, data)
+        ]
+        # Model dropout draws from each device's own generator, whatever its group.
+        generators = [torch.Generator(self.device).manual_seed(rng.torch_seed(seed, "train", round, d))
+                      for d in device_ids]
+        if k > 1:
+            # One (devices, ...) stack per trainable tensor, each row starting from the global state.
+            tensors = [torch.nn.Parameter(g.unsqueeze(0).repeat(k, *(1,) * g.dim())) for g in self._global]
+            optimizer = torch.optim.AdamW(tensors, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay,
+                                          fused=True)
+            weights = stacked(self.model, list(self.params), tensors)
+        else:
+            params = list(self.params.values())
+            with torch.no_grad():
+                torch._foreach_copy_(params, self._global)
+            tensors = [p.unsqueeze(0) for p in params]  # views: row 0 is the trained model's tensor
+            optimizer = self.optimizer
+            optimizer.state.clear()
+            weights = nullcontext()
+        loss_sum = torch.zeros(k, device=self.device)
+        with weights, keyed(generators):
+            for step in range(self.cfg.train.local_steps):
+                x = torch.cat([rows[b[step]] for rows, b in zip(data, batches)]).to(self.device)
+                losses = per_device_loss(self.lm(input_ids=x).logits, x, devices=k)
+                losses.sum().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += losses.detach()
         with torch.no_grad():
-            torch._foreach_copy_(params, self._global)
-        self.optimizer.state.clear()
-        data = self.dataset.device_examples(device_id)
-        batches = batch_indices(
-            len(data),
-            steps=self.cfg.train.local_steps,
-            batch_size=self.cfg.train.batch_size,
-            generator=rng.generator(seed, "batches", round, device_id),
-        )
-        loss_sum = torch.zeros((), device=self.device)
-        for index in batches:
-            x = data[index].to(self.device)
-            loss = self.lm(input_ids=x, labels=x).loss
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-        with torch.no_grad():
-            update = dict(zip(self.params, torch._foreach_sub(params, self._global)))
-        context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config, num_examples=len(data))
-        update = run_on_device(self.processors, update, context=context)
-        self._partial.add(update, weight=float(len(data)))
-        return loss_sum.item() / len(batches), len(data)
+            for j, device_id in enumerate(device_ids):
+                update = {name: t[j] - g for name, t, g in zip(self.params, tensors, self._global)}
+                context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config,
+                                        num_examples=len(data[j]))
+                update = run_on_device(self.processors, update, context=context)
+                self._partial.add(update, weight=float(len(data[j])))
+        return (loss_sum / self.cfg.train.local_steps).tolist(), [len(x) for x in data]

@@ -17,6 +17,11 @@ def workers():
     return make_worker(cfg), make_worker(cfg)
 
 
+@pytest.fixture(scope="module")
+def one_per_pass():
+    return make_worker(load_experiment(None, [*TINY, "model.dropout=0.1", "ray.tokens_per_pass=0"]))
+
+
 def _run(worker, state, ids):
     worker.begin_round(state, 3)
     records = worker.train(ids, [CFG] * len(ids))
@@ -28,7 +33,31 @@ def test_a_device_trains_the_same_whatever_came_before_it_on_the_worker(workers)
     state = a.initial_state()
     rec_a, _ = _run(a, state, [11, 42, 7])
     rec_b, _ = _run(b, state, [7])
-    assert rec_a["train_loss"][2] == rec_b["train_loss"][0]
+    assert a.devices_per_pass > 1  # device 7 trained in a group of three, then alone
+    np.testing.assert_allclose(rec_a["train_loss"][2], rec_b["train_loss"][0], rtol=1e-6)
+
+
+def test_devices_trained_together_match_devices_trained_one_by_one(workers, one_per_pass):
+    a, _ = workers
+    state = a.initial_state()
+    ids = [3, 8, 21, 30, 44]
+    rec_grouped, grouped = _run(a, state, ids)
+    rec_single, single = _run(one_per_pass, state, ids)
+    assert one_per_pass.devices_per_pass == 1
+    np.testing.assert_allclose(rec_grouped["train_loss"], rec_single["train_loss"], rtol=1e-6)
+    for k in grouped.sums:
+        torch.testing.assert_close(grouped.sums[k], single.sums[k], rtol=1e-5, atol=1e-9)
+
+
+def test_model_dropout_masks_differ_between_devices_and_repeat_per_device(workers):
+    a, _ = workers
+    state = a.initial_state()
+    twice, _ = _run(a, state, [5, 5])  # the same device twice in one pass: same data, same masks
+    assert twice["train_loss"][0] == twice["train_loss"][1]
+    a.begin_round(state, 4)  # another round: other masks and batches
+    other = a.train([5], [CFG])
+    a.end_round()
+    assert other["train_loss"][0] != twice["train_loss"][0]
 
 
 def test_partial_sums_split_across_workers_add_up_to_one_worker(workers):
