@@ -94,6 +94,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     axes = study.get("axes")
     if not isinstance(axes, DictConfig) or not axes:
         raise ConfigError("needs a mapping of experiment keys to lists of values", file=str(path), field="axes")
+    axes = _flatten(axes)
     for key, values in axes.items():
         if not isinstance(values, ListConfig) or not values:
             raise ConfigError("expected a non-empty list of values", file=str(path), field=f"axes.{key}")
@@ -133,6 +134,17 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
 def _result_keys(config: dict) -> dict:
     """A resolved config less what cannot change a run's results (where it runs and writes, progress bars)."""
     return {k: v for k, v in config.items() if k not in ("ray", "progress", "output_dir")}
+
+
+def _flatten(mapping: DictConfig, prefix: str = "") -> dict[str, Any]:
+    """Nested axis keys (``axes.cohort.size=[...]`` on the command line) as dotted ones."""
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, DictConfig):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def is_finished(run: StudyRun) -> bool:

@@ -25,7 +25,7 @@ def write_study(folder: Path, *, axes=AXES, **extra) -> Path:
         *TINY, "methods.bits=[32,8]", "methods.lora_rank=[4,2]", "eval.target_accuracy=0.0", "ray.num_actors=2"]))
     study = {"name": "tiny", "output_dir": str(folder / "study"), "axes": axes, "experiment": experiment, **extra}
     path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(study))
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
 
 
