@@ -43,7 +43,7 @@ def _report(args: argparse.Namespace) -> int:
     for given in map(Path, args.run_dirs):
         nested = sorted(p.parent for p in given.glob("runs/*/summary.json"))  # a study folder: its runs
         dirs += nested or [given]
-    print(f"report: {write_report(dirs, out_dir=Path(args.out))}")
+    print(f"report: {write_report(dirs, out_dir=Path(args.out), target=args.target)}")
     return 0
 
 
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="report.md and plots from finished runs (or study folders)")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", default="report", help="output folder (default: ./report)")
+    report.add_argument("--target", type=float, help="target eval accuracy (default: each run's eval.target_accuracy)")
     report.set_defaults(func=_report)
     train = sub.add_parser("train-policy", help="train the rl policy over several episodes and save it")
     train.add_argument("experiment", help="experiment YAML whose policy is an rl policy file")

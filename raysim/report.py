@@ -66,10 +66,13 @@ def curve(summary: dict, rounds: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     }
 
 
-def run_metrics(run_dir: Path) -> dict:
-    """One run's final metrics, time- and bytes-to-target, ε and failure rates."""
+def run_metrics(run_dir: Path, *, target: float | None = None) -> dict:
+    """One run's final metrics, time- and bytes-to-target, ε and failure rates.
+
+    The target is the run's ``eval.target_accuracy`` unless ``target`` is given.
+    """
     config, summary, rounds = read_run(run_dir)
-    target = config["eval"]["target_accuracy"]
+    target = config["eval"]["target_accuracy"] if target is None else target
     c = curve(summary, rounds)
     reached = np.flatnonzero(c[METRIC] >= target) if target is not None else np.empty(0, dtype=np.int64)
     selected = max(1, int(rounds["n_selected"].sum()))
@@ -115,8 +118,12 @@ def mean_std(values: list[float], *, scale: float, digits: int) -> str:
     return text if len(finite) == len(v) else f"{text} ({len(finite)}/{len(v)})"
 
 
-def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim report") -> Path:
-    """Write report.md and the PNG plots for ``run_dirs`` into ``out_dir``; return report.md."""
+def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim report",
+                 target: float | None = None) -> Path:
+    """Write report.md and the PNG plots for ``run_dirs`` into ``out_dir``; return report.md.
+
+    ``target`` replaces the runs' own ``eval.target_accuracy`` for time- and bytes-to-target.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,7 +132,7 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
     runs = []
     for d in run_dirs:
         config, summary, rounds = read_run(d)
-        runs.append({"dir": d, "label": run_label(config), "metrics": run_metrics(d), "curve": curve(summary, rounds)})
+        runs.append({"dir": d, "label": run_label(config), "metrics": run_metrics(d, target=target), "curve": curve(summary, rounds)})
     populations = len({r["label"]["population"] for r in runs})
     groups: dict[str, list[dict]] = {}
     for r in runs:

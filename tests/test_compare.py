@@ -120,3 +120,20 @@ def test_a_missing_study_file_is_one_clear_line(tmp_path, capsys):
     code = main(["compare", str(tmp_path / "none.yaml")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err == [f"raysim: error: {tmp_path / 'none.yaml'}: study file not found"]
+
+
+@pytest.mark.slow
+def test_parallel_runs_report_what_sequential_runs_do(finished_study, tmp_path):
+    """Two runs at once on a split cluster: metrics agree with the sequential study to 1e-6."""
+    import numpy as np
+
+    study_dir, _ = finished_study
+    path = write_study(tmp_path, parallel=2)
+    parallel_dir = run_study(load_study(path, ["ray.num_actors=null"]))
+    first, second = (pq.read_table(d / "comparison.parquet").drop_columns(["wall_time_s"]).to_pydict()
+                     for d in (study_dir, parallel_dir))
+    for key, values in first.items():
+        if isinstance(values[0], float):
+            np.testing.assert_allclose(second[key], values, rtol=1e-6)
+        else:
+            assert second[key] == values

@@ -42,6 +42,11 @@ def test_a_run_that_never_reaches_the_target_has_no_time_to_target(tmp_path):
     assert math.isnan(m["time_to_target_s"]) and math.isnan(m["bytes_to_target"])
 
 
+def test_a_given_target_replaces_the_runs_own(tmp_path):
+    m = run_metrics(fake_run(tmp_path / "r", policy="uniform", seed=0, accuracy=[0.2, 0.25]), target=0.2)
+    assert m["time_to_target_s"] == 100.0 and m["target_accuracy"] == 0.2
+
+
 def test_report_has_a_mean_std_row_per_policy_and_three_plots(tmp_path):
     runs = [fake_run(tmp_path / f"{p}-{s}", policy=p, seed=s, accuracy=acc)
             for p, acc in (("uniform", [0.2, 0.3]), ("greedy_fit", [0.3, 0.4])) for s in (0, 1)]
