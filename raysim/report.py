@@ -132,7 +132,8 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
     runs = []
     for d in run_dirs:
         config, summary, rounds = read_run(d)
-        runs.append({"dir": d, "label": run_label(config), "metrics": run_metrics(d, target=target), "curve": curve(summary, rounds)})
+        runs.append({"dir": d, "label": run_label(config), "metrics": run_metrics(d, target=target),
+                     "curve": curve(summary, rounds)})
     populations = len({r["label"]["population"] for r in runs})
     groups: dict[str, list[dict]] = {}
     for r in runs:
@@ -175,7 +176,8 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
     targets = sorted({r["metrics"]["target_accuracy"] for r in runs if math.isfinite(r["metrics"]["target_accuracy"])})
     lines += ["", f"Target {METRIC}: {', '.join(map(str, targets)) or 'none set (eval.target_accuracy)'}.", ""]
     lines += [f"![{METRIC} vs {label}]({file})" for file, (_, label, _) in PLOTS.items()]
-    lines += ["", "## Runs", "", "| run | policy | seed | population | status | final eval accuracy |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "| run | policy | seed | population | status | final eval accuracy |",
+              "|---|---|---|---|---|---|"]
     for r in runs:
         lab, met = r["label"], r["metrics"]
         lines.append(f"| {r['dir']} | {lab['policy']} | {lab['seed']} | {lab['population']} | {met['status']} "

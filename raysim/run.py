@@ -28,9 +28,9 @@ from raysim.clock import DROPPED, OK, OOM, STRAGGLER, UNAVAILABLE, settle_round
 from raysim.cohort import sample_cohort
 from raysim.config import ExperimentConfig, to_yaml
 from raysim.costmodel import device_costs
-from raysim.methods import method_space
 from raysim.data import build_dataset
 from raysim.errors import ConfigError
+from raysim.methods import method_space
 from raysim.models import BaseModel, initial_base_model
 from raysim.policies import CostOracle, Policy, PolicyContext, build_policy, read_policy
 from raysim.pool import DevicePool

@@ -27,9 +27,9 @@ def fake_measure(config: DeviceConfig) -> Measurement:
     width = 1.0 - config.prune_ratio
     layers = 2 if config.trainable_layers is None else config.trainable_layers
     params = int(1000 * (config.lora_rank + 1) * width * layers)
-    return Measurement(flops_per_step=1e9 * width * layers * (1 + config.lora_rank / 16), activation_bytes=int(2e8 * width * layers),
-                       param_bytes=int(1e8 * width), trainable_params=params, bytes_down=params * 4,
-                       bytes_up=params * config.bits // 8)
+    return Measurement(flops_per_step=1e9 * width * layers * (1 + config.lora_rank / 16),
+                       activation_bytes=int(2e8 * width * layers), param_bytes=int(1e8 * width),
+                       trainable_params=params, bytes_down=params * 4, bytes_up=params * config.bits // 8)
 
 
 def context(*, seed=0, deadline_s=60.0, methods=METHODS) -> PolicyContext:
