@@ -15,6 +15,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import ray
@@ -29,9 +30,10 @@ from raysim.config import ExperimentConfig, to_yaml
 from raysim.costmodel import device_costs
 from raysim.data import build_dataset
 from raysim.errors import ConfigError
+from raysim.methods import method_space
 from raysim.methods.submodel import Space
 from raysim.models import BaseModel, initial_base_model
-from raysim.policies import load_policy
+from raysim.policies import CostOracle, Policy, PolicyContext, build_policy, read_policy
 from raysim.pool import DevicePool
 from raysim.pretrain import pretrain
 from raysim.profiles import load_population
@@ -53,16 +55,28 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
     return Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_experiment(cfg: ExperimentConfig) -> Path:
-    """Run ``cfg`` to completion; return the run directory."""
+def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], Policy] | None = None) -> Path:
+    """Run ``cfg`` to completion; return the run directory.
+
+    ``make_policy`` builds the policy in place of ``cfg.policy`` (``raysim
+    train-policy`` carries one learned policy across runs).
+    """
     population = load_population(cfg.population, size=cfg.population_size)
-    policy = load_policy(cfg.policy, methods=cfg.methods)
+    spec = read_policy(cfg.policy)
     dataset = build_dataset(cfg)
     base = initial_base_model(cfg.model, seed=cfg.seed)
     check_compatible(cfg, base)
     base = pretrain(base, dataset.public_examples(), cfg.pretrain, seed=cfg.seed, progress=cfg.progress)
     where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard)
     pool = DevicePool(cfg=cfg, base=ray.put(base), dataset=ray.put(dataset))
+    oracle = CostOracle(measure=pool.measure, local_steps=cfg.train.local_steps, deadline_s=cfg.cohort.deadline_s)
+    context = PolicyContext(methods=cfg.methods, space=method_space(cfg.methods), oracle=oracle, seed=cfg.seed,
+                            rounds=cfg.rounds)
+    try:
+        policy = make_policy(context) if make_policy else build_policy(spec, context=context)
+    except BaseException:
+        pool.close()
+        raise
     ranks = [r for r in cfg.methods.lora_rank if r > 0]
     aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(
         state=pool.initial_state(), cfg=cfg.aggregation, seed=cfg.seed, space=Space.build(cfg, base),
@@ -172,7 +186,11 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
             "versions": _versions(),
         }
         writer.close(summary)  # rounds written so far stay readable, whatever stopped the run
+        pool.close()  # frees the actors' CPUs for the next run in this process (raysim compare)
+        if status != "finished":
+            ray.kill(aggregator)
     ray.get(aggregator.save.remote(str((run_dir / "final_state.pt").resolve())))
+    ray.kill(aggregator)
     return run_dir
 
 
