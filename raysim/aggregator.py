@@ -18,6 +18,7 @@ import torch
 from raysim.aggregation.rules import PartialSum, Tensors, combine, weighted_mean
 from raysim.aggregation.server_opt import make_server_optimizer
 from raysim.config import AggregationConfig
+from raysim.methods.submodel import Space
 from raysim.privacy.central import AdaptiveClipNorm, noisy_mean
 from raysim.privacy.plan import CentralPlan
 from raysim.processors import ServerContext, UpdateProcessor, run_on_server
@@ -25,7 +26,8 @@ from raysim.processors import ServerContext, UpdateProcessor, run_on_server
 
 class Aggregator:
     def __init__(self, *, state: Tensors, cfg: AggregationConfig, seed: int, processors: list[UpdateProcessor] = (),
-                 privacy: CentralPlan | None = None, adaptive: AdaptiveClipNorm | None = None):
+                 space: Space | None = None, truncation_rank: int = 0, privacy: CentralPlan | None = None,
+                 adaptive: AdaptiveClipNorm | None = None):
         # The aggregator takes no CPU slot from the device actors; with torch's default
         # thread pool its idle OpenMP threads would spin on their cores after every step.
         torch.set_num_threads(1)
@@ -33,6 +35,8 @@ class Aggregator:
         self.optimizer = make_server_optimizer(cfg)
         self.processors = list(processors)
         self.seed = seed
+        self.space = space
+        self.truncation_rank = truncation_rank
         self.privacy = privacy
         self.adaptive = adaptive
         self.clip_norm = privacy.clip_norm if privacy else None
@@ -52,7 +56,8 @@ class Aggregator:
         present = [p for p in partials if p is not None]
         stats = {"noise_std": 0.0, "signal_to_noise": math.inf, "clip_norm": self.clip_norm}
         if not present and self.privacy is None:
-            return self.state, {"update_norm": 0.0, "num_aggregated": 0, **stats, "next_clip_norm": self.clip_norm}
+            return self.state, {"update_norm": 0.0, "num_aggregated": 0, **stats, "next_clip_norm": self.clip_norm,
+                                **self._truncation()}
         total = combine(present) if present else PartialSum.zeros_like(self.state)
         if self.privacy is None:
             update = weighted_mean(total)
@@ -71,7 +76,13 @@ class Aggregator:
         self.state = self.optimizer.step(self.state, update)
         norm = math.sqrt(sum(float(u.pow(2).sum()) for u in update.values()))
         return self.state, {"update_norm": norm, "num_aggregated": total.num_devices, **stats,
-                            "next_clip_norm": self.clip_norm}
+                            "next_clip_norm": self.clip_norm, **self._truncation()}
+
+    def _truncation(self) -> dict[str, float]:
+        """How much of the new state the lowest-rank LoRA device cannot start from."""
+        if self.space is None or self.truncation_rank == 0:
+            return {"lora_truncation_error": math.nan}
+        return {"lora_truncation_error": self.space.truncation_error(self.state, rank=self.truncation_rank)}
 
     def save(self, path: str) -> None:
         torch.save(self.state, path)

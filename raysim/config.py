@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -113,6 +113,9 @@ class AggregationConfig:
     beta1: float = 0.9  # fedadam
     beta2: float = 0.99  # fedadam
     tau: float = 1e-3  # fedadam adaptivity
+    # Heterogeneous LoRA ranks: flexlora (exact product-space mean, SVD re-factoring)
+    # | hetlora (zero-padded factor mean; a baseline)
+    lora: str = "flexlora"
 
 
 @dataclass
@@ -209,8 +212,17 @@ def _merge(base: DictConfig, extra: Any, *, source: str) -> DictConfig:
         raise _explain(err, source=source) from None
 
 
-def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Defaults <- YAML file <- overrides, validated; a plain ExperimentConfig."""
+def load_experiment(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    layers: Sequence[tuple[str, Any]] = (),
+) -> ExperimentConfig:
+    """Defaults <- YAML file <- overrides <- ``layers``, validated; a plain ExperimentConfig.
+
+    ``layers`` are (source, mapping) pairs merged in turn; errors in one name
+    its source (``raysim compare`` layers a study's base and axis values).
+    """
     cfg = OmegaConf.structured(ExperimentConfig)
     source = "override"
     if path is not None:
@@ -226,16 +238,22 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
             raise ConfigError("an experiment file must be a mapping of keys", file=source)
         cfg = _merge(cfg, data, source=source)
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value", file="override")
-        try:
-            dot = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as err:
-            raise _explain(err, source="override") from None
-        cfg = _merge(cfg, dot, source="override")
+        cfg = _merge(cfg, parse_override(item), source="override")
+    for layer_source, data in layers:
+        cfg = _merge(cfg, data, source=layer_source)
     experiment = OmegaConf.to_object(cfg)
-    validate(experiment, source=source)
+    validate(experiment, source=source if path is not None or not layers else layers[0][0])
     return experiment
+
+
+def parse_override(item: str) -> DictConfig:
+    """``key=value`` as a nested mapping; a malformed one is a ConfigError."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value", file="override")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except OmegaConfBaseException as err:
+        raise _explain(err, source="override") from None
 
 
 def _check(ok: bool, field_name: str, message: str, *, source: str) -> None:
@@ -282,6 +300,11 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
       "must be 'fedavg' or 'fedadam'")
     c(cfg.aggregation.server_lr > 0, "aggregation.server_lr", "must be > 0")
     _validate_privacy(cfg.privacy, cfg.cohort, c)
+    c(not cfg.privacy.local.enabled or (0 not in cfg.methods.lora_rank and not any(cfg.methods.partial_embeddings)),
+      "privacy.local.enabled", "local DP-SGD trains LoRA adapters only: no rank 0, no partial embeddings")
+    c(cfg.aggregation.lora in ("flexlora", "hetlora"), "aggregation.lora", "must be 'flexlora' or 'hetlora'")
+    c(cfg.aggregation.lora == "flexlora" or 0 not in cfg.methods.lora_rank, "methods.lora_rank",
+      "rank 0 (full weights) needs aggregation.lora=flexlora: hetlora aggregates factors")
     c(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     c(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     c(cfg.eval.max_examples >= 1, "eval.max_examples", "must be >= 1")

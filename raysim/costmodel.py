@@ -75,6 +75,7 @@ def measure(model: torch.nn.Module, *, batch: torch.Tensor, bytes_down: int, byt
 class DeviceCosts:
     """Per-device costs of one round, one array entry per device."""
 
+    flops: np.ndarray  # training FLOPs of the round's local steps
     compute_s: np.ndarray
     download_s: np.ndarray
     upload_s: np.ndarray
@@ -100,6 +101,7 @@ def device_costs(draws: DeviceDraws, measurements: list[Measurement], *, local_s
     down = np.array([m.bytes_down for m in measurements], dtype=np.int64)
     up = np.array([m.bytes_up for m in measurements], dtype=np.int64)
     return DeviceCosts(
+        flops=flops,
         compute_s=flops / draws.train_flops_per_s,
         download_s=draws.rtt_s + 8.0 * down / draws.downlink_bps,
         upload_s=draws.rtt_s + 8.0 * up / draws.uplink_bps,

@@ -1,12 +1,16 @@
 """The device worker: one long-lived process slot that emulates many devices in turn.
 
-A worker holds the base model once. For each device it is handed, it loads the
-round's global trainable state, trains for real on that device's data with
-every random draw keyed by (seed, round, device id), runs the update through
-the processor chain and adds it into a float64 partial sum (under DP-FedAvg,
-clipped first: :meth:`DeviceWorker._accumulate`). The round's
-partial sum leaves the worker once, at ``end_round``; per-device records leave
-as a few columns per work item. :mod:`raysim.pool` runs workers as Ray actors.
+A worker holds the base model once, and one real submodel per distinct
+structure its devices' configs ask for (:mod:`raysim.methods.submodel`). For
+each device it is handed, it loads the device's view of the round's global
+state into that submodel, trains for real on the device's data with every
+random draw keyed by (seed, round, device id), encodes the update as the
+device would send it, maps the decoded update back to full coordinates, runs
+it through the processor chain and adds it into a float64 partial sum (under
+DP-FedAvg, clipped first: :meth:`DeviceWorker._accumulate`). The
+round's partial sum leaves the worker once, at ``end_round``; per-device
+records leave as a few columns per work item. :mod:`raysim.pool` runs workers
+as Ray actors.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from raysim import costmodel, rng
 from raysim.aggregation.rules import PartialSum, Tensors
 from raysim.config import ExperimentConfig
 from raysim.data import FederatedDataset
-from raysim.grouped import install_keyed_dropout, keyed, per_device_loss, stackable, stacked
-from raysim.models import BaseModel, add_lora, instantiate, trainable_state
+from raysim.grouped import keyed, per_device_loss, stacked
+from raysim.methods import embeddings
+from raysim.methods.submodel import EMBEDDING, Encoding, Space, Structure, Submodel
+from raysim.models import BaseModel
 from raysim.privacy import central, local
 from raysim.processors import DeviceContext, UpdateProcessor, run_on_device
 from raysim.types import DeviceConfig
@@ -34,10 +40,6 @@ def batch_indices(num_examples: int, *, steps: int, batch_size: int, generator: 
     epochs = -(-need // num_examples)
     order = torch.cat([torch.randperm(num_examples, generator=generator) for _ in range(epochs)])
     return order[:need].view(steps, batch_size)
-
-
-def state_nbytes(state: Tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 class DeviceWorker:
@@ -56,70 +58,89 @@ class DeviceWorker:
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.ray.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
         self.dataset = dataset
+        self.base = base
         self.vocab_size = base.vocab_size
-        model = instantiate(base)
-        self.model = add_lora(model, rank=cfg.methods.lora_rank[0], methods=cfg.methods, seed=cfg.seed).to(self.device)
-        self.params = trainable_state(self.model)
-        # The adapted model itself: peft injected its layers in place, so calling it
-        # directly skips the wrapper's per-call dispatch and trains the same weights.
-        self.lm = self.model.get_base_model()
-        install_keyed_dropout(self.lm)
-        self.optimizer = torch.optim.AdamW(
-            self.params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True
-        )
-        tokens_per_device = cfg.train.batch_size * cfg.data.seq_len
-        self.devices_per_pass = 1
-        if stackable(self.model, list(self.params)):
-            self.devices_per_pass = max(1, cfg.ray.tokens_per_pass // tokens_per_device)
+        self.space = Space.build(cfg, base)
+        self._submodels: dict[Structure, Submodel] = {}
+        # Devices with one stackable config train together, this many per pass (raysim/grouped.py).
+        self.devices_per_pass = max(1, cfg.ray.tokens_per_pass // (cfg.train.batch_size * cfg.data.seq_len))
         self.processors = list(processors)
-        self.local_dp = None
-        if cfg.privacy.local.enabled:
-            # Opacus needs per-example gradients of the model's own weights: one device per pass.
-            self.local_dp = local.LocalDPSGD(model=self.lm, optimizer=self.optimizer, cfg=cfg.privacy.local,
-                                             batch_size=cfg.train.batch_size)
-            self.devices_per_pass = 1
-        self._global: list[torch.Tensor] = []
+        self._state: Tensors = {}
+        self._factors: dict = {}
         self._round = -1
         self._partial: PartialSum | None = None
         self._clip_norm: float | None = None
+        self._local_dp: dict[Structure, local.LocalDPSGD] = {}
         self._eval: torch.Tensor | None = None
+        self._eval_model = Submodel(space=self.space, base=base, cfg=cfg, device=self.device, structure=Structure(
+            lora_rank=0, heads=self.space.n_head, mlp=self.space.inner, blocks=(), embeddings=False))
         # Thousands of long-lived module and tensor objects: keep them out of every
         # cyclic-GC pass the per-device loop's garbage triggers.
         gc.freeze()
 
     def initial_state(self) -> Tensors:
-        return {k: v.detach().cpu().clone() for k, v in self.params.items()}
+        return self.space.initial_state(self.base, seed=self.cfg.seed)
+
+    def submodel(self, config: DeviceConfig) -> Submodel:
+        """The real submodel of ``config``'s structure, built on first use."""
+        structure = self.space.structure(config)
+        if structure not in self._submodels:
+            self._submodels[structure] = Submodel(space=self.space, structure=structure, base=self.base,
+                                                  cfg=self.cfg, device=self.device)
+            gc.freeze()
+        return self._submodels[structure]
+
+    def _encoding(self, config: DeviceConfig) -> Encoding:
+        m = self.cfg.methods
+        return Encoding(bits=config.bits, per_row=m.quantization == "row", embedding_rows=m.embedding_rows)
+
+    def _slices(self, config: DeviceConfig, *, round: int, device_id: int):
+        return self.space.slices(config, pruning=self.cfg.methods.pruning, seed=self.cfg.seed, round=round,
+                                 device_id=device_id)
 
     def measure(self, config: DeviceConfig) -> costmodel.Measurement:
-        """Measured costs of one local step of ``config`` on this model."""
+        """Measured costs of one local step of ``config`` on its real submodel, and its real payload sizes."""
         g = rng.generator(self.cfg.seed, "measure")
         batch = torch.randint(0, self.vocab_size, (self.cfg.train.batch_size, self.cfg.data.seq_len), generator=g)
-        size = state_nbytes(self.params)
-        return costmodel.measure(self.model, batch=batch.to(self.device), bytes_down=size, bytes_up=size)
+        sub = self.submodel(config)
+        zeros = {n: torch.zeros_like(p) for n, p in sub.params.items()}
+        rows = None
+        if config.partial_embeddings:  # without a fixed row count, the most a device can send
+            rows = torch.arange(min(self.cfg.methods.embedding_rows or self.vocab_size, self.vocab_size))
+        _, bytes_up = sub.encode(zeros, rows=rows, encoding=self._encoding(config), generator=g)
+        bytes_down = sum(4 * p.numel() for p in sub.params.values())
+        if config.dropout_rate > 0 or (config.prune_ratio > 0 and self.cfg.methods.pruning == "fedrolex"):
+            bytes_down += sub.width_bytes()  # the frozen slices change every round: they travel too
+        return costmodel.measure(sub.lm, batch=batch.to(self.device), bytes_down=bytes_down, bytes_up=bytes_up)
 
     def begin_round(self, state: Tensors, round: int, clip_norm: float | None = None) -> None:
         """Load the round's global state; ``clip_norm`` turns on DP-FedAvg's per-device clipping."""
         self._round = round
         self._clip_norm = clip_norm
-        self._global = [state[k].to(self.device) for k in self.params]
-        self._partial = PartialSum.zeros_like(self.params)
+        self._state = {k: v.to(self.device) for k, v in state.items()}
+        self._factors = {}
+        self._partial = PartialSum.zeros_like(self._state)
 
     def train(self, device_ids: list[int], configs: list[DeviceConfig]) -> dict[str, np.ndarray]:
         """Train each device; return its records as columns.
 
         Consecutive devices with the same config train together, up to
-        ``devices_per_pass`` at a time (see :mod:`raysim.grouped`).
+        ``devices_per_pass`` at a time, where their submodel allows it (LoRA
+        adapters only, the same slices for everyone: see :mod:`raysim.grouped`).
         """
         losses = np.empty(len(device_ids))
         counts = np.empty(len(device_ids), dtype=np.int64)
         norms = np.empty(len(device_ids))
         start = 0
         while start < len(device_ids):
+            config = configs[start]
+            limit = self.devices_per_pass if self.submodel(config).stackable and config.dropout_rate == 0 else 1
+            if self.cfg.privacy.local.enabled:  # Opacus needs per-example gradients of the submodel's own weights
+                limit = 1
             end = start + 1
-            while end < len(device_ids) and end - start < self.devices_per_pass and configs[end] == configs[start]:
+            while end < len(device_ids) and end - start < limit and configs[end] == config:
                 end += 1
-            losses[start:end], counts[start:end], norms[start:end] = self._train_group(device_ids[start:end],
-                                                                                      configs[start])
+            losses[start:end], counts[start:end], norms[start:end] = self._train_group(device_ids[start:end], config)
             start = end
         return {"device_id": np.asarray(device_ids, dtype=np.int64), "train_loss": losses, "num_examples": counts,
                 "update_norm": norms}
@@ -136,26 +157,28 @@ class DeviceWorker:
             self._eval = self.dataset.eval_examples()
         rows = self._eval[shard::num_shards]
         totals = torch.zeros(4, dtype=torch.float64)
+        model = self._eval_model
         with torch.no_grad():
-            torch._foreach_copy_(list(self.params.values()), [state[k].to(self.device) for k in self.params])
-            self.model.eval()
+            model.load_frozen({k: v.to(self.device) for k, v in state.items()}, None, version=object())
+            model.lm.eval()
             for batch in rows.split(self.cfg.eval.batch_size):
                 batch = batch.to(self.device)
-                logits = self.lm(input_ids=batch).logits[:, :-1].float()
+                logits = model.lm(input_ids=batch).logits[:, :-1].float()
                 target = batch[:, 1:]
                 loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
                 top3 = logits.topk(3, dim=-1).indices
                 totals += torch.tensor([loss.item(), target.numel(), (top3[..., 0] == target).sum().item(),
                                         (top3 == target.unsqueeze(-1)).any(-1).sum().item()], dtype=torch.float64)
-            self.model.train()
         return totals.numpy()
 
     def _train_group(self, device_ids: list[int], config: DeviceConfig) -> tuple[list[float], list[int], list[float]]:
-        """Local training of devices that share ``config``; their updates go into the partial sum.
-
-        Returns each device's mean loss, example count and update norm (before any clipping).
-        """
+        """Local training of devices that share ``config`` and its slices; their updates go into the partial sum."""
         seed, round, k = self.cfg.seed, self._round, len(device_ids)
+        sub = self.submodel(config)
+        slices = self._slices(config, round=round, device_id=device_ids[0])
+        sub.load_frozen(self._state, slices, version=round)
+        initial = sub.initial(self._state, slices, self._factors)
+        starts = [initial[n] for n in sub.params]
         data = [self.dataset.device_examples(d) for d in device_ids]
         batches = [
             batch_indices(len(x), steps=self.cfg.train.local_steps, batch_size=self.cfg.train.batch_size,
@@ -165,58 +188,81 @@ class DeviceWorker:
         # Model dropout draws from each device's own generator, whatever its group.
         generators = [torch.Generator(self.device).manual_seed(rng.torch_seed(seed, "train", round, d))
                       for d in device_ids]
+        rows = keep = None
+        if config.partial_embeddings:  # only the rows of tokens the device saw may change (k is 1)
+            rows = seen = embeddings.seen_rows(data[0][batches[0].flatten()])
+            keep = torch.zeros(self.vocab_size, 1, device=self.device)
+            keep[seen.to(self.device)] = 1.0
+            if self.cfg.methods.embedding_rows is not None:
+                rows = embeddings.fixed_rows(seen, count=self.cfg.methods.embedding_rows, vocab_size=self.vocab_size,
+                                             generator=rng.generator(seed, "embedding-rows", round, device_ids[0]))
         if k > 1:
-            # One (devices, ...) stack per trainable tensor, each row starting from the global state.
-            tensors = [torch.nn.Parameter(g.unsqueeze(0).repeat(k, *(1,) * g.dim())) for g in self._global]
+            # One (devices, ...) stack per trainable tensor, each row starting from the device's initial state.
+            tensors = [torch.nn.Parameter(t.unsqueeze(0).repeat(k, *(1,) * t.dim())) for t in starts]
             optimizer = torch.optim.AdamW(tensors, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay,
                                           fused=True)
-            weights = stacked(self.model, list(self.params), tensors)
+            weights = stacked(sub.lm, list(sub.params), tensors)
         else:
-            params = list(self.params.values())
+            params = list(sub.params.values())
             with torch.no_grad():
-                torch._foreach_copy_(params, self._global)
+                torch._foreach_copy_(params, starts)
             tensors = [p.unsqueeze(0) for p in params]  # views: row 0 is the trained model's tensor
-            optimizer = self.optimizer
+            optimizer = sub.optimizer
             optimizer.state.clear()
             weights = nullcontext()
         loss_sum = torch.zeros(k, device=self.device)
         with weights, keyed(generators):
-            if self.local_dp is not None:  # k == 1: DP-SGD on Poisson batches of the device's examples
-                loss_sum += self.cfg.train.local_steps * self.local_dp.train(
+            if self.cfg.privacy.local.enabled:  # k == 1: DP-SGD on Poisson batches of the device's examples
+                loss_sum += self.cfg.train.local_steps * self._dp_sgd(sub).train(
                     data[0], steps=self.cfg.train.local_steps, batch_size=self.cfg.train.batch_size,
                     device=self.device, batch_generator=rng.generator(seed, "batches", round, device_ids[0]),
                     noise_generator=rng.generator(seed, "local-dp-noise", round, device_ids[0]),
                 )
             else:
                 for step in range(self.cfg.train.local_steps):
-                    x = torch.cat([rows[b[step]] for rows, b in zip(data, batches)]).to(self.device)
-                    losses = per_device_loss(self.lm(input_ids=x).logits, x, devices=k)
+                    x = torch.cat([rows_[b[step]] for rows_, b in zip(data, batches)]).to(self.device)
+                    losses = per_device_loss(sub.lm(input_ids=x).logits, x, devices=k)
                     losses.sum().backward()
+                    if keep is not None:
+                        sub.params[EMBEDDING].grad.mul_(keep)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     loss_sum += losses.detach()
+        encoding = self._encoding(config)
         norms = []
         with torch.no_grad():
             for j, device_id in enumerate(device_ids):
-                update = {name: t[j] - g for name, t, g in zip(self.params, tensors, self._global)}
+                update = {name: t[j] - s for name, t, s in zip(sub.params, tensors, starts)}
+                update, _ = sub.encode(update, rows=rows, encoding=encoding,
+                                       generator=rng.generator(seed, "quantize", round, device_id))
+                update, held = sub.to_global(initial, update, self._state, slices, rows=rows)
                 context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config,
                                         num_examples=len(data[j]))
                 update = run_on_device(self.processors, update, context=context)
-                norms.append(self._accumulate(update, num_examples=len(data[j])))
+                norms.append(self._accumulate(update, num_examples=len(data[j]), held=held))
         return (loss_sum / self.cfg.train.local_steps).tolist(), [len(x) for x in data], norms
 
-    def _accumulate(self, update: Tensors, *, num_examples: int) -> float:
+    def _dp_sgd(self, sub: Submodel) -> local.LocalDPSGD:
+        """The submodel wrapped for local DP-SGD (Opacus), once per structure."""
+        if sub.structure not in self._local_dp:
+            self._local_dp[sub.structure] = local.LocalDPSGD(model=sub.lm, optimizer=sub.optimizer,
+                                                             cfg=self.cfg.privacy.local,
+                                                             batch_size=self.cfg.train.batch_size)
+        return self._local_dp[sub.structure]
+
+    def _accumulate(self, update: Tensors, *, num_examples: int, held: Tensors | None) -> float:
         """Add one device's update, in the aggregation space, to the partial sum; return its L2 norm.
 
-        The one place DP-FedAvg clips: after the processor chain decoded the
-        update (whatever its method or bit-width) and before it meets any other
-        device's, so the clip bounds exactly what the aggregator's noise is
-        calibrated for. Clipped updates weigh 1 each (the server divides by the
-        expected cohort size); FedAvg weighs by examples.
+        The one place DP-FedAvg clips: after the update was decoded and mapped
+        back to full coordinates (whatever the device's method or bit-width)
+        and before it meets any other device's, so the clip bounds exactly
+        what the aggregator's noise is calibrated for. Clipped updates weigh 1
+        each (the server divides by the expected cohort size); FedAvg weighs
+        by examples.
         """
         if self._clip_norm is None:
-            self._partial.add(update, weight=float(num_examples))
+            self._partial.add(update, weight=float(num_examples), held=held)
             return central.global_norm(update)
         clipped, norm = central.clip(update, clip_norm=self._clip_norm)
-        self._partial.add(clipped, weight=1.0)
+        self._partial.add(clipped, weight=1.0, held=held)
         return norm

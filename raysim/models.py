@@ -81,12 +81,13 @@ def instantiate(base: BaseModel) -> PreTrainedModel:
     return model
 
 
-def add_lora(model: torch.nn.Module, *, rank: int, methods: MethodsConfig, seed: int) -> torch.nn.Module:
-    """Wrap ``model`` with peft LoRA at ``rank`` on the configured modules."""
+def add_lora(model: torch.nn.Module, *, rank: int, methods: MethodsConfig, seed: int,
+             modules: list[str] | None = None) -> torch.nn.Module:
+    """Wrap ``model`` with peft LoRA at ``rank`` on ``modules`` (default: the configured ones)."""
     lora = LoraConfig(
         r=rank,
         lora_alpha=methods.lora_alpha_per_rank * rank,
-        target_modules=list(methods.lora_target_modules),
+        target_modules=list(modules or methods.lora_target_modules),
         lora_dropout=0.0,
         fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as (in, out)
         bias="none",

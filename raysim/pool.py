@@ -59,6 +59,11 @@ class DevicePool:
     def __len__(self) -> int:
         return len(self.actors)
 
+    def close(self) -> None:
+        """End the actors (their CPUs return to Ray)."""
+        for actor in self.actors:
+            ray.kill(actor)
+
     def initial_state(self) -> ray.ObjectRef:
         return self.actors[0].initial_state.remote()
 

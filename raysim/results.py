@@ -39,6 +39,9 @@ ROUNDS_SCHEMA = pa.schema([
     ("clip_norm", pa.float64()),  # DP-FedAvg's clip norm this round (NaN without central DP)
     ("noise_std", pa.float64()),  # std of the Gaussian noise on the sum of clipped updates (z * C; 0 without DP)
     ("signal_to_noise", pa.float64()),  # ||sum of clipped updates|| / ||noise||; inf without noise
+    ("mean_device_flops", pa.float64()),  # training FLOPs per device that computed
+    ("mean_peak_memory_bytes", pa.float64()),  # peak training memory of the selected devices' configs
+    ("lora_truncation_error", pa.float64()),  # ‖ΔW - ΔW_r‖/‖ΔW‖ at the space's lowest LoRA rank
 ])
 
 DEVICES_SCHEMA = pa.schema([
@@ -52,6 +55,7 @@ DEVICES_SCHEMA = pa.schema([
     ("partial_embeddings", pa.bool_()),
     ("bits", pa.int32()),
     ("status", pa.string()),
+    ("flops", pa.float64()),
     ("compute_s", pa.float64()),
     ("download_s", pa.float64()),
     ("upload_s", pa.float64()),

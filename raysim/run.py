@@ -17,6 +17,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import ray
@@ -31,8 +32,10 @@ from raysim.config import ExperimentConfig, to_yaml
 from raysim.costmodel import device_costs
 from raysim.data import build_dataset
 from raysim.errors import ConfigError
+from raysim.methods import method_space
+from raysim.methods.submodel import Space
 from raysim.models import BaseModel, initial_base_model
-from raysim.policies import load_policy
+from raysim.policies import CostOracle, Policy, PolicyContext, build_policy, read_policy
 from raysim.pool import DevicePool
 from raysim.pretrain import pretrain
 from raysim.privacy import accounting, local
@@ -57,22 +60,35 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
     return Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_experiment(cfg: ExperimentConfig) -> Path:
-    """Run ``cfg`` to completion; return the run directory."""
+def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], Policy] | None = None) -> Path:
+    """Run ``cfg`` to completion; return the run directory.
+
+    ``make_policy`` builds the policy in place of ``cfg.policy`` (``raysim
+    train-policy`` carries one learned policy across runs).
+    """
     population = load_population(cfg.population, size=cfg.population_size)
     privacy = plan_central(cfg.privacy, rounds=cfg.rounds, cohort_size=cfg.cohort.size,
                            population_size=population.size)
     last_round = privacy.rounds if privacy else cfg.rounds
-    policy = load_policy(cfg.policy, methods=cfg.methods)
+    spec = read_policy(cfg.policy)
     dataset = build_dataset(cfg)
     base = initial_base_model(cfg.model, seed=cfg.seed)
     check_compatible(cfg, base)
     base = pretrain(base, dataset.public_examples(), cfg.pretrain, seed=cfg.seed, progress=cfg.progress)
     where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard)
     pool = DevicePool(cfg=cfg, base=ray.put(base), dataset=ray.put(dataset))
+    oracle = CostOracle(measure=pool.measure, local_steps=cfg.train.local_steps, deadline_s=cfg.cohort.deadline_s)
+    context = PolicyContext(methods=cfg.methods, space=method_space(cfg.methods), oracle=oracle, seed=cfg.seed,
+                            rounds=cfg.rounds)
+    try:
+        policy = make_policy(context) if make_policy else build_policy(spec, context=context)
+    except BaseException:
+        pool.close()
+        raise
+    ranks = [r for r in cfg.methods.lora_rank if r > 0]
     aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(
-        state=pool.initial_state(), cfg=cfg.aggregation, seed=cfg.seed, privacy=privacy,
-        adaptive=_adaptive_clip(cfg, privacy),
+        state=pool.initial_state(), cfg=cfg.aggregation, seed=cfg.seed, space=Space.build(cfg, base),
+        truncation_rank=min(ranks, default=0), privacy=privacy, adaptive=_adaptive_clip(cfg, privacy),
     )
     state_ref = aggregator.get_state.remote()
     run_dir = default_run_dir(cfg)
@@ -154,6 +170,9 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
                 "clip_norm": math.nan if stats["clip_norm"] is None else stats["clip_norm"],
                 "noise_std": stats["noise_std"],
                 "signal_to_noise": stats["signal_to_noise"],
+                "mean_device_flops": float(costs.flops[devices["compute_s"] > 0].mean()) if n[OK] else math.nan,
+                "mean_peak_memory_bytes": float(costs.peak_memory_bytes.mean()),
+                "lora_truncation_error": stats["lora_truncation_error"],
             }
             writer.write_round(row, devices)
             policy.observe({"round": row, "devices": devices})
@@ -198,7 +217,11 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
             "versions": _versions(),
         }
         writer.close(summary)  # rounds written so far stay readable, whatever stopped the run
+        pool.close()  # frees the actors' CPUs for the next run in this process (raysim compare)
+        if status != "finished":
+            ray.kill(aggregator)
     ray.get(aggregator.save.remote(str((run_dir / "final_state.pt").resolve())))
+    ray.kill(aggregator)
     return run_dir
 
 
@@ -263,6 +286,7 @@ def _device_columns(rnd, draws, configs, costs, status, trained, records, cfg) -
         "partial_embeddings": np.array([c.partial_embeddings for c in configs], dtype=bool),
         "bits": np.array([c.bits for c in configs], dtype=np.int32),
         "status": status.astype(str),
+        "flops": np.where(computed, costs.flops, 0.0),
         "compute_s": np.where(computed, costs.compute_s, 0.0),
         "download_s": np.where(reached, costs.download_s, 0.0),
         "upload_s": np.where(ok, costs.upload_s, 0.0),

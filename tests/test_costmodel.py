@@ -66,11 +66,12 @@ def test_flops_are_linear_in_batch_size(worker):
 
 
 def test_measurement_leaves_the_model_unchanged(worker):
-    before = {k: v.clone() for k, v in worker.model.state_dict().items()}
+    model = worker.submodel(DeviceConfig(lora_rank=4)).lm
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     worker.measure(DeviceConfig(lora_rank=4))
-    after = worker.model.state_dict()
+    after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(p.grad is None for p in worker.model.parameters())
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_bytes_are_the_trainable_state_size(worker):

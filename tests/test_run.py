@@ -11,12 +11,12 @@ from raysim.run import run_experiment
 
 ROUND_COLUMNS = {"round", "sim_time_s", "wall_time_s", "train_loss", "eval_loss", "eval_accuracy", "epsilon",
                  "delta", "bytes_up", "bytes_down", "n_selected", "n_completed", "n_dropped", "n_oom",
-                 "n_stragglers"}
+                 "n_stragglers", "lora_truncation_error"}
 DEVICE_COLUMNS = {"round", "device_id", "device_class", "lora_rank", "prune_ratio", "dropout_rate",
                   "trainable_layers", "bits", "status", "compute_s", "download_s", "upload_s", "bytes_up",
                   "bytes_down", "peak_memory_bytes", "num_examples", "train_loss"}
 METRICS = ["sim_time_s", "train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "n_selected",
-           "n_completed", "n_dropped", "n_oom", "n_stragglers", "update_norm"]
+           "n_completed", "n_dropped", "n_oom", "n_stragglers", "update_norm", "lora_truncation_error"]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,11 @@ def test_run_directory_holds_the_contract_files_and_columns(runs):
     assert ROUND_COLUMNS <= set(pq.read_schema(d / "rounds.parquet").names)
     assert DEVICE_COLUMNS <= set(pq.read_schema(d / "devices.parquet").names)
     assert _rounds(d)["round"] == [1, 2, 3]
+
+
+def test_lora_truncation_error_is_reported_every_round(runs):
+    errors = _rounds(runs["two"])["lora_truncation_error"]
+    assert len(errors) == 3 and all(0.0 <= e < 1.0 for e in errors)
 
 
 def test_same_seed_gives_identical_metrics(runs):

@@ -30,11 +30,20 @@ class PartialSum:
             weights={k: torch.zeros((), dtype=torch.float64, device=v.device) for k, v in state.items()},
         )
 
-    def add(self, update: Tensors, *, weight: float) -> None:
-        """Accumulate one device's update with a scalar weight."""
+    def add(self, update: Tensors, *, weight: float, held: Tensors | None = None) -> None:
+        """Accumulate one device's update with a scalar weight.
+
+        ``held`` maps a name to the 0/1 mask (broadcastable) of the elements the
+        device held; the update is zero elsewhere. Tensors missing from
+        ``update`` were not held at all.
+        """
         for name, delta in update.items():
             self.sums[name].add_(delta.to(torch.float64), alpha=weight)
-            self.weights[name].add_(weight)
+            mask = None if held is None else held.get(name)
+            if mask is None:
+                self.weights[name].add_(weight)
+            else:
+                self.weights[name] = self.weights[name] + weight * mask
         self.num_devices += 1
 
     def to(self, device: str) -> "PartialSum":

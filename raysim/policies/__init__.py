@@ -1,18 +1,35 @@
-"""Policies: who trains what. ``load_policy`` reads a YAML file from ``policies/``."""
+"""Policies: who trains what.
+
+``read_policy`` reads and checks a YAML file from ``policies/`` (``policy:
+NAME``, ``params: {...}``) before a run starts; ``build_policy`` builds it once
+the run can price configs (:class:`PolicyContext`).
+"""
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from raysim.config import REPO_ROOT, MethodsConfig
+from raysim.config import REPO_ROOT
 from raysim.errors import ConfigError
-from raysim.policies import static  # noqa: F401  (registers the shipped policies)
-from raysim.policies.base import REGISTRY, Policy
+from raysim.policies import learned, static  # noqa: F401  (registers the shipped policies)
+from raysim.policies.base import REGISTRY, CostOracle, Policy, PolicyContext, Prices
+
+__all__ = ["CostOracle", "Policy", "PolicyContext", "PolicySpec", "Prices", "build_policy", "read_policy"]
 
 POLICY_DIRS = (Path("policies"), REPO_ROOT / "policies")
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy file, read and checked: the registered name and its parameters."""
+
+    name: str
+    path: str
+    params: dict = field(default_factory=dict)
 
 
 def resolve_policy_file(name_or_path: str) -> Path:
@@ -29,8 +46,8 @@ def resolve_policy_file(name_or_path: str) -> Path:
     raise ConfigError(f"no policy named {name_or_path!r} (known: {', '.join(known)})", field="policy")
 
 
-def load_policy(name_or_path: str, *, methods: MethodsConfig) -> Policy:
-    """Build the policy a YAML file names (``policy: NAME``, ``params: {...}``)."""
+def read_policy(name_or_path: str) -> PolicySpec:
+    """Read a policy file and check its name and parameter names against the registry."""
     path = resolve_policy_file(name_or_path)
     try:
         spec = OmegaConf.to_container(OmegaConf.load(path))
@@ -46,12 +63,21 @@ def load_policy(name_or_path: str, *, methods: MethodsConfig) -> Policy:
         raise ConfigError(f"unknown policy {spec['policy']!r} (known: {', '.join(sorted(REGISTRY))})",
                           file=str(path), field="policy")
     params = spec.get("params") or {}
-    accepted = set(inspect.signature(factory).parameters) - {"methods"}
+    if not isinstance(params, dict):
+        raise ConfigError("expected a mapping of parameters", file=str(path), field="params")
+    accepted = set(inspect.signature(factory).parameters) - {"context"}
     for key in params:
         if key not in accepted:
             raise ConfigError(f"unknown parameter (accepted: {', '.join(sorted(accepted))})",
                               file=str(path), field=f"params.{key}")
+    return PolicySpec(name=spec["policy"], path=str(path), params=params)
+
+
+def build_policy(spec: PolicySpec, *, context: PolicyContext) -> Policy:
+    """The policy ``spec`` names, built for one run."""
     try:
-        return factory(methods=methods, **params)
+        return REGISTRY[spec.name](context=context, **spec.params)
     except TypeError as err:
-        raise ConfigError(str(err), file=str(path), field="params") from None
+        raise ConfigError(str(err), file=spec.path, field="params") from None
+    except ConfigError as err:
+        raise ConfigError(err.message, file=spec.path, field=err.field) from None

@@ -1,10 +1,73 @@
-"""The policy protocol and the name registry YAML files refer to."""
+"""The policy protocol, what a policy is built with, and the name registry YAML files refer to."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
+import numpy as np
+
+from raysim.config import MethodsConfig
+from raysim.costmodel import Measurement, device_costs
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
+
+
+@dataclass(frozen=True)
+class Prices:
+    """Every device's cost under every config of a space: arrays of shape (devices, configs)."""
+
+    total_s: np.ndarray
+    peak_memory_bytes: np.ndarray
+    bytes_up: np.ndarray
+    bytes_down: np.ndarray
+    fits: np.ndarray  # peak memory within the device's memory
+    feasible: np.ndarray  # fits and finishes by the deadline
+
+    def fallback(self) -> np.ndarray:
+        """Per device, the cheapest config: the one that fits with the shortest time, else the smallest.
+
+        Only for devices with no feasible config, which fail whatever they get.
+        """
+        time = np.where(self.fits, self.total_s, np.inf)
+        cheapest_fit = np.argmin(time, axis=1)
+        smallest = np.argmin(self.peak_memory_bytes, axis=1)
+        return np.where(self.fits.any(axis=1), cheapest_fit, smallest)
+
+
+@dataclass(frozen=True)
+class CostOracle:
+    """The cost model as a policy may consult it before anything trains."""
+
+    measure: Callable[[DeviceConfig], Measurement]
+    local_steps: int
+    deadline_s: float | None
+
+    def price(self, devices: DeviceDraws, configs: list[DeviceConfig]) -> Prices:
+        """Predicted time, memory and bytes of each device under each config; feasibility by memory and deadline."""
+        columns = [device_costs(devices, [self.measure(c)] * len(devices), local_steps=self.local_steps)
+                   for c in configs]
+        total = np.stack([c.total_s for c in columns], axis=1)
+        fits = np.stack([c.fits(devices) for c in columns], axis=1)
+        in_time = np.ones_like(fits) if self.deadline_s is None else total <= self.deadline_s
+        return Prices(
+            total_s=total,
+            peak_memory_bytes=np.stack([c.peak_memory_bytes for c in columns], axis=1),
+            bytes_up=np.stack([c.bytes_up for c in columns], axis=1),
+            bytes_down=np.stack([c.bytes_down for c in columns], axis=1),
+            fits=fits,
+            feasible=fits & in_time,
+        )
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What every policy is built with: the method space, the cost oracle and the run's seed."""
+
+    methods: MethodsConfig
+    space: list[DeviceConfig]
+    oracle: CostOracle
+    seed: int
+    rounds: int
 
 
 class Policy(Protocol):

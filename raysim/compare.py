@@ -1,0 +1,229 @@
+"""Comparison studies: ``raysim compare STUDY.yaml [key=value ...]``.
+
+A study is a base experiment (a path or an inline mapping) and axes: lists of
+values for experiment keys (``policy``, ``seed``, ``population``, or any other
+key such as ``cohort.size``). Every combination is one run; runs that share a
+seed share their device draws, cohorts' randomness, data and model, since all
+of these are keyed by the seed, so policies meet identical conditions.
+
+The study folder holds ``runs/<run id>/`` and, once all runs are done,
+``comparison.parquet`` (one row per run) and ``report.md`` with plots. A
+study started again skips every run whose summary says ``finished`` under the
+same resolved config. With ``parallel: N > 1`` up to N runs share the Ray
+cluster at once, each with its share of the CPUs as device actors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from raysim.config import ExperimentConfig, load_experiment, parse_override, to_yaml
+from raysim.errors import ConfigError
+from raysim.policies import read_policy
+from raysim.report import run_label, run_metrics, write_report
+
+STUDY_KEYS = ("name", "description", "output_dir", "parallel", "experiment", "axes")
+LABELS = ("policy", "seed", "population")
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    run_id: str
+    values: dict[str, Any]  # axis key -> value
+    cfg: ExperimentConfig
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    output_dir: Path
+    parallel: int
+    axes: dict[str, list]
+    runs: list[StudyRun]
+
+
+def _load_mapping(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError("study file not found", file=str(path))
+    try:
+        data = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors come in many types
+        raise ConfigError(f"cannot parse YAML: {str(err).splitlines()[0]}", file=str(path)) from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError("a study file must be a mapping of keys", file=str(path))
+    return data
+
+
+def run_id(values: dict[str, Any]) -> str:
+    """A folder name for one combination of axis values, e.g. ``policy-rl_seed-0``."""
+    parts = []
+    for key, value in values.items():
+        text = Path(value).stem if isinstance(value, str) and value.endswith((".yaml", ".yml")) else str(value)
+        parts.append(f"{key.split('.')[-1]}-{text}")
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", "_".join(parts)) or "run"
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
+    """Read a study and resolve every run's config; bad input is a ConfigError naming the field.
+
+    Overrides whose key starts with a study key (``axes.seed=[0]``,
+    ``parallel=2``) change the study; others change the base experiment.
+    """
+    path = Path(path)
+    study = _load_mapping(path)
+    experiment_overrides = []
+    for item in overrides or []:
+        if item.split("=", 1)[0].split(".")[0] in STUDY_KEYS:
+            study = OmegaConf.merge(study, parse_override(item))
+        else:
+            experiment_overrides.append(parse_override(item))
+    unknown = sorted(set(study) - set(STUDY_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown key (accepted: {', '.join(STUDY_KEYS)})", file=str(path), field=unknown[0])
+    axes = study.get("axes")
+    if not isinstance(axes, DictConfig) or not axes:
+        raise ConfigError("needs a mapping of experiment keys to lists of values", file=str(path), field="axes")
+    axes = _flatten(axes)
+    for key, values in axes.items():
+        if not isinstance(values, ListConfig) or not values:
+            raise ConfigError("expected a non-empty list of values", file=str(path), field=f"axes.{key}")
+    parallel = study.get("parallel", 1)
+    if not isinstance(parallel, int) or parallel < 1:
+        raise ConfigError("must be an integer >= 1", file=str(path), field="parallel")
+    name = str(study.get("name") or path.stem)
+    output_dir = Path(study.get("output_dir") or Path("runs") / name)
+
+    base = study.get("experiment")
+    base_path, layers = None, []
+    if isinstance(base, str):
+        base_path = path.parent / base if not Path(base).is_absolute() and (path.parent / base).is_file() else base
+    elif isinstance(base, DictConfig):
+        layers.append((f"{path}: experiment", base))
+    elif base is not None:
+        raise ConfigError("expected a path or a mapping of experiment keys", file=str(path), field="experiment")
+    layers += [("override", o) for o in experiment_overrides]
+
+    plain_axes = {k: OmegaConf.to_container(v) for k, v in axes.items()}
+    runs = []
+    for combo in itertools.product(*plain_axes.values()):
+        values = dict(zip(plain_axes, combo))
+        rid = run_id(values)
+        axis_layer = OmegaConf.create()
+        for key, value in values.items():
+            OmegaConf.update(axis_layer, key, value)
+        run_layer = OmegaConf.create({"name": f"{name}-{rid}", "output_dir": str(output_dir / "runs" / rid)})
+        cfg = load_experiment(base_path, None, layers=[*layers, (f"{path}: axes", axis_layer), ("compare", run_layer)])
+        read_policy(cfg.policy)  # a bad policy fails before any run starts
+        runs.append(StudyRun(run_id=rid, values=values, cfg=cfg))
+    if len({r.run_id for r in runs}) != len(runs):
+        raise ConfigError("two combinations of axis values share a run folder name", file=str(path), field="axes")
+    return Study(name=name, output_dir=output_dir, parallel=parallel, axes=plain_axes, runs=runs)
+
+
+def _result_keys(config: dict) -> dict:
+    """A resolved config less what cannot change a run's results (where it runs and writes, progress bars)."""
+    return {k: v for k, v in config.items() if k not in ("ray", "progress", "output_dir")}
+
+
+def _flatten(mapping: DictConfig, prefix: str = "") -> dict[str, Any]:
+    """Nested axis keys (``axes.cohort.size=[...]`` on the command line) as dotted ones."""
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, DictConfig):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def is_finished(run: StudyRun) -> bool:
+    """Finished under the same resolved config: a resumed study skips it."""
+    run_dir = Path(run.cfg.output_dir)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    except (OSError, ValueError):
+        return False
+    same = _result_keys(stored) == _result_keys(OmegaConf.to_container(OmegaConf.structured(run.cfg)))
+    return summary.get("status") == "finished" and same
+
+
+def comparison_table(study: Study) -> pa.Table:
+    """One row per run, in study order: its label, its axis values and its metrics."""
+    rows = []
+    for run in study.runs:
+        config = OmegaConf.to_container(OmegaConf.structured(run.cfg))
+        extra = {k: str(v) for k, v in run.values.items() if k not in LABELS}
+        rows.append({"run_id": run.run_id, **run_label(config), **extra, **run_metrics(Path(run.cfg.output_dir))})
+    return pa.Table.from_pylist(rows)
+
+
+def run_study(study: Study) -> Path:
+    """Run every unfinished run of ``study``, then write comparison.parquet and the report."""
+    from raysim import cluster
+    from raysim.run import run_experiment
+
+    todo = [r for r in study.runs if not is_finished(r)]
+    print(f"raysim compare: {study.name}: {len(study.runs)} runs, {len(study.runs) - len(todo)} already finished "
+          f"-> {study.output_dir}", file=sys.stderr)
+    if todo:
+        cluster.connect(address=todo[0].cfg.ray.address, include_dashboard=False)
+        if study.parallel == 1:
+            for i, run in enumerate(todo, 1):
+                print(f"raysim compare: [{i}/{len(todo)}] {run.run_id}", file=sys.stderr)
+                run_experiment(run.cfg)
+        else:
+            _run_parallel(todo, parallel=study.parallel)
+    study.output_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(comparison_table(study), study.output_dir / "comparison.parquet")
+    write_report([Path(r.cfg.output_dir) for r in study.runs], out_dir=study.output_dir,
+                 title=f"Comparison study {study.name}")
+    return study.output_dir
+
+
+def _run_parallel(todo: list[StudyRun], *, parallel: int) -> None:
+    """Up to ``parallel`` runs at once as Ray tasks, each with its share of the CPUs as device actors."""
+    import ray
+
+    from raysim.data import build_dataset
+    from raysim.models import initial_base_model
+    from raysim.pretrain import pretrain
+
+    # Pre-train in the driver first: concurrent runs would race to fill the same cache entry.
+    for cfg in {to_yaml(_pretrain_part(r.cfg)): r.cfg for r in todo}.values():
+        base = initial_base_model(cfg.model, seed=cfg.seed)
+        pretrain(base, build_dataset(cfg).public_examples(), cfg.pretrain, seed=cfg.seed, progress=False)
+    share = max(1, int(ray.cluster_resources().get("CPU", 1) // parallel))
+    task = ray.remote(num_cpus=0)(_run_one)
+    pending, queue = [], list(todo)
+    while queue or pending:
+        while queue and len(pending) < parallel:
+            run = queue.pop(0)
+            cfg = run.cfg
+            if cfg.ray.num_actors is None:
+                cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, num_actors=share))
+            pending.append(task.remote(dataclasses.replace(cfg, progress=False)))
+        done, pending = ray.wait(pending, num_returns=1)
+        print(f"raysim compare: finished {ray.get(done[0])}", file=sys.stderr)
+
+
+def _run_one(cfg: ExperimentConfig) -> str:
+    from raysim.run import run_experiment
+
+    return str(run_experiment(cfg))
+
+
+def _pretrain_part(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The fields that decide the pre-trained weights (the cache key's inputs)."""
+    return dataclasses.replace(ExperimentConfig(), seed=cfg.seed, model=cfg.model, data=cfg.data, pretrain=cfg.pretrain)

@@ -1,0 +1,340 @@
+"""A device's submodel, and the exact map between it and the global coordinates.
+
+The aggregator holds the trainable state in full coordinates (:class:`Space`):
+for every LoRA-targeted weight either the dense product ``ΔW`` (``flexlora``;
+devices at rank 0 train the same ``ΔW`` directly) or the adapter factors at
+the largest rank (``hetlora``), plus the token embedding when some device may
+train partial embeddings. A :class:`DeviceConfig` determines a
+:class:`Structure` (the shapes: rank, kept heads and MLP units, trained
+blocks, embeddings), built once per actor and reused, and per device and
+round the :class:`Slices` of units it holds. :class:`Submodel` copies the
+device's view of the global state in and maps its trained, encoded update
+back to full coordinates with the mask of what it held.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from raysim import rng
+from raysim.config import ExperimentConfig
+from raysim.grouped import install_keyed_dropout, stackable
+from raysim.methods import layers, lora, quantize, width
+from raysim.models import BaseModel, add_lora, instantiate
+from raysim.types import DeviceConfig
+
+Tensors = dict[str, torch.Tensor]
+KINDS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+EMBEDDING = "transformer.wte.weight"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A LoRA-targeted weight, in (out, in) orientation."""
+
+    name: str  # module path, e.g. transformer.h.0.attn.c_attn
+    layer: int
+    kind: str
+    out_features: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What a submodel's shapes depend on: the cache key on an actor."""
+
+    lora_rank: int
+    heads: int  # attention heads kept per block
+    mlp: int  # MLP hidden units kept per block
+    blocks: tuple[int, ...]  # blocks trained
+    embeddings: bool
+
+
+Slices = tuple[tuple[torch.Tensor, torch.Tensor], ...] | None  # per block (heads, MLP units); None: full width
+
+
+@dataclass(frozen=True)
+class Space:
+    """The global coordinate system the aggregator holds, and its sizes."""
+
+    targets: tuple[Target, ...]
+    lora: str  # flexlora | hetlora
+    max_rank: int
+    scale: float  # LoRA alpha / rank
+    embeddings: bool
+    n_layer: int
+    n_head: int
+    width: int
+    inner: int  # MLP hidden units
+    vocab_size: int
+
+    @classmethod
+    def build(cls, cfg: ExperimentConfig, base: BaseModel) -> "Space":
+        model = instantiate(base)
+        suffixes = tuple(cfg.methods.lora_target_modules)
+        targets = []
+        for name, module in model.named_modules():
+            match = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", name)
+            if match and isinstance(module, Conv1D) and name.split(".")[-1] in suffixes:
+                targets.append(Target(name, int(match[1]), match[2], module.nf, module.nx))
+        c = base.config
+        return cls(targets=tuple(targets), lora=cfg.aggregation.lora, max_rank=max(cfg.methods.lora_rank),
+                   scale=cfg.methods.lora_alpha_per_rank, embeddings=any(cfg.methods.partial_embeddings),
+                   n_layer=c["n_layer"], n_head=c["n_head"], width=c["n_embd"],
+                   inner=c.get("n_inner") or 4 * c["n_embd"], vocab_size=c["vocab_size"])
+
+    def initial_state(self, base: BaseModel, *, seed: int) -> Tensors:
+        """Zero ``ΔW`` (flexlora), or a standard LoRA init at the largest rank (hetlora)."""
+        state = {}
+        for t in self.targets:
+            if self.lora == "flexlora":
+                state[f"{t.name}.delta"] = torch.zeros(t.out_features, t.in_features)
+            else:
+                state[f"{t.name}.lora_A"] = lora_init(t, rank=self.max_rank, seed=seed)
+                state[f"{t.name}.lora_B"] = torch.zeros(t.out_features, self.max_rank)
+        if self.embeddings:
+            state[EMBEDDING] = base.state[EMBEDDING].clone()
+        return state
+
+    def merged(self, state: Tensors, target: Target) -> torch.Tensor:
+        """The full ``ΔW`` the global state gives ``target``."""
+        if self.lora == "flexlora":
+            return state[f"{target.name}.delta"]
+        return lora.product(lora_A=state[f"{target.name}.lora_A"], lora_B=state[f"{target.name}.lora_B"],
+                            scale=self.scale)
+
+    def truncation_error(self, state: Tensors, *, rank: int) -> float:
+        """Relative error ``‖ΔW - ΔW_r‖_F / ‖ΔW‖_F`` of the start a rank-``rank`` device gets."""
+        if self.lora == "flexlora":
+            return lora.relative_truncation_error([self.merged(state, t) for t in self.targets], rank=rank)
+        dropped = total = 0.0
+        for t in self.targets:
+            a, b = state[f"{t.name}.lora_A"].double(), state[f"{t.name}.lora_B"].double()
+            full = lora.product(lora_A=a, lora_B=b, scale=self.scale)
+            dropped += float((full - lora.product(lora_A=a[:rank], lora_B=b[:, :rank], scale=self.scale)).pow(2).sum())
+            total += float(full.pow(2).sum())
+        return math.sqrt(dropped / total) if total > 0 else 0.0
+
+    def structure(self, config: DeviceConfig) -> Structure:
+        heads = width.kept(width.kept(self.n_head, config.prune_ratio), config.dropout_rate)
+        mlp = width.kept(width.kept(self.inner, config.prune_ratio), config.dropout_rate)
+        return Structure(lora_rank=config.lora_rank, heads=heads, mlp=mlp,
+                         blocks=layers.trained_blocks(self.n_layer, config.trainable_layers),
+                         embeddings=config.partial_embeddings)
+
+    def slices(self, config: DeviceConfig, *, pruning: str, seed: int, round: int, device_id: int) -> Slices:
+        """The heads and MLP units each block of the device's submodel holds this round."""
+        if config.prune_ratio == 0 and config.dropout_rate == 0:
+            return None
+        out = []
+        for layer in range(self.n_layer):
+            kept = []
+            for part, total in (("heads", self.n_head), ("mlp", self.inner)):
+                units = (width.fedrolex(total, config.prune_ratio, round=round) if pruning == "fedrolex"
+                         else width.heterofl(total, config.prune_ratio))
+                if config.dropout_rate > 0:
+                    g = rng.generator(seed, "federated-dropout", round, device_id, layer, part)
+                    units = width.dropout(units, config.dropout_rate, generator=g)
+                kept.append(units)
+            out.append(tuple(kept))
+        return tuple(out)
+
+    def index(self, kind: str, slices: Slices, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(out, in) feature indices a block's projection keeps (None: all)."""
+        if slices is None:
+            return None, None
+        heads, mlp = slices[layer]
+        head_dim = self.width // self.n_head
+        if kind == "attn.c_attn":
+            return width.head_columns(heads, head_dim=head_dim, width=self.width, parts=3), None
+        if kind == "attn.c_proj":
+            return None, width.head_columns(heads, head_dim=head_dim, width=self.width, parts=1)
+        if kind == "mlp.c_fc":
+            return mlp, None
+        return None, mlp
+
+
+def lora_init(target: Target, *, rank: int, seed: int) -> torch.Tensor:
+    """peft's default ``lora_A`` init (Kaiming-uniform, bound 1/sqrt(in)), keyed by the module name."""
+    bound = 1.0 / math.sqrt(target.in_features)
+    g = rng.generator(seed, "lora-init", target.name)
+    return (torch.rand(rank, target.in_features, generator=g) * 2 - 1) * bound
+
+
+def _slices_key(slices: Slices) -> tuple | None:
+    return None if slices is None else tuple((tuple(h.tolist()), tuple(m.tolist())) for h, m in slices)
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a device's update travels: bit-width, per row or per tensor, fixed embedding rows."""
+
+    bits: int
+    per_row: bool
+    embedding_rows: int | None
+
+
+class Submodel:
+    """One structure's real model on an actor; devices of that structure load into it in turn."""
+
+    def __init__(self, *, space: Space, structure: Structure, base: BaseModel, cfg: ExperimentConfig,
+                 device: torch.device):
+        self.space, self.structure, self.base = space, structure, base
+        model = instantiate(base)
+        if structure.heads < space.n_head or structure.mlp < space.inner:
+            _shrink(model, heads=structure.heads, mlp=structure.mlp, head_dim=space.width // space.n_head)
+        self.trained = [t for t in space.targets if t.layer in structure.blocks]
+        if structure.lora_rank > 0 and self.trained:
+            model = add_lora(model, rank=structure.lora_rank, methods=cfg.methods, seed=cfg.seed,
+                             modules=[t.name for t in self.trained]).get_base_model()
+        else:
+            model.requires_grad_(False)
+            for t in self.trained:
+                model.get_submodule(t.name).weight.requires_grad_(True)
+        if structure.embeddings:
+            model.get_parameter(EMBEDDING).requires_grad_(True)
+        install_keyed_dropout(model)
+        self.lm = model.to(device)
+        self.device = device
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.stackable = bool(self.params) and stackable(model, list(self.params))  # devices can share a pass
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.train.lr,
+                                           weight_decay=cfg.train.weight_decay, fused=True) if self.params else None
+        self._loaded: tuple | None = None
+        self._fallback = {t.name: lora_init(t, rank=space.max_rank, seed=cfg.seed) for t in self.trained}
+
+    def _conv(self, name: str) -> Conv1D:
+        module = self.lm.get_submodule(name)
+        return getattr(module, "base_layer", module)
+
+    def load_frozen(self, state: Tensors, slices: Slices, *, version: object) -> None:
+        """Base weights (sliced to the device's width), with the global ``ΔW`` merged where not trained.
+
+        Reloads only when the state's ``version`` (the round) or the slices change.
+        """
+        key = (version, _slices_key(slices))
+        if key == self._loaded:
+            return
+        targets = {t.name: t for t in self.space.targets}
+        trained = {t.name for t in self.trained}
+        with torch.no_grad():
+            for layer in range(self.space.n_layer):
+                for kind in KINDS:
+                    name = f"transformer.h.{layer}.{kind}"
+                    out_idx, in_idx = self.space.index(kind, slices, layer)
+                    conv = self._conv(name)
+                    w = width.extract(self.base.state[f"{name}.weight"], rows=in_idx, cols=out_idx)
+                    if name in targets and name not in trained:
+                        delta = self.space.merged(state, targets[name]).to(w.device)
+                        w = w + width.extract(delta, rows=out_idx, cols=in_idx).T
+                    conv.weight.copy_(w)
+                    bias = self.base.state[f"{name}.bias"]
+                    conv.bias.copy_(bias if out_idx is None else bias[out_idx])
+            if EMBEDDING in state:
+                self.lm.get_parameter(EMBEDDING).copy_(state[EMBEDDING])
+        self._loaded = key
+
+    def width_bytes(self) -> int:
+        """Bytes of the frozen projections a width-sliced submodel holds (what it must download when they change)."""
+        return sum(4 * (self._conv(f"transformer.h.{layer}.{kind}").weight.numel()
+                        + self._conv(f"transformer.h.{layer}.{kind}").bias.numel())
+                   for layer in range(self.space.n_layer) for kind in KINDS)
+
+    def initial(self, state: Tensors, slices: Slices, cache: dict) -> Tensors:
+        """The device's starting trainable tensors, by parameter name.
+
+        ``cache`` holds re-factored adapters for the round (keyed by target,
+        slices and rank) so devices with the same view share one SVD.
+        """
+        r, out = self.structure.lora_rank, {}
+        skey = _slices_key(slices)
+        for t in self.trained:
+            out_idx, in_idx = self.space.index(t.kind, slices, t.layer)
+            if r == 0:
+                w0 = width.extract(self.base.state[f"{t.name}.weight"], rows=in_idx, cols=out_idx)
+                delta = width.extract(state[f"{t.name}.delta"], rows=out_idx, cols=in_idx)
+                out[f"{t.name}.weight"] = w0.to(delta.device) + delta.T
+                continue
+            if self.space.lora == "flexlora":
+                key = (t.name, skey, r)
+                if key not in cache:
+                    delta = width.extract(state[f"{t.name}.delta"], rows=out_idx, cols=in_idx)
+                    fallback = width.extract(self._fallback[t.name], cols=in_idx).to(delta.device)
+                    cache[key] = lora.refactor(delta, rank=r, scale=self.space.scale, fallback_A=fallback)
+                a, b = cache[key]
+            else:
+                a = width.extract(state[f"{t.name}.lora_A"][:r], cols=in_idx)
+                b = width.extract(state[f"{t.name}.lora_B"][:, :r], rows=out_idx)
+            out[f"{t.name}.lora_A.default.weight"] = a
+            out[f"{t.name}.lora_B.default.weight"] = b
+        if self.structure.embeddings:
+            out[EMBEDDING] = state[EMBEDDING]
+        return out
+
+    def encode(self, update: Tensors, *, rows: torch.Tensor | None, encoding: Encoding,
+               generator: torch.Generator) -> tuple[Tensors, int]:
+        """The update as the device sends it, decoded, and the payload's bytes.
+
+        Embedding updates travel as the ``rows`` sent plus their int32 indices.
+        """
+        if rows is not None:
+            update = {**update, EMBEDDING: update[EMBEDDING].index_select(0, rows.to(update[EMBEDDING].device))}
+        nbytes = 0 if rows is None else 4 * len(rows)
+        if encoding.bits == quantize.UNQUANTIZED:
+            return update, nbytes + sum(4 * u.numel() for u in update.values())
+        decoded = {}
+        for name, u in update.items():
+            e = quantize.encode(u, bits=encoding.bits, per_row=encoding.per_row, generator=generator)
+            decoded[name] = quantize.decode(e).to(u.device)
+            nbytes += e.nbytes
+        return decoded, nbytes
+
+    def to_global(self, initial: Tensors, update: Tensors, state: Tensors, slices: Slices,
+                  *, rows: torch.Tensor | None) -> tuple[Tensors, Tensors]:
+        """A decoded device update in full coordinates, and the masks of what it held."""
+        out, held = {}, {}
+
+        def put(key: str, sub: torch.Tensor, *, r=None, c=None, mask=True) -> None:
+            if r is None and c is None:
+                out[key] = sub
+                return
+            out[key], m = width.scatter(sub, shape=tuple(state[key].shape), rows=r, cols=c)
+            if mask:
+                held[key] = m
+
+        rank = self.structure.lora_rank
+        for t in self.trained:
+            out_idx, in_idx = self.space.index(t.kind, slices, t.layer)
+            if rank == 0:
+                put(f"{t.name}.delta", update[f"{t.name}.weight"].T, r=out_idx, c=in_idx)
+                continue
+            na, nb = f"{t.name}.lora_A.default.weight", f"{t.name}.lora_B.default.weight"
+            if self.space.lora == "flexlora":
+                a, b = initial[na] + update[na], initial[nb] + update[nb]
+                local = lora.product(lora_A=a, lora_B=b, scale=self.space.scale)
+                current = width.extract(state[f"{t.name}.delta"], rows=out_idx, cols=in_idx)
+                put(f"{t.name}.delta", local - current, r=out_idx, c=in_idx)
+            else:  # zero-padding rule: padded rank components count as held zeros
+                da, db = lora.zero_pad(lora_A=update[na], lora_B=update[nb], rank=self.space.max_rank)
+                put(f"{t.name}.lora_A", da, c=in_idx)
+                put(f"{t.name}.lora_B", db, r=out_idx)
+        if self.structure.embeddings:
+            put(EMBEDDING, update[EMBEDDING], r=rows.to(update[EMBEDDING].device))
+        return out, held
+
+
+def _shrink(model: torch.nn.Module, *, heads: int, mlp: int, head_dim: int) -> None:
+    """Replace every block's projections by narrower ones: ``heads`` heads and ``mlp`` MLP units."""
+    for block in model.transformer.h:
+        embed = block.attn.embed_dim
+        block.attn.c_attn = Conv1D(3 * heads * head_dim, embed)
+        block.attn.c_proj = Conv1D(embed, heads * head_dim)
+        block.attn.split_size = heads * head_dim
+        block.attn.num_heads = heads
+        block.mlp.c_fc = Conv1D(mlp, embed)
+        block.mlp.c_proj = Conv1D(embed, mlp)

@@ -1,0 +1,187 @@
+"""Tables and plots from finished runs: ``raysim report RUN_DIR...`` and every comparison study.
+
+One row of metrics per run (:func:`run_metrics`, read back from its run
+directory), runs grouped by policy (and population when several), and
+``report.md`` with a mean ± std table and PNG plots of the eval metric
+against simulated time, bytes and ε, a line per group with a band of ± one
+standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from omegaconf import OmegaConf
+
+from raysim.errors import ConfigError
+
+METRIC = "eval_accuracy"
+PLOTS = {  # file: (x column, x label, x scale)
+    "accuracy_vs_time.png": ("sim_time_s", "simulated time (s)", 1.0),
+    "accuracy_vs_bytes.png": ("bytes_total", "bytes sent and received (MB)", 1e-6),
+    "accuracy_vs_epsilon.png": ("epsilon", "privacy spent ε", 1.0),
+}
+TABLE = (  # column, header, scale, digits
+    ("final_eval_accuracy", "final eval accuracy", 1.0, 4),
+    ("final_eval_loss", "final eval loss", 1.0, 3),
+    ("time_to_target_s", "time to target (s)", 1.0, 1),
+    ("bytes_to_target", "bytes to target (MB)", 1e-6, 1),
+    ("sim_time_s", "simulated time (s)", 1.0, 1),
+    ("bytes_total", "bytes (MB)", 1e-6, 1),
+    ("epsilon", "ε", 1.0, 2),
+    ("oom_rate", "oom rate", 1.0, 3),
+    ("dropout_rate", "dropout rate", 1.0, 3),
+    ("straggler_rate", "straggler rate", 1.0, 3),
+)
+
+
+def read_run(run_dir: Path) -> tuple[dict, dict, dict[str, np.ndarray]]:
+    """A run's resolved config, summary and rounds table (columns)."""
+    files = [run_dir / name for name in ("config.yaml", "summary.json", "rounds.parquet")]
+    for f in files:
+        if not f.is_file():
+            raise ConfigError(f"not a finished run directory (no {f.name})", file=str(run_dir))
+    config = OmegaConf.to_container(OmegaConf.load(files[0]))
+    summary = json.loads(files[1].read_text())
+    rounds = {k: np.asarray(v) for k, v in pq.read_table(files[2]).to_pydict().items()}
+    return config, summary, rounds
+
+
+def curve(summary: dict, rounds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The eval metric at every evaluated round (and before round 1), with time, bytes and ε there."""
+    bytes_total = np.cumsum(rounds["bytes_up"] + rounds["bytes_down"]).astype(np.float64)
+    evaluated = ~np.isnan(rounds[METRIC].astype(np.float64))
+    initial = (summary.get("initial") or {}).get(METRIC)
+    start = [] if initial is None else [0.0]
+    epsilon = np.array([math.inf if e is None else e for e in rounds["epsilon"]], dtype=np.float64)
+    return {
+        METRIC: np.array([*([initial] if start else []), *rounds[METRIC][evaluated]], dtype=np.float64),
+        "sim_time_s": np.array([*start, *rounds["sim_time_s"][evaluated]], dtype=np.float64),
+        "bytes_total": np.array([*start, *bytes_total[evaluated]]),
+        "epsilon": np.array([*start, *epsilon[evaluated]]),
+    }
+
+
+def run_metrics(run_dir: Path, *, target: float | None = None) -> dict:
+    """One run's final metrics, time- and bytes-to-target, ε and failure rates.
+
+    The target is the run's ``eval.target_accuracy`` unless ``target`` is given.
+    """
+    config, summary, rounds = read_run(run_dir)
+    target = config["eval"]["target_accuracy"] if target is None else target
+    c = curve(summary, rounds)
+    reached = np.flatnonzero(c[METRIC] >= target) if target is not None else np.empty(0, dtype=np.int64)
+    selected = max(1, int(rounds["n_selected"].sum()))
+    last = lambda key: float(c[key][-1]) if len(c[key]) else math.nan  # noqa: E731
+    epsilon = [e for e in rounds["epsilon"] if e is not None]
+    return {
+        "status": summary["status"],
+        "rounds_completed": int(summary["rounds_completed"]),
+        "final_eval_accuracy": last(METRIC),
+        "final_eval_loss": float((summary.get("final") or {}).get("eval_loss", math.nan)),
+        "final_train_loss": float((summary.get("final") or {}).get("train_loss", math.nan)),
+        "sim_time_s": float(rounds["sim_time_s"][-1]) if len(rounds["round"]) else 0.0,
+        "bytes_up": int(rounds["bytes_up"].sum()),
+        "bytes_down": int(rounds["bytes_down"].sum()),
+        "bytes_total": int(rounds["bytes_up"].sum() + rounds["bytes_down"].sum()),
+        "target_accuracy": math.nan if target is None else float(target),
+        "time_to_target_s": float(c["sim_time_s"][reached[0]]) if len(reached) else math.nan,
+        "bytes_to_target": float(c["bytes_total"][reached[0]]) if len(reached) else math.nan,
+        "epsilon": float(epsilon[-1]) if epsilon else math.inf,
+        "oom_rate": int(rounds["n_oom"].sum()) / selected,
+        "dropout_rate": int(rounds["n_dropped"].sum()) / selected,
+        "straggler_rate": int(rounds["n_stragglers"].sum()) / selected,
+        "wall_time_s": float(summary["wall_time_s"]),
+    }
+
+
+def run_label(config: dict) -> dict:
+    """What identifies a run in a comparison: its policy, seed and population."""
+    name = lambda v: Path(v).stem if str(v).endswith((".yaml", ".yml")) else str(v)  # noqa: E731
+    return {"policy": name(config["policy"]), "seed": int(config["seed"]), "population": name(config["population"])}
+
+
+def group_name(label: dict, *, populations: int) -> str:
+    return label["policy"] if populations <= 1 else f"{label['policy']} @ {label['population']}"
+
+
+def mean_std(values: list[float], *, scale: float, digits: int) -> str:
+    v = np.asarray(values, dtype=np.float64) * scale
+    finite = v[np.isfinite(v)]
+    if len(finite) == 0:
+        return "∞" if len(v) and np.isinf(v).all() else "—"
+    text = f"{finite.mean():.{digits}f} ± {finite.std():.{digits}f}"
+    return text if len(finite) == len(v) else f"{text} ({len(finite)}/{len(v)})"
+
+
+def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim report",
+                 target: float | None = None) -> Path:
+    """Write report.md and the PNG plots for ``run_dirs`` into ``out_dir``; return report.md.
+
+    ``target`` replaces the runs' own ``eval.target_accuracy`` for time- and bytes-to-target.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    runs = []
+    for d in run_dirs:
+        config, summary, rounds = read_run(d)
+        runs.append({"dir": d, "label": run_label(config), "metrics": run_metrics(d, target=target),
+                     "curve": curve(summary, rounds)})
+    populations = len({r["label"]["population"] for r in runs})
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(group_name(r["label"], populations=populations), []).append(r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    for file, (x_key, x_label, scale) in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        drawn = False
+        for name, members in groups.items():
+            curves = [(m["curve"][x_key] * scale, m["curve"][METRIC]) for m in members]
+            curves = [(x, y) for x, y in curves if len(x) and np.isfinite(x).all()]
+            if not curves:
+                continue
+            grid = np.linspace(0.0, max(x[-1] for x, _ in curves), 100)
+            ys = np.stack([np.where(grid <= x[-1], np.interp(grid, x, y), np.nan) for x, y in curves])
+            mean, std = np.nanmean(ys, axis=0), np.nanstd(ys, axis=0)  # the longest run covers the whole grid
+            line, = ax.plot(grid, mean, label=f"{name} (n={len(curves)})")
+            ax.fill_between(grid, mean - std, mean + std, alpha=0.2, color=line.get_color())
+            drawn = True
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(METRIC.replace("_", " "))
+        if drawn:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no finite values: no privacy mechanism in these runs (ε = ∞)"
+                    if x_key == "epsilon" else "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / file, dpi=110)
+        plt.close(fig)
+
+    header = ["group", "runs", *(h for _, h, _, _ in TABLE)]
+    lines = [f"# {title}", "", f"{len(runs)} runs; mean ± std over seeds; "
+             "a count (k/n) marks a column only k of n runs reached.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, members in groups.items():
+        cells = [mean_std([m["metrics"][key] for m in members], scale=s, digits=d) for key, _, s, d in TABLE]
+        lines.append(f"| {name} | {len(members)} | " + " | ".join(cells) + " |")
+    targets = sorted({r["metrics"]["target_accuracy"] for r in runs if math.isfinite(r["metrics"]["target_accuracy"])})
+    lines += ["", f"Target {METRIC}: {', '.join(map(str, targets)) or 'none set (eval.target_accuracy)'}.", ""]
+    lines += [f"![{METRIC} vs {label}]({file})" for file, (_, label, _) in PLOTS.items()]
+    lines += ["", "## Runs", "", "| run | policy | seed | population | status | final eval accuracy |",
+              "|---|---|---|---|---|---|"]
+    for r in runs:
+        lab, met = r["label"], r["metrics"]
+        lines.append(f"| {r['dir']} | {lab['policy']} | {lab['seed']} | {lab['population']} | {met['status']} "
+                     f"| {met['final_eval_accuracy']:.4f} |")
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

@@ -1,0 +1,60 @@
+"""``raysim train-policy``: train the ``rl`` policy over several runs (episodes) and save it.
+
+Episode e is the experiment with seed ``seed + e`` (fresh device draws, data
+order and cohorts); the policy carries its network, optimizer and baseline
+from one episode to the next. A later run starts from the saved checkpoint
+with ``params: {checkpoint: PATH}`` in its policy file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from raysim.config import ExperimentConfig
+from raysim.errors import ConfigError
+from raysim.policies import PolicyContext, build_policy, read_policy
+from raysim.run import run_experiment
+
+
+def train_policy(cfg: ExperimentConfig, *, episodes: int, out: Path) -> Path:
+    """Run ``episodes`` runs of ``cfg`` with one learning policy; save its state to ``out``."""
+    spec = read_policy(cfg.policy)
+    if spec.name != "rl":
+        raise ConfigError(f"train-policy trains an rl policy, not {spec.name!r}", file=spec.path, field="policy")
+    if episodes < 1:
+        raise ConfigError("must be >= 1", field="--episodes")
+    if not spec.params.get("learn", True):
+        raise ConfigError("a policy with learn: false cannot be trained", file=spec.path, field="params.learn")
+    state = None
+    episodes_dir = out.parent / f"{out.stem}-episodes"
+    for episode in range(episodes):
+        built = []
+
+        def make(context: PolicyContext):
+            policy = build_policy(spec, context=context)
+            if state is not None:
+                policy.load_state_dict(state)
+            built.append(policy)
+            return policy
+
+        run_cfg = dataclasses.replace(cfg, seed=cfg.seed + episode, name=f"{cfg.name}-episode-{episode}",
+                                      output_dir=str(episodes_dir / f"episode-{episode}"))
+        run_dir = run_experiment(run_cfg, make_policy=make)
+        state = built[0].state_dict()
+        final = _final(run_dir)
+        print(f"raysim train-policy: episode {episode + 1}/{episodes} seed {run_cfg.seed}: "
+              f"eval accuracy {final['eval_accuracy']:.4f}, sim time {final['sim_time_s']:.1f} s", file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    return out
+
+
+def _final(run_dir: Path) -> dict:
+    from raysim.report import run_metrics
+
+    m = run_metrics(run_dir)
+    return {"eval_accuracy": m["final_eval_accuracy"], "sim_time_s": m["sim_time_s"]}
