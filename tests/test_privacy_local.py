@@ -39,7 +39,7 @@ def _update(worker, state, device_id):
 
 
 def test_dp_sgd_trains_only_lora_parameters_and_is_deterministic(worker):
-    assert all("lora" in name for name in worker.params)
+    assert all("lora" in name for name in worker.submodel(DeviceConfig(lora_rank=4)).params)
     state = worker.initial_state()
     records, first = _update(worker, state, 5)
     _, again = _update(worker, state, 5)
@@ -49,7 +49,7 @@ def test_dp_sgd_trains_only_lora_parameters_and_is_deterministic(worker):
 
 
 def test_an_empty_poisson_batch_still_takes_a_noisy_step(worker):
-    dp = worker.local_dp
+    dp = worker._dp_sgd(worker.submodel(DeviceConfig(lora_rank=4)))
     params = [p.detach().clone() for p in dp.optimizer.params]
     data = torch.zeros((10, 16), dtype=torch.long)
     loss = dp.train(data, steps=1, batch_size=0, device=torch.device("cpu"),
