@@ -218,7 +218,7 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
         }
         writer.close(summary)  # rounds written so far stay readable, whatever stopped the run
         pool.close()  # frees the actors' CPUs for the next run in this process (raysim compare)
-        if status != "finished":
+        if status == "interrupted":  # a clean stop (finished, privacy budget spent) saves the state below
             ray.kill(aggregator)
     ray.get(aggregator.save.remote(str((run_dir / "final_state.pt").resolve())))
     ray.kill(aggregator)
