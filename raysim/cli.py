@@ -1,7 +1,8 @@
-"""The ``raysim`` command line: ``run``, ``compare``, ``report``, ``train-policy`` and ``profiles``.
+"""The ``raysim`` command line: ``run``, ``compare``, ``report``, ``train-policy``, ``profiles`` and ``privacy``.
 
-Errors a user can cause (``ConfigError``) print as one line and exit 1; any
-other failure prints one line too unless ``--debug`` asks for the traceback.
+Errors a user can cause (``ConfigError``, bad arguments) print as one line and
+exit non-zero; any other failure prints one line too unless ``--debug`` asks
+for the traceback.
 """
 
 from __future__ import annotations
@@ -64,8 +65,43 @@ def _profiles(args: argparse.Namespace) -> int:
     return profiles_command(list(args.args))
 
 
+def _privacy(args: argparse.Namespace) -> int:
+    """ε for (z, q, T, δ), or the z that reaches a target ε: the accounting a run does."""
+    from raysim.privacy import accounting
+
+    if (args.noise_multiplier is None) == (args.target_epsilon is None):
+        raise ConfigError("give exactly one of --noise-multiplier and --target-epsilon")
+    checks = [(0 < args.sample_rate <= 1, "--sample-rate", "must be in (0, 1]"),
+              (args.rounds >= 1, "--rounds", "must be >= 1"),
+              (0 < args.delta < 1, "--delta", "must be in (0, 1)"),
+              (args.noise_multiplier is None or args.noise_multiplier >= 0, "--noise-multiplier", "must be >= 0"),
+              (args.target_epsilon is None or args.target_epsilon > 0, "--target-epsilon", "must be > 0")]
+    for ok, name, message in checks:
+        if not ok:
+            raise ConfigError(message, field=name)
+    common = dict(sample_rate=args.sample_rate, rounds=args.rounds, delta=args.delta, accountant=args.accountant)
+    z = args.noise_multiplier
+    if z is None:
+        try:
+            z = accounting.noise_multiplier(target_epsilon=args.target_epsilon, **common)
+        except ValueError as err:
+            raise ConfigError(f"epsilon {args.target_epsilon:g} is unreachable: {err}", field="--target-epsilon") from None
+    print(f"accountant={args.accountant} sample_rate={args.sample_rate:g} rounds={args.rounds} delta={args.delta:g}")
+    print(f"epsilon={accounting.epsilon(noise_multiplier=z, **common):.6g}")
+    if args.target_epsilon is not None:
+        print(f"noise_multiplier={z:.6g}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line and exit 2, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raysim", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="raysim", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one experiment (default: the shipped quickstart)")
@@ -90,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     profiles = sub.add_parser("profiles", help="list | show NAME | validate FILE...")
     profiles.add_argument("args", nargs="*")
     profiles.set_defaults(func=_profiles)
+    privacy = sub.add_parser("privacy", help="plan DP: epsilon for a noise multiplier, or the reverse",
+                             description=_privacy.__doc__)
+    privacy.add_argument("--noise-multiplier", type=float, help="z: noise std / clip norm")
+    privacy.add_argument("--target-epsilon", type=float, help="print the z that reaches this epsilon instead")
+    privacy.add_argument("--sample-rate", type=float, required=True, help="q: cohort.size / population (Poisson)")
+    privacy.add_argument("--rounds", type=int, required=True, help="T: rounds (accountant steps)")
+    privacy.add_argument("--delta", type=float, required=True)
+    privacy.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    privacy.set_defaults(func=_privacy)
     return parser
 
 

@@ -119,6 +119,40 @@ class AggregationConfig:
 
 
 @dataclass
+class AdaptiveClippingConfig:
+    """Andrew et al. 2021: the clip norm tracks a quantile of update norms, learnt from a noisy count."""
+
+    enabled: bool = False  # privacy.clip_norm is then the initial clip norm
+    target_quantile: float = 0.5  # share of updates left unclipped
+    learning_rate: float = 0.2  # geometric step: C *= exp(-learning_rate * (unclipped share - target))
+    count_std: float | None = None  # noise std on the unclipped count; None: expected cohort / 20
+
+
+@dataclass
+class LocalPrivacyConfig:
+    """Record-level DP-SGD on every device through Opacus (per-example clipping and noise)."""
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0  # per-example gradient L2 norm
+    delta: float = 1e-5  # per device; devices.parquet reports each device's epsilon at it
+
+
+@dataclass
+class PrivacyConfig:
+    """User-level central DP (DP-FedAvg): on when ``clip_norm`` is set; needs Poisson cohorts."""
+
+    clip_norm: float | None = None  # per-device update L2 norm; None: no central DP
+    noise_multiplier: float = 0.0  # noise std on the sum = noise_multiplier * clip_norm; 0: clipping only
+    target_epsilon: float | None = None  # calibrate noise_multiplier for all the rounds instead
+    max_epsilon: float | None = None  # stop the run at the last round within this budget
+    delta: float = 1e-6  # must be below 1 / population size
+    accountant: str = "rdp"  # rdp | prv (Opacus)
+    adaptive_clipping: AdaptiveClippingConfig = field(default_factory=AdaptiveClippingConfig)
+    local: LocalPrivacyConfig = field(default_factory=LocalPrivacyConfig)
+
+
+@dataclass
 class EvalConfig:
     every: int = 5  # rounds; 0 = never (the last round is always evaluated when > 0)
     batch_size: int = 32
@@ -156,6 +190,7 @@ class ExperimentConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     methods: MethodsConfig = field(default_factory=MethodsConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -264,6 +299,9 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(cfg.aggregation.server_optimizer in ("fedavg", "fedadam"), "aggregation.server_optimizer",
       "must be 'fedavg' or 'fedadam'")
     c(cfg.aggregation.server_lr > 0, "aggregation.server_lr", "must be > 0")
+    _validate_privacy(cfg.privacy, cfg.cohort, c)
+    c(not cfg.privacy.local.enabled or (0 not in cfg.methods.lora_rank and not any(cfg.methods.partial_embeddings)),
+      "privacy.local.enabled", "local DP-SGD trains LoRA adapters only: no rank 0, no partial embeddings")
     c(cfg.aggregation.lora in ("flexlora", "hetlora"), "aggregation.lora", "must be 'flexlora' or 'hetlora'")
     c(cfg.aggregation.lora == "flexlora" or 0 not in cfg.methods.lora_rank, "methods.lora_rank",
       "rank 0 (full weights) needs aggregation.lora=flexlora: hetlora aggregates factors")
@@ -295,6 +333,31 @@ def _validate_methods(methods: MethodsConfig, model: ModelConfig, c) -> None:
     c(methods.pruning in ("heterofl", "fedrolex"), "methods.pruning", "must be 'heterofl' or 'fedrolex'")
     c(methods.quantization in ("tensor", "row"), "methods.quantization", "must be 'tensor' or 'row'")
     c(methods.embedding_rows is None or methods.embedding_rows >= 1, "methods.embedding_rows", "must be >= 1")
+
+
+def _validate_privacy(p: PrivacyConfig, cohort: CohortConfig, c) -> None:
+    c(p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
+    c(p.clip_norm is None or p.clip_norm > 0, "privacy.clip_norm", "must be > 0 (or null: no central DP)")
+    c(0 < p.delta < 1, "privacy.delta", "must be in (0, 1)")
+    c(p.accountant in ("rdp", "prv"), "privacy.accountant", "must be 'rdp' or 'prv'")
+    c(p.target_epsilon is None or p.target_epsilon > 0, "privacy.target_epsilon", "must be > 0")
+    c(p.max_epsilon is None or p.max_epsilon > 0, "privacy.max_epsilon", "must be > 0")
+    c(p.target_epsilon is None or p.noise_multiplier == 0, "privacy.target_epsilon",
+      "set either privacy.noise_multiplier or privacy.target_epsilon (which calibrates it), not both")
+    central = p.noise_multiplier > 0 or p.target_epsilon is not None or p.max_epsilon is not None
+    c(not (central or p.adaptive_clipping.enabled) or p.clip_norm is not None, "privacy.clip_norm",
+      "central DP (noise_multiplier, target_epsilon, max_epsilon, adaptive_clipping) needs a clip norm")
+    c(p.clip_norm is None or cohort.sampling == "poisson", "cohort.sampling",
+      "DP-FedAvg's accounting assumes Poisson sampling with q = cohort.size / population; "
+      "set cohort.sampling=poisson (fixed-size cohorts have no accounting here)")
+    a = p.adaptive_clipping
+    c(0 < a.target_quantile < 1, "privacy.adaptive_clipping.target_quantile", "must be in (0, 1)")
+    c(a.learning_rate > 0, "privacy.adaptive_clipping.learning_rate", "must be > 0")
+    c(a.count_std is None or a.count_std > 0, "privacy.adaptive_clipping.count_std", "must be > 0")
+    loc = p.local
+    c(loc.noise_multiplier >= 0, "privacy.local.noise_multiplier", "must be >= 0")
+    c(loc.clip_norm > 0, "privacy.local.clip_norm", "must be > 0")
+    c(0 < loc.delta < 1, "privacy.local.delta", "must be in (0, 1)")
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

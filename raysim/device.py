@@ -6,7 +6,8 @@ each device it is handed, it loads the device's view of the round's global
 state into that submodel, trains for real on the device's data with every
 random draw keyed by (seed, round, device id), encodes the update as the
 device would send it, maps the decoded update back to full coordinates, runs
-it through the processor chain and adds it into a float64 partial sum. The
+it through the processor chain and adds it into a float64 partial sum (under
+DP-FedAvg, clipped first: :meth:`DeviceWorker._accumulate`). The
 round's partial sum leaves the worker once, at ``end_round``; per-device
 records leave as a few columns per work item. :mod:`raysim.pool` runs workers
 as Ray actors.
@@ -28,6 +29,7 @@ from raysim.grouped import keyed, per_device_loss, stacked
 from raysim.methods import embeddings
 from raysim.methods.submodel import EMBEDDING, Encoding, Space, Structure, Submodel
 from raysim.models import BaseModel
+from raysim.privacy import central, local
 from raysim.processors import DeviceContext, UpdateProcessor, run_on_device
 from raysim.types import DeviceConfig
 
@@ -67,6 +69,8 @@ class DeviceWorker:
         self._factors: dict = {}
         self._round = -1
         self._partial: PartialSum | None = None
+        self._clip_norm: float | None = None
+        self._local_dp: dict[Structure, local.LocalDPSGD] = {}
         self._eval: torch.Tensor | None = None
         self._eval_model = Submodel(space=self.space, base=base, cfg=cfg, device=self.device, structure=Structure(
             lora_rank=0, heads=self.space.n_head, mlp=self.space.inner, blocks=(), embeddings=False))
@@ -109,8 +113,10 @@ class DeviceWorker:
             bytes_down += sub.width_bytes()  # the frozen slices change every round: they travel too
         return costmodel.measure(sub.lm, batch=batch.to(self.device), bytes_down=bytes_down, bytes_up=bytes_up)
 
-    def begin_round(self, state: Tensors, round: int) -> None:
+    def begin_round(self, state: Tensors, round: int, clip_norm: float | None = None) -> None:
+        """Load the round's global state; ``clip_norm`` turns on DP-FedAvg's per-device clipping."""
         self._round = round
+        self._clip_norm = clip_norm
         self._state = {k: v.to(self.device) for k, v in state.items()}
         self._factors = {}
         self._partial = PartialSum.zeros_like(self._state)
@@ -124,16 +130,20 @@ class DeviceWorker:
         """
         losses = np.empty(len(device_ids))
         counts = np.empty(len(device_ids), dtype=np.int64)
+        norms = np.empty(len(device_ids))
         start = 0
         while start < len(device_ids):
             config = configs[start]
             limit = self.devices_per_pass if self.submodel(config).stackable and config.dropout_rate == 0 else 1
+            if self.cfg.privacy.local.enabled:  # Opacus needs per-example gradients of the submodel's own weights
+                limit = 1
             end = start + 1
             while end < len(device_ids) and end - start < limit and configs[end] == config:
                 end += 1
-            losses[start:end], counts[start:end] = self._train_group(device_ids[start:end], config)
+            losses[start:end], counts[start:end], norms[start:end] = self._train_group(device_ids[start:end], config)
             start = end
-        return {"device_id": np.asarray(device_ids, dtype=np.int64), "train_loss": losses, "num_examples": counts}
+        return {"device_id": np.asarray(device_ids, dtype=np.int64), "train_loss": losses, "num_examples": counts,
+                "update_norm": norms}
 
     def end_round(self) -> PartialSum | None:
         partial, self._partial = self._partial, None
@@ -161,7 +171,7 @@ class DeviceWorker:
                                         (top3 == target.unsqueeze(-1)).any(-1).sum().item()], dtype=torch.float64)
         return totals.numpy()
 
-    def _train_group(self, device_ids: list[int], config: DeviceConfig) -> tuple[list[float], list[int]]:
+    def _train_group(self, device_ids: list[int], config: DeviceConfig) -> tuple[list[float], list[int], list[float]]:
         """Local training of devices that share ``config`` and its slices; their updates go into the partial sum."""
         seed, round, k = self.cfg.seed, self._round, len(device_ids)
         sub = self.submodel(config)
@@ -202,16 +212,24 @@ class DeviceWorker:
             weights = nullcontext()
         loss_sum = torch.zeros(k, device=self.device)
         with weights, keyed(generators):
-            for step in range(self.cfg.train.local_steps):
-                x = torch.cat([rows_[b[step]] for rows_, b in zip(data, batches)]).to(self.device)
-                losses = per_device_loss(sub.lm(input_ids=x).logits, x, devices=k)
-                losses.sum().backward()
-                if keep is not None:
-                    sub.params[EMBEDDING].grad.mul_(keep)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum += losses.detach()
+            if self.cfg.privacy.local.enabled:  # k == 1: DP-SGD on Poisson batches of the device's examples
+                loss_sum += self.cfg.train.local_steps * self._dp_sgd(sub).train(
+                    data[0], steps=self.cfg.train.local_steps, batch_size=self.cfg.train.batch_size,
+                    device=self.device, batch_generator=rng.generator(seed, "batches", round, device_ids[0]),
+                    noise_generator=rng.generator(seed, "local-dp-noise", round, device_ids[0]),
+                )
+            else:
+                for step in range(self.cfg.train.local_steps):
+                    x = torch.cat([rows_[b[step]] for rows_, b in zip(data, batches)]).to(self.device)
+                    losses = per_device_loss(sub.lm(input_ids=x).logits, x, devices=k)
+                    losses.sum().backward()
+                    if keep is not None:
+                        sub.params[EMBEDDING].grad.mul_(keep)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_sum += losses.detach()
         encoding = self._encoding(config)
+        norms = []
         with torch.no_grad():
             for j, device_id in enumerate(device_ids):
                 update = {name: t[j] - s for name, t, s in zip(sub.params, tensors, starts)}
@@ -221,5 +239,30 @@ class DeviceWorker:
                 context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config,
                                         num_examples=len(data[j]))
                 update = run_on_device(self.processors, update, context=context)
-                self._partial.add(update, weight=float(len(data[j])), held=held)
-        return (loss_sum / self.cfg.train.local_steps).tolist(), [len(x) for x in data]
+                norms.append(self._accumulate(update, num_examples=len(data[j]), held=held))
+        return (loss_sum / self.cfg.train.local_steps).tolist(), [len(x) for x in data], norms
+
+    def _dp_sgd(self, sub: Submodel) -> local.LocalDPSGD:
+        """The submodel wrapped for local DP-SGD (Opacus), once per structure."""
+        if sub.structure not in self._local_dp:
+            self._local_dp[sub.structure] = local.LocalDPSGD(model=sub.lm, optimizer=sub.optimizer,
+                                                             cfg=self.cfg.privacy.local,
+                                                             batch_size=self.cfg.train.batch_size)
+        return self._local_dp[sub.structure]
+
+    def _accumulate(self, update: Tensors, *, num_examples: int, held: Tensors | None) -> float:
+        """Add one device's update, in the aggregation space, to the partial sum; return its L2 norm.
+
+        The one place DP-FedAvg clips: after the update was decoded and mapped
+        back to full coordinates (whatever the device's method or bit-width)
+        and before it meets any other device's, so the clip bounds exactly
+        what the aggregator's noise is calibrated for. Clipped updates weigh 1
+        each (the server divides by the expected cohort size); FedAvg weighs
+        by examples.
+        """
+        if self._clip_norm is None:
+            self._partial.add(update, weight=float(num_examples), held=held)
+            return central.global_norm(update)
+        clipped, norm = central.clip(update, clip_norm=self._clip_norm)
+        self._partial.add(clipped, weight=1.0, held=held)
+        return norm

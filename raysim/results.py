@@ -36,6 +36,9 @@ ROUNDS_SCHEMA = pa.schema([
     ("n_stragglers", pa.int32()),
     ("n_unavailable", pa.int32()),
     ("update_norm", pa.float64()),
+    ("clip_norm", pa.float64()),  # DP-FedAvg's clip norm this round (NaN without central DP)
+    ("noise_std", pa.float64()),  # std of the Gaussian noise on the sum of clipped updates (z * C; 0 without DP)
+    ("signal_to_noise", pa.float64()),  # ||sum of clipped updates|| / ||noise||; inf without noise
     ("mean_device_flops", pa.float64()),  # training FLOPs per device that computed
     ("mean_peak_memory_bytes", pa.float64()),  # peak training memory of the selected devices' configs
     ("lora_truncation_error", pa.float64()),  # ‖ΔW - ΔW_r‖/‖ΔW‖ at the space's lowest LoRA rank
@@ -63,6 +66,8 @@ DEVICES_SCHEMA = pa.schema([
     ("memory_bytes", pa.int64()),
     ("num_examples", pa.int32()),
     ("train_loss", pa.float64()),
+    ("update_norm", pa.float64()),  # L2 norm of the decoded update before any clipping
+    ("local_epsilon", pa.float64()),  # record-level ε of this local training (local DP-SGD; NaN without)
 ])
 
 

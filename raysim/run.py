@@ -4,7 +4,9 @@ Per round: sample a cohort at virtual time t, let the policy assign configs,
 price every device with the cost model, settle who arrives in time, train
 those devices for real on the actor pool, aggregate their partial sums on the
 aggregator actor, evaluate every ``eval.every`` rounds, write the records,
-advance the virtual clock.
+advance the virtual clock. Under central DP the privacy plan is fixed before
+anything trains, the accountant is stepped with (z, q) once per round, and
+the run stops cleanly at the last round within ``privacy.max_epsilon``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from raysim.models import BaseModel, initial_base_model
 from raysim.policies import CostOracle, Policy, PolicyContext, build_policy, read_policy
 from raysim.pool import DevicePool
 from raysim.pretrain import pretrain
+from raysim.privacy import accounting, local
+from raysim.privacy.central import AdaptiveClipNorm
+from raysim.privacy.plan import CentralPlan, plan_central
 from raysim.profiles import load_population
 from raysim.results import RunWriter
 from raysim.types import RoundState
@@ -62,6 +67,9 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
     train-policy`` carries one learned policy across runs).
     """
     population = load_population(cfg.population, size=cfg.population_size)
+    privacy = plan_central(cfg.privacy, rounds=cfg.rounds, cohort_size=cfg.cohort.size,
+                           population_size=population.size)
+    last_round = privacy.rounds if privacy else cfg.rounds
     spec = read_policy(cfg.policy)
     dataset = build_dataset(cfg)
     base = initial_base_model(cfg.model, seed=cfg.seed)
@@ -80,13 +88,18 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
     ranks = [r for r in cfg.methods.lora_rank if r > 0]
     aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(
         state=pool.initial_state(), cfg=cfg.aggregation, seed=cfg.seed, space=Space.build(cfg, base),
-        truncation_rank=min(ranks, default=0),
+        truncation_rank=min(ranks, default=0), privacy=privacy, adaptive=_adaptive_clip(cfg, privacy),
     )
     state_ref = aggregator.get_state.remote()
     run_dir = default_run_dir(cfg)
     writer = RunWriter(run_dir, config_yaml=to_yaml(cfg))
     print(f"raysim: {where}, {len(pool)} device actors, population {population.name} "
           f"({population.size:,} devices), model {base.origin} -> {run_dir}", file=sys.stderr)
+    if privacy:
+        print(f"raysim: {_describe(privacy, cfg)}", file=sys.stderr)
+    accountant = accounting.make_accountant(privacy.accountant) if privacy else None
+    epsilon, delta = (0.0, privacy.delta) if privacy else (math.inf, 0.0)
+    clip_norm = privacy.clip_norm if privacy else None
 
     initial = pool.evaluate(state_ref) if cfg.eval.every > 0 else {}
     sim_time = 0.0
@@ -99,11 +112,17 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
     status = "interrupted"
     try:
         for rnd in range(1, cfg.rounds + 1):
+            if rnd > last_round:
+                status = "privacy_budget_spent"
+                print(f"raysim: stopped after round {last_round}: one more round would spend more than "
+                      f"privacy.max_epsilon={cfg.privacy.max_epsilon:g} (ε = {epsilon:.4g} at δ = {delta:g})",
+                      file=sys.stderr)
+                break
             t0 = time.perf_counter()
             cohort = sample_cohort(population, cfg.cohort, seed=cfg.seed, round=rnd, sim_time_s=sim_time)
             draws = population.draw(cohort.device_id, seed=cfg.seed)
             state = RoundState(round=rnd, sim_time_s=sim_time, last_train_loss=last.get("train_loss"),
-                               last_eval_loss=last.get("eval_loss"))
+                               last_eval_loss=last.get("eval_loss"), epsilon=epsilon)
             configs = policy.assign(draws, state)
             costs = device_costs(draws, [pool.measure(c) for c in configs], local_steps=cfg.train.local_steps)
             dropped = rng.uniform(cfg.seed, "dropout", rnd, ids=cohort.device_id) < draws.dropout_prob
@@ -113,15 +132,21 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
             trained = np.flatnonzero(outcome.status == OK)
             records, partials = pool.train(
                 state_ref, round=rnd, device_ids=cohort.device_id[trained],
-                configs=[configs[i] for i in trained], costs=costs.compute_s[trained],
+                configs=[configs[i] for i in trained], costs=costs.compute_s[trained], clip_norm=clip_norm,
             )
-            state_ref, stats_ref = aggregator.aggregate.options(num_returns=2).remote(rnd, *partials)
-            evaluate = cfg.eval.every > 0 and (rnd % cfg.eval.every == 0 or rnd == cfg.rounds)
+            unclipped = int((records["update_norm"] <= clip_norm).sum()) if privacy else 0
+            state_ref, stats_ref = aggregator.aggregate.options(num_returns=2).remote(rnd, *partials,
+                                                                                     num_unclipped=unclipped)
+            evaluate = cfg.eval.every > 0 and (rnd % cfg.eval.every == 0 or rnd == last_round)
             metrics = pool.evaluate(state_ref) if evaluate else dict.fromkeys(EVAL_COLUMNS, math.nan)
             stats = ray.get(stats_ref)
             sim_time += outcome.duration_s
+            if privacy:
+                accountant.step(noise_multiplier=privacy.noise_multiplier, sample_rate=privacy.sample_rate)
+                epsilon = accounting.spent(accountant, delta=delta)
+                clip_norm = stats["next_clip_norm"]
 
-            devices = _device_columns(rnd, draws, configs, costs, outcome.status, trained, records)
+            devices = _device_columns(rnd, draws, configs, costs, outcome.status, trained, records, cfg)
             n = {s: int((outcome.status == s).sum()) for s in (OK, OOM, DROPPED, STRAGGLER, UNAVAILABLE)}
             examples = records["num_examples"]
             row = {
@@ -131,8 +156,8 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
                 "wall_time_s": time.perf_counter() - t0,
                 "train_loss": float(np.average(records["train_loss"], weights=examples)) if len(examples) else math.nan,
                 **metrics,
-                "epsilon": math.inf,  # no privacy mechanism in this run
-                "delta": 0.0,
+                "epsilon": epsilon,  # inf, delta 0: no central DP in this run
+                "delta": delta,
                 "bytes_up": int(devices["bytes_up"].sum()),
                 "bytes_down": int(devices["bytes_down"].sum()),
                 "n_selected": len(cohort.device_id),
@@ -142,6 +167,9 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
                 "n_stragglers": n[STRAGGLER],
                 "n_unavailable": n[UNAVAILABLE],
                 "update_norm": stats["update_norm"],
+                "clip_norm": math.nan if stats["clip_norm"] is None else stats["clip_norm"],
+                "noise_std": stats["noise_std"],
+                "signal_to_noise": stats["signal_to_noise"],
                 "mean_device_flops": float(costs.flops[devices["compute_s"] > 0].mean()) if n[OK] else math.nan,
                 "mean_peak_memory_bytes": float(costs.peak_memory_bytes.mean()),
                 "lora_truncation_error": stats["lora_truncation_error"],
@@ -157,10 +185,12 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
                 time_to_target = sim_time
             progress.set_postfix_str(
                 f"sim {sim_time / 3600:.2f}h loss {row['train_loss']:.3f} "
-                f"eval {last.get('eval_loss', math.nan):.3f} ok {n[OK]}/{row['n_selected']}", refresh=False)
+                f"eval {last.get('eval_loss', math.nan):.3f} ok {n[OK]}/{row['n_selected']}"
+                + (f" ε {epsilon:.3g}" if privacy else ""), refresh=False)
             progress.update()
             completed = rnd
-        status = "finished"
+        else:
+            status = "finished"
     finally:
         progress.close()
         summary = {
@@ -180,21 +210,50 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
             "final": last,
             "time_to_target_s": time_to_target,
             "target_accuracy": cfg.eval.target_accuracy,
-            "epsilon": math.inf,
-            "delta": 0.0,
+            "epsilon": epsilon,
+            "delta": delta,
+            "privacy": _privacy_summary(privacy, cfg),
             "totals": totals,
             "versions": _versions(),
         }
         writer.close(summary)  # rounds written so far stay readable, whatever stopped the run
         pool.close()  # frees the actors' CPUs for the next run in this process (raysim compare)
-        if status != "finished":
+        if status == "interrupted":  # a clean stop (finished, privacy budget spent) saves the state below
             ray.kill(aggregator)
     ray.get(aggregator.save.remote(str((run_dir / "final_state.pt").resolve())))
     ray.kill(aggregator)
     return run_dir
 
 
-def _device_columns(rnd, draws, configs, costs, status, trained, records) -> dict[str, np.ndarray]:
+def _adaptive_clip(cfg: ExperimentConfig, privacy: CentralPlan | None) -> AdaptiveClipNorm | None:
+    a = cfg.privacy.adaptive_clipping
+    if privacy is None or not a.enabled:
+        return None
+    return AdaptiveClipNorm(clip_norm=privacy.clip_norm, target_quantile=a.target_quantile,
+                            learning_rate=a.learning_rate, count_std=privacy.count_std)
+
+
+def _describe(plan: CentralPlan, cfg: ExperimentConfig) -> str:
+    text = (f"DP-FedAvg: noise multiplier {plan.noise_multiplier:.4g}, clip norm {plan.clip_norm:g}"
+            f"{' (adaptive)' if plan.count_std else ''}, Poisson q = {plan.sample_rate:.4g}; "
+            f"ε = {plan.epsilon:.4g} at δ = {plan.delta:g} after {plan.rounds} rounds ({plan.accountant})")
+    if plan.rounds < cfg.rounds:
+        text += f"; privacy.max_epsilon={cfg.privacy.max_epsilon:g} allows {plan.rounds} of {cfg.rounds} rounds"
+    return text
+
+
+def _privacy_summary(plan: CentralPlan | None, cfg: ExperimentConfig) -> dict:
+    summary = {"local_dp": cfg.privacy.local.enabled}
+    if plan is None:
+        return {"central_dp": False, **summary}
+    return {"central_dp": True, **summary, "noise_multiplier": plan.noise_multiplier,
+            "update_noise_multiplier": plan.update_noise_multiplier, "clip_norm": plan.clip_norm,
+            "sample_rate": plan.sample_rate, "expected_devices": plan.expected_devices,
+            "accountant": plan.accountant, "max_epsilon": cfg.privacy.max_epsilon,
+            "target_epsilon": cfg.privacy.target_epsilon, "rounds_within_budget": plan.rounds}
+
+
+def _device_columns(rnd, draws, configs, costs, status, trained, records, cfg) -> dict[str, np.ndarray]:
     """One row per selected device; traffic and compute only where they happened.
 
     Available devices download the state; OOM devices stop before computing;
@@ -209,6 +268,12 @@ def _device_columns(rnd, draws, configs, costs, status, trained, records) -> dic
     loss[trained] = records["train_loss"]
     examples = np.zeros(n, dtype=np.int64)
     examples[trained] = records["num_examples"]
+    norm = np.full(n, math.nan)
+    norm[trained] = records["update_norm"]
+    local_eps = np.full(n, math.nan)
+    if cfg.privacy.local.enabled:
+        local_eps[trained] = [local.device_epsilon(num_examples=int(k), cfg=cfg.privacy.local, train=cfg.train)
+                              for k in records["num_examples"]]
     return {
         "round": np.full(n, rnd, dtype=np.int32),
         "device_id": draws.device_id,
@@ -232,6 +297,8 @@ def _device_columns(rnd, draws, configs, costs, status, trained, records) -> dic
         "memory_bytes": draws.memory_bytes.astype(np.int64),
         "num_examples": examples.astype(np.int32),
         "train_loss": loss,
+        "update_norm": norm,
+        "local_epsilon": local_eps,
     }
 
 

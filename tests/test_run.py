@@ -98,6 +98,13 @@ def test_summary_reports_final_metrics_seed_and_versions(runs):
     assert {"torch", "ray", "peft", "transformers"} <= set(summary["versions"])
 
 
+def test_a_run_without_dp_reports_infinite_epsilon_and_no_noise(runs):
+    rounds = _rounds(runs["two"])
+    assert set(rounds["epsilon"]) == {math.inf} and set(rounds["delta"]) == {0.0}
+    assert set(rounds["noise_std"]) == {0.0} and set(rounds["signal_to_noise"]) == {math.inf}
+    assert all(math.isnan(c) for c in rounds["clip_norm"])
+
+
 def test_a_run_that_fails_keeps_its_finished_rounds_readable(ray_session, tmp_path):
     from raysim.config import load_experiment
     from raysim.policies.base import REGISTRY

@@ -1,0 +1,1 @@
+"""Differential privacy: accounting (Opacus), central DP-FedAvg, local DP-SGD, and a run's plan."""

@@ -1,0 +1,175 @@
+"""DP-FedAvg's math: clipping, noise, the noisy mean, adaptive clipping; clipping on actors = at the server."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from raysim.aggregation.rules import PartialSum, combine, weighted_mean
+from raysim.aggregator import Aggregator
+from raysim.config import AggregationConfig, PrivacyConfig, load_experiment
+from raysim.privacy.central import (AdaptiveClipNorm, clip, gaussian_noise, global_norm, noisy_mean,
+                                    update_noise_multiplier)
+from raysim.privacy.plan import plan_central
+from raysim.types import DeviceConfig
+
+from conftest import TINY, make_worker
+
+finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, width=32)
+updates = st.dictionaries(st.sampled_from(["a", "b", "c"]),
+                          arrays(np.float32, st.integers(1, 6).map(lambda n: (n,)), elements=finite), min_size=1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(update=updates, clip_norm=st.floats(min_value=1e-3, max_value=1e3))
+def test_clipped_norm_is_at_most_the_clip_norm_for_any_update(update, clip_norm):
+    clipped, norm = clip({k: torch.from_numpy(v) for k, v in update.items()}, clip_norm=clip_norm)
+    assert global_norm(clipped) <= clip_norm * (1 + 1e-12)
+    assert norm == pytest.approx(math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in update.values())))
+
+
+def test_an_update_within_the_clip_norm_is_left_as_it_is():
+    update = {"a": torch.tensor([0.3, 0.4]), "b": torch.tensor([0.0])}
+    clipped, norm = clip(update, clip_norm=1.0)
+    assert norm == pytest.approx(0.5) and clipped["a"].tolist() == pytest.approx([0.3, 0.4])
+
+
+def test_clipping_scales_all_tensors_jointly():
+    clipped, _ = clip({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, clip_norm=1.0)
+    assert clipped["a"].item() == pytest.approx(0.6) and clipped["b"].item() == pytest.approx(0.8)
+
+
+def test_noise_has_the_configured_std_and_zero_mean():
+    noise = gaussian_noise({"w": torch.zeros(200_000), "v": torch.zeros(3, 4)}, std=0.7, seed=0, round=3)
+    sample = torch.cat([t.flatten() for t in noise.values()])
+    se = 0.7 / math.sqrt(len(sample))
+    assert abs(sample.std().item() - 0.7) < 5 * 0.7 / math.sqrt(2 * len(sample))
+    assert abs(sample.mean().item()) < 5 * se
+
+
+def test_noise_is_keyed_by_seed_and_round():
+    like = {"w": torch.zeros(8)}
+    a = gaussian_noise(like, std=1.0, seed=0, round=3)["w"]
+    assert torch.equal(a, gaussian_noise(like, std=1.0, seed=0, round=3)["w"])
+    assert not torch.equal(a, gaussian_noise(like, std=1.0, seed=0, round=4)["w"])
+    assert not torch.equal(a, gaussian_noise(like, std=1.0, seed=1, round=3)["w"])
+
+
+def _uniform_partial(updates):
+    p = PartialSum.zeros_like({"w": torch.zeros_like(updates[0])})
+    for u in updates:
+        p.add({"w": u}, weight=1.0)
+    return p
+
+
+def test_without_noise_and_a_clip_above_every_norm_dp_fedavg_equals_fedavg():
+    g = torch.Generator().manual_seed(0)
+    raw = [torch.randn(6, generator=g) for _ in range(5)]
+    clipped = [clip({"w": u}, clip_norm=1e6)[0]["w"] for u in raw]
+    mean, stats = noisy_mean(_uniform_partial(clipped), noise_std=0.0, expected_devices=5, seed=0, round=1)
+    torch.testing.assert_close(mean["w"], weighted_mean(_uniform_partial(raw))["w"], rtol=1e-12, atol=1e-15)
+    assert stats["signal_to_noise"] == math.inf
+
+
+def test_noisy_mean_divides_by_the_expected_cohort_not_the_count():
+    partial = _uniform_partial([torch.ones(3), torch.ones(3)])
+    mean, _ = noisy_mean(partial, noise_std=0.0, expected_devices=4.0, seed=0, round=1)
+    assert mean["w"].tolist() == [0.5, 0.5, 0.5]
+
+
+def test_signal_to_noise_compares_the_clipped_sum_with_the_noise_drawn():
+    partial = _uniform_partial([torch.full((1000,), 0.1)])
+    _, stats = noisy_mean(partial, noise_std=0.1, expected_devices=1.0, seed=0, round=1)
+    assert stats["signal_to_noise"] == pytest.approx(1.0, rel=0.1)
+
+
+def test_update_noise_multiplier_leaves_the_count_its_share_of_the_budget():
+    z = update_noise_multiplier(1.0, count_std=5.0)
+    assert z ** -2 + (2 * 5.0) ** -2 == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        update_noise_multiplier(1.0, count_std=0.5)
+
+
+def test_adaptive_clip_norm_shrinks_when_more_than_the_quantile_are_unclipped():
+    clip_norm = AdaptiveClipNorm(clip_norm=1.0, target_quantile=0.5, learning_rate=0.2, count_std=1e-9)
+    assert clip_norm.update(num_unclipped=100, expected_devices=100, seed=0, round=1) == pytest.approx(math.exp(-0.1))
+    assert clip_norm.update(num_unclipped=0, expected_devices=100, seed=0, round=2) == pytest.approx(1.0)
+
+
+def test_adaptive_clip_norm_converges_to_the_target_quantile_of_norms():
+    norms = np.random.default_rng(0).lognormal(size=1000)
+    clip_norm = AdaptiveClipNorm(clip_norm=0.01, target_quantile=0.5, learning_rate=0.2, count_std=50.0)
+    for rnd in range(200):
+        clip_norm.update(num_unclipped=int((norms <= clip_norm.clip_norm).sum()), expected_devices=1000, seed=0,
+                         round=rnd)
+    assert clip_norm.clip_norm == pytest.approx(np.median(norms), rel=0.15)
+
+
+# Clipping on the actors, then summing, against clipping each update at the server.
+
+IDS = [1, 2, 3, 4, 5]
+
+
+@pytest.fixture(scope="module")
+def workers():
+    cfg = load_experiment(None, TINY)
+    return make_worker(cfg), make_worker(cfg)
+
+
+def _train(worker, state, ids, clip_norm):
+    worker.begin_round(state, 3, clip_norm)
+    records = worker.train(ids, [DeviceConfig(lora_rank=4)] * len(ids))
+    return records, worker.end_round()
+
+
+@pytest.fixture(scope="module")
+def clipped(workers):
+    a, b = workers
+    state = a.initial_state()
+    raw = []
+    for i in IDS:  # each device's own update, unclipped: what a server that clips would receive
+        _, p = _train(a, state, [i], None)
+        raw.append({k: s / p.weights[k] for k, s in p.sums.items()})
+    clip_norm = float(np.median([global_norm(u) for u in raw]))  # clipping is active for some devices
+    server = [clip(u, clip_norm=clip_norm)[0] for u in raw]
+    one = _train(a, state, IDS, clip_norm)[1]
+    two = [_train(a, state, IDS[:2], clip_norm)[1], _train(b, state, IDS[2:], clip_norm)[1]]
+    return state, clip_norm, server, one, two
+
+
+def test_clipping_on_one_or_two_actors_equals_clipping_each_update_at_the_server(clipped):
+    _, _, server, one, two = clipped
+    for total in (combine([one]), combine(two)):
+        assert total.num_devices == len(IDS)
+        for k in total.sums:
+            torch.testing.assert_close(total.sums[k], sum(u[k] for u in server), rtol=1e-9, atol=1e-12)
+            assert float(total.weights[k]) == len(IDS)
+
+
+def test_noisy_aggregate_is_the_same_for_one_two_actors_and_the_server(clipped):
+    state, clip_norm, server, one, two = clipped
+    plan = plan_central(PrivacyConfig(clip_norm=clip_norm, noise_multiplier=1.0), rounds=3, cohort_size=5,
+                        population_size=1000)
+
+    def aggregate(*partials):
+        agg = Aggregator(state=state, cfg=AggregationConfig(), seed=0, privacy=plan)
+        return agg.aggregate(3, *partials)
+
+    new_one, stats = aggregate(one)
+    new_two, _ = aggregate(*two)
+    noise = gaussian_noise(state, std=clip_norm, seed=0, round=3)
+    for k, v in state.items():
+        expected = (v.double() + (sum(u[k] for u in server) + noise[k]) / plan.expected_devices).float()
+        torch.testing.assert_close(new_one[k], expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(new_two[k], new_one[k], rtol=1e-6, atol=1e-7)
+    assert stats["noise_std"] == pytest.approx(clip_norm)
+
+
+def test_records_report_each_devices_norm_before_clipping(clipped, workers):
+    state, clip_norm, _, _, _ = clipped
+    records, _ = _train(workers[0], state, IDS, clip_norm)
+    assert (records["update_norm"] > clip_norm).any()
