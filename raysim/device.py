@@ -134,9 +134,7 @@ class DeviceWorker:
         start = 0
         while start < len(device_ids):
             config = configs[start]
-            limit = self.devices_per_pass if self.submodel(config).stackable and config.dropout_rate == 0 else 1
-            if self.cfg.privacy.local.enabled:  # Opacus needs per-example gradients of the submodel's own weights
-                limit = 1
+            limit = self._pass_limit(config)
             end = start + 1
             while end < len(device_ids) and end - start < limit and configs[end] == config:
                 end += 1
@@ -144,6 +142,16 @@ class DeviceWorker:
             start = end
         return {"device_id": np.asarray(device_ids, dtype=np.int64), "train_loss": losses, "num_examples": counts,
                 "update_norm": norms}
+
+    def _pass_limit(self, config: DeviceConfig) -> int:
+        """Devices of ``config`` that may share one pass: 1 unless everyone holds the same LoRA-only submodel.
+
+        Federated dropout gives every device its own slices; Opacus needs
+        per-example gradients of the submodel's own weights.
+        """
+        if self.cfg.privacy.local.enabled or config.dropout_rate > 0 or not self.submodel(config).stackable:
+            return 1
+        return self.devices_per_pass
 
     def end_round(self) -> PartialSum | None:
         partial, self._partial = self._partial, None

@@ -32,6 +32,15 @@ TINY = [
 ]
 
 
+def assert_metrics_close(a: dict, b: dict, columns: list[str], *, rtol: float = 1e-6) -> None:
+    """Two runs' rounds columns agree to ``rtol`` (relative), column by column."""
+    import numpy as np
+
+    for col in columns:
+        np.testing.assert_allclose(np.array(a[col], dtype=float), np.array(b[col], dtype=float), rtol=rtol,
+                                   err_msg=col)
+
+
 def make_worker(cfg):
     """A DeviceWorker in this process, built the way the pool builds one."""
     from raysim.data import build_dataset

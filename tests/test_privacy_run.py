@@ -3,14 +3,13 @@
 import json
 import math
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from raysim.privacy import accounting, local
 from raysim.run import run_experiment
 
-from conftest import TINY
+from conftest import TINY, assert_metrics_close
 
 BUDGET = accounting.epsilon(noise_multiplier=1.0, sample_rate=0.006, rounds=2, delta=1e-6)
 # Three rounds asked for; the budget allows two.
@@ -44,10 +43,7 @@ def test_epsilon_column_is_the_accountants_after_each_round(runs):
 
 
 def test_one_and_two_actors_give_the_same_private_run(runs):
-    a, b = _rounds(runs["two"]), _rounds(runs["one"])
-    for col in METRICS:
-        np.testing.assert_allclose(np.array(a[col], dtype=float), np.array(b[col], dtype=float), rtol=1e-6,
-                                   err_msg=col)
+    assert_metrics_close(_rounds(runs["two"]), _rounds(runs["one"]), METRICS)
 
 
 def test_max_epsilon_stops_the_run_at_the_last_round_within_budget(runs):

@@ -9,6 +9,8 @@ import pytest
 
 from raysim.run import run_experiment
 
+from conftest import assert_metrics_close
+
 ROUND_COLUMNS = {"round", "sim_time_s", "wall_time_s", "train_loss", "eval_loss", "eval_accuracy", "epsilon",
                  "delta", "bytes_up", "bytes_down", "n_selected", "n_completed", "n_dropped", "n_oom",
                  "n_stragglers", "lora_truncation_error"}
@@ -58,10 +60,7 @@ def test_same_seed_gives_identical_metrics(runs):
 
 
 def test_one_actor_and_two_actors_agree_to_1e_6(runs):
-    a, b = _rounds(runs["two"]), _rounds(runs["one"])
-    for col in METRICS:
-        np.testing.assert_allclose(np.array(a[col], dtype=float), np.array(b[col], dtype=float), rtol=1e-6,
-                                   err_msg=col)
+    assert_metrics_close(_rounds(runs["two"]), _rounds(runs["one"]), METRICS)
 
 
 def test_round_totals_are_the_sums_of_device_rows(runs):
