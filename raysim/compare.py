@@ -8,7 +8,7 @@ of these are keyed by the seed, so policies meet identical conditions.
 
 The study folder holds ``runs/<run id>/`` and, once all runs are done,
 ``comparison.parquet`` (one row per run) and ``report.md`` with plots. A
-study started again skips every run whose summary says ``finished`` under the
+study started again skips every run whose summary says it stopped cleanly under the
 same resolved config. With ``parallel: N > 1`` up to N runs share the Ray
 cluster at once, each with its share of the CPUs as device actors.
 """
@@ -33,6 +33,7 @@ from raysim.errors import ConfigError
 from raysim.policies import read_policy
 from raysim.report import run_label, run_metrics, write_report
 
+COMPLETE = ("finished", "target_reached", "privacy_budget_spent")  # clean stops; a resumed study skips them
 STUDY_KEYS = ("name", "description", "output_dir", "parallel", "experiment", "axes")
 LABELS = ("policy", "seed", "population")
 
@@ -156,7 +157,7 @@ def is_finished(run: StudyRun) -> bool:
     except (OSError, ValueError):
         return False
     same = _result_keys(stored) == _result_keys(OmegaConf.to_container(OmegaConf.structured(run.cfg)))
-    return summary.get("status") == "finished" and same
+    return summary.get("status") in COMPLETE and same
 
 
 def comparison_table(study: Study) -> pa.Table:
@@ -197,13 +198,14 @@ def _run_parallel(todo: list[StudyRun], *, parallel: int) -> None:
     import ray
 
     from raysim.data import build_dataset
-    from raysim.models import initial_base_model
+    from raysim.models import base_seed, initial_base_model
     from raysim.pretrain import pretrain
 
     # Pre-train in the driver first: concurrent runs would race to fill the same cache entry.
     for cfg in {to_yaml(_pretrain_part(r.cfg)): r.cfg for r in todo}.values():
         base = initial_base_model(cfg.model, seed=cfg.seed)
-        pretrain(base, build_dataset(cfg).public_examples(), cfg.pretrain, seed=cfg.seed, progress=False)
+        pretrain(base, build_dataset(cfg).public_examples(), cfg.pretrain, seed=base_seed(cfg.model, seed=cfg.seed),
+                 progress=False)
     share = max(1, int(ray.cluster_resources().get("CPU", 1) // parallel))
     task = ray.remote(num_cpus=0)(_run_one)
     pending, queue = [], list(todo)
@@ -226,4 +228,7 @@ def _run_one(cfg: ExperimentConfig) -> str:
 
 def _pretrain_part(cfg: ExperimentConfig) -> ExperimentConfig:
     """The fields that decide the pre-trained weights (the cache key's inputs)."""
-    return dataclasses.replace(ExperimentConfig(), seed=cfg.seed, model=cfg.model, data=cfg.data, pretrain=cfg.pretrain)
+    from raysim.models import base_seed
+
+    return dataclasses.replace(ExperimentConfig(), seed=base_seed(cfg.model, seed=cfg.seed), model=cfg.model,
+                               data=cfg.data, pretrain=cfg.pretrain)

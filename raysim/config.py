@@ -47,6 +47,9 @@ class ModelConfig:
     n_positions: int = 64
     dropout: float = 0.0  # GPT-2's resid/embd/attn dropout during local training
     path: str | None = None  # a local Hugging Face model folder; overrides the sizes above
+    # seed of the base model's initialisation and pre-training; None: the run's seed. Fix it to
+    # fine-tune one base model under many run seeds (studies, train-policy); they then share one pre-training
+    seed: int | None = None
 
 
 @dataclass
@@ -158,6 +161,9 @@ class EvalConfig:
     batch_size: int = 32
     max_examples: int = 512  # held-out sequences evaluated (spread over the eval users)
     target_accuracy: float | None = None  # summary.json reports the virtual time to reach it
+    # stop once an evaluation reaches target_accuracy (status target_reached): time-to-target studies
+    # then need no more rounds than the slowest policy takes, and `rounds` is a cap
+    stop_at_target: bool = False
 
 
 @dataclass
@@ -308,6 +314,8 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     c(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     c(cfg.eval.max_examples >= 1, "eval.max_examples", "must be >= 1")
+    c(not cfg.eval.stop_at_target or (cfg.eval.target_accuracy is not None and cfg.eval.every > 0),
+      "eval.stop_at_target", "needs eval.target_accuracy and eval.every > 0")
     r = cfg.ray
     c(r.num_actors is None or r.num_actors >= 1, "ray.num_actors", "must be >= 1")
     c(r.cpus_per_actor > 0, "ray.cpus_per_actor", "must be > 0")

@@ -59,15 +59,20 @@ def gpt2_config(cfg: ModelConfig) -> GPT2Config:
     )
 
 
+def base_seed(cfg: ModelConfig, *, seed: int) -> int:
+    """The seed of the base model's initialisation and pre-training: ``model.seed``, else the run's."""
+    return seed if cfg.seed is None else cfg.seed
+
+
 def initial_base_model(cfg: ModelConfig, *, seed: int) -> BaseModel:
-    """A GPT-2-family model initialised from (config, seed), or loaded from ``model.path``."""
+    """A GPT-2-family model initialised from (config, ``base_seed``), or loaded from ``model.path``."""
     if cfg.path:
         folder = Path(cfg.path).expanduser()
         if not (folder / "config.json").is_file():
             raise ConfigError("not a Hugging Face model folder (no config.json)", file=str(folder), field="model.path")
         model = AutoModelForCausalLM.from_pretrained(folder)
         return BaseModel(config=model.config.to_dict(), state=model.state_dict(), origin=str(folder))
-    torch.manual_seed(rng.torch_seed(seed, "model", "init"))
+    torch.manual_seed(rng.torch_seed(base_seed(cfg, seed=seed), "model", "init"))
     model = GPT2LMHeadModel(gpt2_config(cfg))
     return BaseModel(config=model.config.to_dict(), state=model.state_dict(), origin="init")
 

@@ -34,7 +34,7 @@ from raysim.data import build_dataset
 from raysim.errors import ConfigError
 from raysim.methods import method_space
 from raysim.methods.submodel import Space
-from raysim.models import BaseModel, initial_base_model
+from raysim.models import BaseModel, base_seed, initial_base_model
 from raysim.policies import CostOracle, Policy, PolicyContext, build_policy, read_policy
 from raysim.pool import DevicePool
 from raysim.pretrain import pretrain
@@ -74,12 +74,13 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
     dataset = build_dataset(cfg)
     base = initial_base_model(cfg.model, seed=cfg.seed)
     check_compatible(cfg, base)
-    base = pretrain(base, dataset.public_examples(), cfg.pretrain, seed=cfg.seed, progress=cfg.progress)
+    base = pretrain(base, dataset.public_examples(), cfg.pretrain, seed=base_seed(cfg.model, seed=cfg.seed),
+                    progress=cfg.progress)
     where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard)
     pool = DevicePool(cfg=cfg, base=ray.put(base), dataset=ray.put(dataset))
     oracle = CostOracle(measure=pool.measure, local_steps=cfg.train.local_steps, deadline_s=cfg.cohort.deadline_s)
     context = PolicyContext(methods=cfg.methods, space=method_space(cfg.methods), oracle=oracle, seed=cfg.seed,
-                            rounds=cfg.rounds)
+                            rounds=cfg.rounds, eval_every=cfg.eval.every)
     try:
         policy = make_policy(context) if make_policy else build_policy(spec, context=context)
     except BaseException:
@@ -122,7 +123,7 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
             cohort = sample_cohort(population, cfg.cohort, seed=cfg.seed, round=rnd, sim_time_s=sim_time)
             draws = population.draw(cohort.device_id, seed=cfg.seed)
             state = RoundState(round=rnd, sim_time_s=sim_time, last_train_loss=last.get("train_loss"),
-                               last_eval_loss=last.get("eval_loss"), epsilon=epsilon)
+                               last_eval_loss=last.get("eval_loss", initial.get("eval_loss")), epsilon=epsilon)
             configs = policy.assign(draws, state)
             costs = device_costs(draws, [pool.measure(c) for c in configs], local_steps=cfg.train.local_steps)
             dropped = rng.uniform(cfg.seed, "dropout", rnd, ids=cohort.device_id) < draws.dropout_prob
@@ -189,6 +190,11 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
                 + (f" ε {epsilon:.3g}" if privacy else ""), refresh=False)
             progress.update()
             completed = rnd
+            if time_to_target is not None and cfg.eval.stop_at_target:
+                status = "target_reached"
+                print(f"raysim: stopped after round {rnd}: eval accuracy {metrics['eval_accuracy']:.4f} reached "
+                      f"eval.target_accuracy={target:g} at {sim_time:.1f} virtual s", file=sys.stderr)
+                break
         else:
             status = "finished"
     finally:

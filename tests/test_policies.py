@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import replace
 
 import numpy as np
@@ -180,6 +182,42 @@ def test_rl_learns_to_prefer_the_rewarded_config():
                         "devices": {"status": np.where(four, "ok", "straggler"), "finish_s": np.ones(n),
                                     "bytes_up": np.zeros(n), "bytes_down": np.zeros(n)}})
     assert np.mean(share[-5:]) > np.mean(share[:5]) + 0.2
+
+
+def team_episode(policy, devices, *, rounds: int, eval_every: int, progress) -> list[float]:
+    """Every device finishes at once; the eval loss drops by ``progress(configs)`` per round, seen at evaluations."""
+    share, loss, seen = [], 5.0, 5.0
+    for rnd in range(1, rounds + 1):
+        configs = policy.assign(devices, RoundState(round=rnd, sim_time_s=0.0, last_train_loss=5.0,
+                                                    last_eval_loss=seen))
+        share.append(np.mean([c.bits == 4 for c in configs]))
+        loss *= 1 - progress(configs)
+        evaluated = rnd % eval_every == 0
+        seen = loss if evaluated else seen
+        n = len(devices)
+        policy.observe({"round": {"train_loss": 5.0, "eval_loss": loss if evaluated else math.nan},
+                        "devices": {"status": np.full(n, "ok"), "finish_s": np.ones(n),
+                                    "bytes_up": np.zeros(n), "bytes_down": np.zeros(n)}})
+    return share
+
+
+@pytest.mark.parametrize("eval_every", [1, 2])
+def test_rl_credits_each_device_with_its_share_of_the_team_progress(eval_every):
+    """Only 4-bit devices move the eval loss; the critic's counterfactual credit shifts the policy to 4 bits."""
+    ctx = replace(context(deadline_s=None, methods=MethodsConfig(bits=[32, 8, 4])), eval_every=eval_every)
+    policy = build("rl", ctx, w_time=0.0, w_bytes=0.0, w_failure=0.0, lr=0.01)
+    share = team_episode(policy, draws(16, seed=6), rounds=60, eval_every=eval_every,
+                         progress=lambda configs: 0.02 * np.mean([c.bits == 4 for c in configs]))
+    assert np.mean(share[-10:]) > np.mean(share[:10]) + 0.25
+
+
+def test_rl_spreads_an_evaluations_progress_over_the_rounds_since_the_last():
+    ctx = replace(context(deadline_s=None, methods=MethodsConfig(bits=[32, 8, 4])), eval_every=2)
+    policy = build("rl", ctx)
+    team_episode(policy, draws(8, seed=1), rounds=4, eval_every=2, progress=lambda configs: 0.01)
+    # two evaluations, each after two rounds of 1 %: every round is credited (1 - 0.99 ** 2) / 2
+    assert policy.scale == pytest.approx((1 - 0.99 ** 2) / 2)
+    assert policy.pending == [] and len(policy.memory) == 4
 
 
 def test_rl_checkpoint_round_trips(tmp_path):

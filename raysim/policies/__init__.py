@@ -70,6 +70,9 @@ def read_policy(name_or_path: str) -> PolicySpec:
         if key not in accepted:
             raise ConfigError(f"unknown parameter (accepted: {', '.join(sorted(accepted))})",
                               file=str(path), field=f"params.{key}")
+    checkpoint = params.get("checkpoint")
+    if isinstance(checkpoint, str) and not Path(checkpoint).is_absolute() and (path.parent / checkpoint).is_file():
+        params = {**params, "checkpoint": str((path.parent / checkpoint).resolve())}  # next to the policy file
     return PolicySpec(name=spec["policy"], path=str(path), params=params)
 
 

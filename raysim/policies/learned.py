@@ -2,21 +2,37 @@
 
 Every (device, config) pair is scored by one small MLP over the device's
 profile, the round state and the config as the cost model prices it for that
-device (predicted time, memory and bytes, bit-width, rank, ...). Scores over a
-device's feasible configs form a categorical distribution (infeasible configs
-masked out); an action is drawn with Gumbel-max noise keyed by (seed, round,
-device id, config), so a run is reproducible and independent of cohort order.
+device (predicted time, memory and bytes, bit-width, rank, compute, ...).
+Scores over a device's feasible configs form a categorical distribution
+(infeasible configs masked out); an action is drawn with Gumbel-max noise
+keyed by (seed, round, device id, config), so a run is reproducible and
+independent of cohort order.
 
-Learning is clipped policy gradient (PPO's surrogate, a few epochs per round)
-with a moving-average baseline. A device's reward for round t is
+The objective is the one a comparison study scores: reach the target soonest
+with few bytes and failures. Progress is a team outcome (the round's
+aggregate improves the model), so each device gets a counterfactual share of
+it from a learned critic (an additive value decomposition, as in VDN, with
+COMA's policy-weighted counterfactual baseline): the critic g scores a
+(device, config) pair, is fitted so that the mean of g over a round's
+aggregated devices predicts that round's progress, and device i's credit is
+g(x_i, a_i) [0 if not aggregated] minus the mean of g(x_i, .) under the
+policy. A device's reward for round t is
 
-    w_progress * (L_t - L_{t+1}) / L_t * [aggregated]
-    - w_time * finish_s / T - w_bytes * bytes / B - w_failure * [oom, dropped or straggler]
+    w_progress * credit / scale - w_time * finish_s / T - w_bytes * bytes / B
+    - w_failure * [oom, dropped or straggler]
 
-where L is the cohort's mean local training loss (so round t's reward is
-known when round t+1 reports), T the deadline (else the device's slowest
-option) and B the largest traffic any config costs. The network, optimizer
-and baseline save to and load from a checkpoint (``raysim train-policy``).
+Progress is the relative drop of the held-out eval loss, spread evenly over
+the rounds since the previous evaluation (so it is known when the next
+evaluation reports); with ``eval.every`` 0 it is the relative drop of the
+cohort's training loss from round t to t + 1. ``scale`` is a running mean of
+|progress|, which keeps the progress term about 1 at every stage of
+training; T is the deadline (else the slowest option) and B the largest
+traffic any config costs.
+
+Learning is clipped policy gradient (PPO's surrogate, a few epochs per
+settled round) with a moving-average baseline. The network, critic, their
+optimizers, baseline and scale save to and load from a checkpoint (``raysim
+train-policy``); a run with ``learn: false`` only applies a checkpoint.
 """
 
 from __future__ import annotations
@@ -34,7 +50,7 @@ from raysim.types import DeviceConfig, DeviceDraws, RoundState
 
 DEVICE_FEATURES = 6
 ROUND_FEATURES = 2
-CONFIG_FEATURES = 9
+CONFIG_FEATURES = 10
 FAILED = ("oom", "dropped", "straggler")
 
 
@@ -51,12 +67,15 @@ def device_features(devices: DeviceDraws) -> np.ndarray:
 
 
 def config_features(context: PolicyContext, prices: Prices, devices: DeviceDraws) -> np.ndarray:
-    """Each config's own values and its predicted costs for each device: shape (devices, configs, 9)."""
+    """Each config's own values and its predicted costs for each device: shape (devices, configs, 10)."""
     space = context.space
-    info = np.array([context.oracle.measure(c).trainable_params * c.bits for c in space], dtype=np.float64)
+    measured = [context.oracle.measure(c) for c in space]
+    info = np.array([m.trainable_params * c.bits for m, c in zip(measured, space)], dtype=np.float64)
+    flops = np.array([m.flops_per_step for m in measured], dtype=np.float64)
     max_rank = max(1, max(c.lora_rank for c in space))
     own = np.stack([
         np.log1p(info) / np.log1p(info.max()),
+        flops / flops.max(),
         np.array([c.bits / 32 for c in space]),
         np.array([c.lora_rank / max_rank for c in space]),
         np.array([c.prune_ratio for c in space]),
@@ -112,23 +131,33 @@ class Learned:
         clip: float = 0.2,
         entropy: float = 0.01,
         baseline_decay: float = 0.9,
-        w_progress: float = 20.0,
+        w_progress: float = 1.0,
         w_time: float = 1.0,
-        w_bytes: float = 0.2,
+        w_bytes: float = 0.05,
         w_failure: float = 1.0,
+        critic_steps: int = 20,
+        memory: int = 256,
     ):
         self.context = context
         self.learn = learn
         self.epochs, self.clip, self.entropy, self.decay = epochs, clip, entropy, baseline_decay
         self.weights = {"progress": w_progress, "time": w_time, "bytes": w_bytes, "failure": w_failure}
+        self.from_eval = context.eval_every > 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.torch_seed(context.seed, "policy-rl-init"))
             self.net = ScoreNet(hidden=hidden)
+            # a device's contribution to its round's progress: linear in the features, so that a few
+            # dozen rounds (one equation each) identify it
+            self.critic = torch.nn.Linear(DEVICE_FEATURES + ROUND_FEATURES + CONFIG_FEATURES, 1)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=lr)
+        self.critic_steps, self.memory_size = critic_steps, memory
+        self.memory: list[tuple[torch.Tensor, float]] = []  # (aggregated devices' chosen features, progress)
         self.baseline: float | None = None
+        self.scale: float | None = None  # running mean of |progress rate|
         self.first_loss: float | None = None
         self._batch: dict | None = None  # this round's choices, until its results arrive
-        self.pending: dict | None = None  # the last round's batch, waiting for the next round's loss
+        self.pending: list[dict] = []  # rounds whose progress is not known yet
         if checkpoint is not None:
             path = Path(checkpoint)
             if not path.is_file():
@@ -136,12 +165,17 @@ class Learned:
             self.load_state_dict(torch.load(path, weights_only=False))
 
     def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "baseline": self.baseline}
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict(),
+                "memory": self.memory, "baseline": self.baseline, "scale": self.scale}
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.baseline = state["baseline"]
+        self.critic.load_state_dict(state["critic"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.memory = list(state["memory"])
+        self.baseline, self.scale = state["baseline"], state["scale"]
 
     def assign(self, devices: DeviceDraws, state: RoundState) -> list[DeviceConfig]:
         prices = self.context.oracle.price(devices, self.context.space)
@@ -158,32 +192,53 @@ class Learned:
             log_probs = masked_log_probs(logits[rows], mask[rows])
             action = torch.from_numpy(choice[rows])
             self._batch = {"rows": rows, "x": x[rows], "mask": mask[rows], "action": action,
-                           "old": log_probs.gather(1, action[:, None]).squeeze(1), "round": state.round}
+                           "old": log_probs.gather(1, action[:, None]).squeeze(1), "before": state.last_eval_loss}
         return [self.context.space[j] for j in choice]
 
     def observe(self, results: dict) -> None:
         if not self.learn:
             return
         row, devices = results["round"], results["devices"]
-        loss = row["train_loss"]
-        if self.pending is not None and math.isfinite(loss) and math.isfinite(self.pending["loss"]):
-            progress = (self.pending["loss"] - loss) / self.pending["loss"]
-            self._update(self.pending, progress)
         batch, self._batch = self._batch, None
-        if batch is None:
+        if batch is not None:
+            rows = batch["rows"]
+            status = np.asarray(devices["status"])[rows]
+            horizon = self._horizon(devices)
+            finish = np.nan_to_num(np.asarray(devices["finish_s"], dtype=np.float64)[rows], nan=horizon)
+            traffic = (np.asarray(devices["bytes_up"]) + np.asarray(devices["bytes_down"]))[rows]
+            w = self.weights
+            batch["cost"] = (w["time"] * np.minimum(finish / horizon, 4.0)
+                             + w["bytes"] * traffic / self._max_traffic() + w["failure"] * np.isin(status, FAILED))
+            batch["ok"] = status == "ok"
+            batch["keep"] = status != "unavailable"
+            batch["loss"] = row["train_loss"]
+            self.pending.append(batch)
+        if self.from_eval:
+            self._settle_by_eval(row.get("eval_loss", math.nan))
+        else:
+            self._settle_by_training_loss(row["train_loss"])
+
+    def _settle_by_eval(self, after: float) -> None:
+        """An evaluation settles every round since the previous one, each with an equal share of the progress."""
+        if not math.isfinite(after) or not self.pending:
             return
-        rows = batch["rows"]
-        status = np.asarray(devices["status"])[rows]
-        horizon = self.context.oracle.deadline_s or float(np.nanmax(devices["finish_s"], initial=1.0))
-        finish = np.nan_to_num(np.asarray(devices["finish_s"], dtype=np.float64)[rows], nan=horizon)
-        traffic = (np.asarray(devices["bytes_up"]) + np.asarray(devices["bytes_down"]))[rows]
-        w = self.weights
-        batch["cost"] = (w["time"] * np.minimum(finish / horizon, 4.0) + w["bytes"] * traffic / self._max_traffic()
-                         + w["failure"] * np.isin(status, FAILED))
-        batch["ok"] = status == "ok"
-        batch["keep"] = status != "unavailable"
-        batch["loss"] = loss
-        self.pending = batch
+        span, self.pending = self.pending, []
+        before = span[0]["before"]
+        if before is None or not math.isfinite(before):
+            return
+        for batch in span:
+            self._update(batch, (before - after) / before / len(span))
+
+    def _settle_by_training_loss(self, loss: float) -> None:
+        """Round t is settled by round t + 1's training loss (the first on the model round t made)."""
+        if len(self.pending) < 2:
+            return
+        batch, self.pending = self.pending[0], self.pending[1:]
+        if math.isfinite(loss) and math.isfinite(batch["loss"]):
+            self._update(batch, (batch["loss"] - loss) / batch["loss"])
+
+    def _horizon(self, devices: dict) -> float:
+        return self.context.oracle.deadline_s or float(np.nanmax(devices["finish_s"], initial=1.0))
 
     def _max_traffic(self) -> float:
         return float(max(m.bytes_up + m.bytes_down for m in map(self.context.oracle.measure, self.context.space)))
@@ -203,7 +258,18 @@ class Learned:
         keep = batch["keep"]
         if not keep.any():
             return
-        reward = self.weights["progress"] * progress * batch["ok"] - batch["cost"]
+        self.scale = abs(progress) if self.scale is None else self.decay * self.scale + (1 - self.decay) * abs(progress)
+        x, mask, action, ok = batch["x"], batch["mask"], batch["action"], torch.from_numpy(batch["ok"])
+        if ok.any() and self.scale > 0:
+            chosen = x[torch.arange(len(action)), action]
+            self.memory = [*self.memory, (chosen[ok], progress / self.scale)][-self.memory_size:]
+            self._fit_critic()
+        with torch.no_grad():
+            values = self.critic(x).squeeze(-1)
+            policy = masked_log_probs(self.net(x), mask).exp()
+            expected = (policy * values.masked_fill(~mask, 0.0)).sum(dim=1)
+            credit = (values.gather(1, action[:, None]).squeeze(1) * ok - expected).numpy()
+        reward = self.weights["progress"] * credit - batch["cost"]
         mean = float(reward[keep].mean())
         self.baseline = mean if self.baseline is None else self.decay * self.baseline + (1 - self.decay) * mean
         advantage = torch.from_numpy((reward - self.baseline)[keep]).float()
@@ -218,3 +284,16 @@ class Learned:
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
+
+    def _fit_critic(self) -> None:
+        """Fit g so that each remembered round's mean g over its aggregated devices is its progress."""
+        features = torch.cat([f for f, _ in self.memory])
+        rounds = torch.cat([torch.full((len(f),), r) for r, (f, _) in enumerate(self.memory)])
+        counts = torch.bincount(rounds, minlength=len(self.memory)).float()
+        target = torch.tensor([p for _, p in self.memory], dtype=torch.float32)
+        for _ in range(self.critic_steps):
+            mean = torch.zeros(len(self.memory)).index_add(0, rounds, self.critic(features).squeeze(-1)) / counts
+            loss = torch.nn.functional.mse_loss(mean, target)
+            self.critic_optimizer.zero_grad()
+            loss.backward()
+            self.critic_optimizer.step()
