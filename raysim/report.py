@@ -148,12 +148,21 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
             curves = [(x, y) for x, y in curves if len(x) and np.isfinite(x).all()]
             if not curves:
                 continue
-            grid = np.linspace(0.0, max(x[-1] for x, _ in curves), 100)
+            grid = np.linspace(0.0, max(x[-1] for x, _ in curves), 200)
             ys = np.stack([np.where(grid <= x[-1], np.interp(grid, x, y), np.nan) for x, y in curves])
             mean, std = np.nanmean(ys, axis=0), np.nanstd(ys, axis=0)  # the longest run covers the whole grid
-            line, = ax.plot(grid, mean, label=f"{name} (n={len(curves)})")
-            ax.fill_between(grid, mean - std, mean + std, alpha=0.2, color=line.get_color())
+            # mean and band where every run has data; past the first run's end (a stop at the
+            # target, a spent budget) a dashed mean of the runs still going, without a band
+            every = grid <= min(x[-1] for x, _ in curves)
+            line, = ax.plot(grid[every], mean[every], label=f"{name} (n={len(curves)})")
+            ax.fill_between(grid[every], (mean - std)[every], (mean + std)[every], alpha=0.2, color=line.get_color())
+            tail = ~every | np.roll(~every, -1)  # joins the solid part
+            if (~every).any():
+                ax.plot(grid[tail], mean[tail], linestyle="--", linewidth=1, color=line.get_color())
             drawn = True
+        targets = {r["metrics"]["target_accuracy"] for r in runs}
+        if x_key != "epsilon" and len(targets) == 1 and math.isfinite(target_line := targets.pop()):
+            ax.axhline(target_line, color="grey", linestyle=":", linewidth=1, label="target")
         ax.set_xlabel(x_label)
         ax.set_ylabel(METRIC.replace("_", " "))
         if drawn:

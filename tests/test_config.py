@@ -51,3 +51,9 @@ def test_out_of_range_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_experiment(None, [override])
     assert err.value.field == key
+
+
+@pytest.mark.parametrize("extra", [[], ["eval.target_accuracy=0.1", "eval.every=0"]])
+def test_stop_at_target_needs_a_target_and_evaluations(extra):
+    with pytest.raises(ConfigError, match=r"eval.stop_at_target: needs eval.target_accuracy and eval.every > 0"):
+        load_experiment(None, ["eval.stop_at_target=true", *extra])

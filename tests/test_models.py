@@ -37,3 +37,12 @@ def test_lora_trains_only_the_adapters_and_starts_as_the_base_model():
     x = torch.randint(0, 64, (2, 8))
     with torch.no_grad():  # B starts at zero: the adapted model is the base model
         torch.testing.assert_close(model(x).logits, instantiate(base)(x).logits)
+
+
+def test_model_seed_fixes_the_base_model_across_run_seeds():
+    fixed = ModelConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16, seed=7)
+    a, b = initial_base_model(fixed, seed=0), initial_base_model(fixed, seed=1)
+    assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    free = ModelConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    c, d = initial_base_model(free, seed=0), initial_base_model(free, seed=1)
+    assert not torch.equal(c.state["transformer.wte.weight"], d.state["transformer.wte.weight"])

@@ -128,3 +128,18 @@ def test_a_run_that_fails_keeps_its_finished_rounds_readable(ray_session, tmp_pa
     assert _rounds(tmp_path / "run")["round"] == [1]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["rounds_completed"] == 1
+
+
+def test_stop_at_target_ends_the_run_at_the_first_evaluation_that_reaches_it(ray_session, tmp_path):
+    from raysim.config import load_experiment
+
+    from conftest import TINY
+
+    cfg = load_experiment(None, [*TINY, f"output_dir={tmp_path / 'run'}", "rounds=5", "eval.every=2",
+                                 "eval.target_accuracy=0.0", "eval.stop_at_target=true"])
+    run_experiment(cfg)
+    rounds = _rounds(tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert rounds["round"] == [1, 2]  # round 1 is not evaluated; round 2 is, and reaches 0.0
+    assert summary["status"] == "target_reached" and summary["rounds_completed"] == 2
+    assert summary["time_to_target_s"] == pytest.approx(rounds["sim_time_s"][-1])

@@ -106,6 +106,8 @@ class ScoreNet(torch.nn.Module):
         size = DEVICE_FEATURES + ROUND_FEATURES + CONFIG_FEATURES
         self.body = torch.nn.Sequential(torch.nn.Linear(size, hidden), torch.nn.Tanh(),
                                         torch.nn.Linear(hidden, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
+        torch.nn.init.zeros_(self.body[-1].weight)  # every feasible config equally likely at the start
+        torch.nn.init.zeros_(self.body[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x).squeeze(-1)
