@@ -68,6 +68,9 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     num_users: int | None = None  # dirichlet / iid: users to make (None: as many as natural users)
     public_fraction: float = 0.0  # share of users set aside as public text (the corpus' own public split is kept)
+    # seed of the split (public, held-out and training users, partitions) and of synthetic data; None: the
+    # run's seed. Fix it so that runs with different seeds evaluate on the same held-out users (studies)
+    seed: int | None = None
     min_examples: int = 2  # drop users with fewer sequences
     max_examples: int | None = 256  # keep at most this many sequences per user
     seq_len: int = 64
@@ -216,6 +219,11 @@ def _merge(base: DictConfig, extra: Any, *, source: str) -> DictConfig:
         return OmegaConf.merge(base, extra)
     except OmegaConfBaseException as err:
         raise _explain(err, source=source) from None
+
+
+def split_seed(cfg: ExperimentConfig) -> int:
+    """The seed of the data split and synthetic data: ``data.seed``, else the run's."""
+    return cfg.seed if cfg.data.seed is None else cfg.data.seed
 
 
 def load_experiment(

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raysim import rng
-from raysim.config import ExperimentConfig
+from raysim.config import ExperimentConfig, split_seed
 from raysim.data.corpus import PUBLIC_USER, SHIPPED
 from raysim.data.sources import partition, read_table
 from raysim.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
@@ -79,9 +79,9 @@ def load_user_texts(cfg: ExperimentConfig) -> tuple[dict[str, list[str]], str]:
         table, source = pq.read_table(SHIPPED), str(SHIPPED)
         # The shipped corpus is always split naturally, by module.
         natural = replace(cfg.data, partition="natural", user_column="user", text_column="text")
-        return partition(table, natural, seed=cfg.seed, source=source), source
+        return partition(table, natural, seed=split_seed(cfg), source=source), source
     source = str(Path(cfg.data.source).expanduser())
-    return partition(read_table(source), cfg.data, seed=cfg.seed, source=source), source
+    return partition(read_table(source), cfg.data, seed=split_seed(cfg), source=source), source
 
 
 def build_text_dataset(cfg: ExperimentConfig) -> TextDataset:
@@ -90,7 +90,7 @@ def build_text_dataset(cfg: ExperimentConfig) -> TextDataset:
     public_names = {PUBLIC_USER} & set(texts)
     others = sorted(set(texts) - public_names)
     if d.public_fraction > 0:
-        draw = rng.uniform(cfg.seed, "public-users", ids=np.arange(len(others)))
+        draw = rng.uniform(split_seed(cfg), "public-users", ids=np.arange(len(others)))
         public_names |= {u for u, x in zip(others, draw) if x < d.public_fraction}
     public_texts = [t for u in sorted(public_names) for t in texts[u]]
 
@@ -116,7 +116,7 @@ def build_text_dataset(cfg: ExperimentConfig) -> TextDataset:
     if len(kept) < d.eval_users + 2:
         raise ConfigError(f"only {len(kept)} users have >= data.min_examples={d.min_examples} sequences of "
                           f"{d.seq_len} tokens; need data.eval_users + 2", file=source, field="data.min_examples")
-    order = np.argsort(rng.uniform(cfg.seed, "eval-users", ids=np.arange(len(kept))), kind="stable")
+    order = np.argsort(rng.uniform(split_seed(cfg), "eval-users", ids=np.arange(len(kept))), kind="stable")
     eval_users = sorted(kept[i] for i in order[: d.eval_users])
     train_users = sorted(set(kept) - set(eval_users))
 
