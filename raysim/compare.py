@@ -30,7 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from raysim.config import ExperimentConfig, load_experiment, parse_override, to_yaml
 from raysim.errors import ConfigError
-from raysim.policies import read_policy
+from raysim.policies import policy_identity, read_policy
 from raysim.report import run_label, run_metrics, write_report
 
 COMPLETE = ("finished", "target_reached", "privacy_budget_spent")  # clean stops; a resumed study skips them
@@ -157,7 +157,8 @@ def is_finished(run: StudyRun) -> bool:
     except (OSError, ValueError):
         return False
     same = _result_keys(stored) == _result_keys(OmegaConf.to_container(OmegaConf.structured(run.cfg)))
-    return summary.get("status") in COMPLETE and same
+    same_policy = summary.get("policy") == policy_identity(read_policy(run.cfg.policy))  # its file may have changed
+    return summary.get("status") in COMPLETE and same and same_policy
 
 
 def comparison_table(study: Study) -> pa.Table:

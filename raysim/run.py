@@ -35,7 +35,7 @@ from raysim.errors import ConfigError
 from raysim.methods import method_space
 from raysim.methods.submodel import Space
 from raysim.models import BaseModel, base_seed, initial_base_model
-from raysim.policies import CostOracle, Policy, PolicyContext, build_policy, read_policy
+from raysim.policies import CostOracle, Policy, PolicyContext, build_policy, policy_identity, read_policy
 from raysim.pool import DevicePool
 from raysim.pretrain import pretrain
 from raysim.privacy import accounting, local
@@ -220,6 +220,7 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
             "delta": delta,
             "privacy": _privacy_summary(privacy, cfg),
             "totals": totals,
+            "policy": policy_identity(spec),
             "versions": _versions(),
         }
         writer.close(summary)  # rounds written so far stay readable, whatever stopped the run

@@ -89,6 +89,19 @@ def test_a_changed_base_experiment_makes_finished_runs_stale(finished_study, tmp
     assert not any(is_finished(r) for r in load_study(path, ["train.lr=0.5"]).runs)
 
 
+def test_a_run_whose_policy_file_changed_since_is_stale(finished_study, tmp_path):
+    """The run directory records the policy's parameters; a file edited since (same name) reruns it."""
+    study_dir, _ = finished_study
+    path = write_study(tmp_path)
+    shutil.copytree(study_dir, tmp_path / "study")
+    summary_file = tmp_path / "study" / "runs" / "policy-rl_seed-0" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    assert summary["policy"]["name"] == "rl" and "w_time" in summary["policy"]["params"]
+    summary["policy"]["params"]["w_time"] += 1.0  # as if the run had used another version of policies/rl.yaml
+    summary_file.write_text(json.dumps(summary))
+    assert [is_finished(r) for r in load_study(path).runs] == [True, False]
+
+
 def test_overrides_change_the_study_or_the_base_experiment(tmp_path):
     study = load_study(write_study(tmp_path), ["axes.seed=[5]", "rounds=2", "parallel=2"])
     assert [r.cfg.seed for r in study.runs] == [5, 5] and {r.cfg.rounds for r in study.runs} == {2}

@@ -7,6 +7,7 @@ the run can price configs (:class:`PolicyContext`).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ from raysim.errors import ConfigError
 from raysim.policies import learned, static  # noqa: F401  (registers the shipped policies)
 from raysim.policies.base import REGISTRY, CostOracle, Policy, PolicyContext, Prices
 
-__all__ = ["CostOracle", "Policy", "PolicyContext", "PolicySpec", "Prices", "build_policy", "read_policy"]
+__all__ = ["CostOracle", "Policy", "PolicyContext", "PolicySpec", "Prices", "build_policy", "policy_identity",
+           "read_policy"]
 
 POLICY_DIRS = (Path("policies"), REPO_ROOT / "policies")
 
@@ -74,6 +76,18 @@ def read_policy(name_or_path: str) -> PolicySpec:
     if isinstance(checkpoint, str) and not Path(checkpoint).is_absolute() and (path.parent / checkpoint).is_file():
         params = {**params, "checkpoint": str((path.parent / checkpoint).resolve())}  # next to the policy file
     return PolicySpec(name=spec["policy"], path=str(path), params=params)
+
+
+def policy_identity(spec: PolicySpec) -> dict:
+    """What decides a policy's behaviour: its name, parameters and any checkpoint's content hash.
+
+    Stored in ``summary.json``; a resumed study reruns a run whose policy file changed since.
+    """
+    params = dict(spec.params)
+    checkpoint = params.get("checkpoint")
+    if isinstance(checkpoint, str) and Path(checkpoint).is_file():
+        params["checkpoint"] = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
+    return {"name": spec.name, "params": params}
 
 
 def build_policy(spec: PolicySpec, *, context: PolicyContext) -> Policy:

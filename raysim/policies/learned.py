@@ -134,7 +134,7 @@ class Learned:
         entropy: float = 0.01,
         baseline_decay: float = 0.9,
         w_progress: float = 1.0,
-        w_time: float = 1.0,
+        w_time: float = 0.25,
         w_bytes: float = 0.05,
         w_failure: float = 1.0,
         critic_steps: int = 20,
