@@ -12,13 +12,14 @@ The objective is the one a comparison study scores: reach the target soonest
 with few bytes and failures. Progress is a team outcome (the round's
 aggregate improves the model), so each device gets a counterfactual share of
 it from a learned critic (an additive value decomposition, as in VDN, with
-COMA's policy-weighted counterfactual baseline): the critic g scores a
-(device, config) pair, is fitted so that the mean of g over a round's
-aggregated devices predicts that round's progress, and device i's credit is
+COMA's policy-weighted counterfactual baseline): the critic g, linear in
+the (device, config) features, is fitted so that the mean of g over a round's
+aggregated devices predicts that round's progress / scale (over the last
+``memory`` settled rounds), and device i's credit is
 g(x_i, a_i) [0 if not aggregated] minus the mean of g(x_i, .) under the
 policy. A device's reward for round t is
 
-    w_progress * credit / scale - w_time * finish_s / T - w_bytes * bytes / B
+    w_progress * credit - w_time * finish_s / T - w_bytes * bytes / B
     - w_failure * [oom, dropped or straggler]
 
 Progress is the relative drop of the held-out eval loss, spread evenly over
@@ -31,7 +32,7 @@ traffic any config costs.
 
 Learning is clipped policy gradient (PPO's surrogate, a few epochs per
 settled round) with a moving-average baseline. The network, critic, their
-optimizers, baseline and scale save to and load from a checkpoint (``raysim
+optimizers, the critic's memory, baseline and scale save to and load from a checkpoint (``raysim
 train-policy``); a run with ``learn: false`` only applies a checkpoint.
 """
 
