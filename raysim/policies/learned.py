@@ -38,6 +38,7 @@ train-policy``); a run with ``learn: false`` only applies a checkpoint.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -114,6 +115,22 @@ class ScoreNet(torch.nn.Module):
         return self.body(x).squeeze(-1)
 
 
+def single_threaded(method):
+    """Run ``method`` with torch on one thread: the policy's floats, and so its choices, do not depend on the
+    driver's thread count (its tensors are small: one thread is also the fastest)."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
 def masked_log_probs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
 
@@ -180,6 +197,7 @@ class Learned:
         self.memory = list(state["memory"])
         self.baseline, self.scale = state["baseline"], state["scale"]
 
+    @single_threaded
     def assign(self, devices: DeviceDraws, state: RoundState) -> list[DeviceConfig]:
         prices = self.context.oracle.price(devices, self.context.space)
         x = self._inputs(devices, state, prices)
@@ -198,6 +216,7 @@ class Learned:
                            "old": log_probs.gather(1, action[:, None]).squeeze(1), "before": state.last_eval_loss}
         return [self.context.space[j] for j in choice]
 
+    @single_threaded
     def observe(self, results: dict) -> None:
         if not self.learn:
             return
