@@ -149,7 +149,7 @@ def _flatten(mapping: DictConfig, prefix: str = "") -> dict[str, Any]:
 
 
 def is_finished(run: StudyRun) -> bool:
-    """Finished under the same resolved config: a resumed study skips it."""
+    """Stopped cleanly under the same resolved config and policy: a resumed study skips it."""
     run_dir = Path(run.cfg.output_dir)
     try:
         summary = json.loads((run_dir / "summary.json").read_text())

@@ -89,3 +89,8 @@ def register(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
         return factory
 
     return wrap
+
+
+def update_information(context: PolicyContext) -> np.ndarray:
+    """Per config of the space, the update information a device sends back: measured trainable parameters x bits."""
+    return np.array([context.oracle.measure(c).trainable_params * c.bits for c in context.space], dtype=np.float64)

@@ -47,7 +47,7 @@ import torch
 
 from raysim import rng
 from raysim.errors import ConfigError
-from raysim.policies.base import PolicyContext, Prices, register
+from raysim.policies.base import PolicyContext, Prices, register, update_information
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
 
 DEVICE_FEATURES = 6
@@ -68,14 +68,13 @@ def device_features(devices: DeviceDraws) -> np.ndarray:
     ], axis=1)
 
 
-def config_features(context: PolicyContext, prices: Prices, devices: DeviceDraws) -> np.ndarray:
-    """Each config's own values and its predicted costs for each device: shape (devices, configs, 10)."""
+def own_features(context: PolicyContext) -> np.ndarray:
+    """Each config's own values, the same for every device: shape (configs, 7)."""
     space = context.space
-    measured = [context.oracle.measure(c) for c in space]
-    info = np.array([m.trainable_params * c.bits for m, c in zip(measured, space)], dtype=np.float64)
-    flops = np.array([m.flops_per_step for m in measured], dtype=np.float64)
+    info = update_information(context)
+    flops = np.array([context.oracle.measure(c).flops_per_step for c in space], dtype=np.float64)
     max_rank = max(1, max(c.lora_rank for c in space))
-    own = np.stack([
+    return np.stack([
         np.log1p(info) / np.log1p(info.max()),
         flops / flops.max(),
         np.array([c.bits / 32 for c in space]),
@@ -84,7 +83,11 @@ def config_features(context: PolicyContext, prices: Prices, devices: DeviceDraws
         np.array([c.dropout_rate for c in space]),
         np.array([float(c.partial_embeddings) for c in space]),
     ], axis=1)
-    horizon = context.oracle.deadline_s or prices.total_s.max(axis=1, keepdims=True)
+
+
+def config_features(own: np.ndarray, prices: Prices, devices: DeviceDraws, *, deadline_s: float | None) -> np.ndarray:
+    """``own`` features and each config's predicted costs for each device: shape (devices, configs, 10)."""
+    horizon = deadline_s or prices.total_s.max(axis=1, keepdims=True)
     traffic = prices.bytes_up + prices.bytes_down
     priced = np.stack([
         np.minimum(prices.total_s / horizon, 4.0),
@@ -163,6 +166,8 @@ class Learned:
         self.epochs, self.clip, self.entropy, self.decay = epochs, clip, entropy, baseline_decay
         self.weights = {"progress": w_progress, "time": w_time, "bytes": w_bytes, "failure": w_failure}
         self.from_eval = context.eval_every > 0
+        self.own = own_features(context)  # fixed for the run: computed once
+        self.max_traffic = float(max(m.bytes_up + m.bytes_down for m in map(context.oracle.measure, context.space)))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.torch_seed(context.seed, "policy-rl-init"))
             self.net = ScoreNet(hidden=hidden)
@@ -174,7 +179,7 @@ class Learned:
         self.critic_steps, self.memory_size = critic_steps, memory
         self.memory: list[tuple[torch.Tensor, float]] = []  # (aggregated devices' chosen features, progress)
         self.baseline: float | None = None
-        self.scale: float | None = None  # running mean of |progress rate|
+        self.scale: float | None = None  # running mean of |progress|
         self.first_loss: float | None = None
         self._batch: dict | None = None  # this round's choices, until its results arrive
         self.pending: list[dict] = []  # rounds whose progress is not known yet
@@ -230,7 +235,7 @@ class Learned:
             traffic = (np.asarray(devices["bytes_up"]) + np.asarray(devices["bytes_down"]))[rows]
             w = self.weights
             batch["cost"] = (w["time"] * np.minimum(finish / horizon, 4.0)
-                             + w["bytes"] * traffic / self._max_traffic() + w["failure"] * np.isin(status, FAILED))
+                             + w["bytes"] * traffic / self.max_traffic + w["failure"] * np.isin(status, FAILED))
             batch["ok"] = status == "ok"
             batch["keep"] = status != "unavailable"
             batch["loss"] = row["train_loss"]
@@ -262,16 +267,13 @@ class Learned:
     def _horizon(self, devices: dict) -> float:
         return self.context.oracle.deadline_s or float(np.nanmax(devices["finish_s"], initial=1.0))
 
-    def _max_traffic(self) -> float:
-        return float(max(m.bytes_up + m.bytes_down for m in map(self.context.oracle.measure, self.context.space)))
-
     def _inputs(self, devices: DeviceDraws, state: RoundState, prices: Prices) -> torch.Tensor:
         if self.first_loss is None and state.last_train_loss is not None:
             self.first_loss = state.last_train_loss
         ratio = 1.0 if state.last_train_loss is None else state.last_train_loss / self.first_loss
         per_device = np.concatenate(
             [device_features(devices), np.tile([state.round / self.context.rounds, ratio], (len(devices), 1))], axis=1)
-        configs = config_features(self.context, prices, devices)
+        configs = config_features(self.own, prices, devices, deadline_s=self.context.oracle.deadline_s)
         k = len(self.context.space)
         stacked = np.concatenate([np.repeat(per_device[:, None, :], k, axis=1), configs], axis=2)
         return torch.from_numpy(stacked).float()

@@ -9,7 +9,7 @@ import numpy as np
 from raysim import rng
 from raysim.errors import ConfigError
 from raysim.methods import default_config
-from raysim.policies.base import PolicyContext, register
+from raysim.policies.base import PolicyContext, register, update_information
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
 
 
@@ -33,7 +33,7 @@ def richness_order(context: PolicyContext) -> np.ndarray:
     trainable parameters times bits per value. Ties keep method-space order, so
     the values listed first in ``methods.*`` are preferred.
     """
-    info = [context.oracle.measure(c).trainable_params * c.bits for c in context.space]
+    info = update_information(context)
     return np.array(sorted(range(len(info)), key=lambda j: (-info[j], j)), dtype=np.int64)
 
 
