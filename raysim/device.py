@@ -42,6 +42,9 @@ def batch_indices(num_examples: int, *, steps: int, batch_size: int, generator: 
     return order[:need].view(steps, batch_size)
 
 
+UTILITY_EXAMPLES = 128  # held-out sequences the utility gradient is taken on
+
+
 class DeviceWorker:
     """Trains devices for the driver; wrapped as a Ray actor by the pool."""
 
@@ -72,6 +75,7 @@ class DeviceWorker:
         self._clip_norm: float | None = None
         self._local_dp: dict[Structure, local.LocalDPSGD] = {}
         self._eval: torch.Tensor | None = None
+        self._gradient: tuple[Tensors, float] | None = None
         self._eval_model = Submodel(space=self.space, base=base, cfg=cfg, device=self.device, structure=Structure(
             lora_rank=0, heads=self.space.n_head, mlp=self.space.inner, blocks=(), embeddings=False))
         # Thousands of long-lived module and tensor objects: keep them out of every
@@ -113,13 +117,52 @@ class DeviceWorker:
             bytes_down += sub.width_bytes()  # the frozen slices change every round: they travel too
         return costmodel.measure(sub.lm, batch=batch.to(self.device), bytes_down=bytes_down, bytes_up=bytes_up)
 
-    def begin_round(self, state: Tensors, round: int, clip_norm: float | None = None) -> None:
-        """Load the round's global state; ``clip_norm`` turns on DP-FedAvg's per-device clipping."""
+    def begin_round(self, state: Tensors, round: int, clip_norm: float | None = None, utility: bool = False) -> None:
+        """Load the round's global state; ``clip_norm`` turns on DP-FedAvg's per-device clipping; ``utility``
+        gives every device's record its update's utility (:meth:`_loss_gradient`)."""
         self._round = round
         self._clip_norm = clip_norm
         self._state = {k: v.to(self.device) for k, v in state.items()}
         self._factors = {}
         self._partial = PartialSum.zeros_like(self._state)
+        self._gradient = self._loss_gradient() if utility and self.space.lora == "flexlora" else None
+
+    def _loss_gradient(self) -> tuple[Tensors, float]:
+        """The held-out loss per token at the round's global state, and its gradient with respect to the state.
+
+        A device's utility is then the first-order relative drop of that loss
+        if its decoded update (in full coordinates) were applied alone:
+        ``-<gradient, update> / loss``. FedAvg applies a weighted mean of the
+        updates, so the round's first-order progress is the same mean of the
+        utilities. Computed on the first ``UTILITY_EXAMPLES`` held-out sequences,
+        the data the eval loss is measured on (flexlora's ``ΔW`` state only).
+        """
+        if self._eval is None:
+            self._eval = self.dataset.eval_examples()
+        model = self._eval_model
+        model.load_frozen(self._state, None, version=object())
+        model.lm.eval()
+        params = {f"{t.name}.delta": model._conv(t.name).weight for t in self.space.targets}
+        if EMBEDDING in self._state:
+            params[EMBEDDING] = model.lm.get_parameter(EMBEDDING)
+        for p in params.values():
+            p.requires_grad_(True)
+        try:
+            batch = self._eval[:UTILITY_EXAMPLES].to(self.device)
+            logits = model.lm(input_ids=batch).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            grads = torch.autograd.grad(loss, list(params.values()))
+        finally:
+            for p in params.values():
+                p.requires_grad_(False)
+        # Conv1D holds (in, out); the state's ΔW is (out, in)
+        return {k: g if k == EMBEDDING else g.T for k, g in zip(params, grads)}, loss.item()
+
+    def _utility(self, update: Tensors) -> float:
+        if self._gradient is None:
+            return float("nan")
+        grads, loss = self._gradient
+        return -sum(float((grads[k] * update[k]).sum()) for k in grads if k in update) / loss
 
     def train(self, device_ids: list[int], configs: list[DeviceConfig]) -> dict[str, np.ndarray]:
         """Train each device; return its records as columns.
@@ -131,6 +174,7 @@ class DeviceWorker:
         losses = np.empty(len(device_ids))
         counts = np.empty(len(device_ids), dtype=np.int64)
         norms = np.empty(len(device_ids))
+        utilities = np.empty(len(device_ids))
         start = 0
         while start < len(device_ids):
             config = configs[start]
@@ -138,10 +182,11 @@ class DeviceWorker:
             end = start + 1
             while end < len(device_ids) and end - start < limit and configs[end] == config:
                 end += 1
-            losses[start:end], counts[start:end], norms[start:end] = self._train_group(device_ids[start:end], config)
+            (losses[start:end], counts[start:end], norms[start:end],
+             utilities[start:end]) = self._train_group(device_ids[start:end], config)
             start = end
         return {"device_id": np.asarray(device_ids, dtype=np.int64), "train_loss": losses, "num_examples": counts,
-                "update_norm": norms}
+                "update_norm": norms, "utility": utilities}
 
     def _pass_limit(self, config: DeviceConfig) -> int:
         """Devices of ``config`` that may share one pass: 1 unless everyone holds the same LoRA-only submodel.
@@ -179,7 +224,8 @@ class DeviceWorker:
                                         (top3 == target.unsqueeze(-1)).any(-1).sum().item()], dtype=torch.float64)
         return totals.numpy()
 
-    def _train_group(self, device_ids: list[int], config: DeviceConfig) -> tuple[list[float], list[int], list[float]]:
+    def _train_group(self, device_ids: list[int],
+                     config: DeviceConfig) -> tuple[list[float], list[int], list[float], list[float]]:
         """Local training of devices that share ``config`` and its slices; their updates go into the partial sum."""
         seed, round, k = self.cfg.seed, self._round, len(device_ids)
         sub = self.submodel(config)
@@ -237,7 +283,7 @@ class DeviceWorker:
                     optimizer.zero_grad(set_to_none=True)
                     loss_sum += losses.detach()
         encoding = self._encoding(config)
-        norms = []
+        norms, utilities = [], []
         with torch.no_grad():
             for j, device_id in enumerate(device_ids):
                 update = {name: t[j] - s for name, t, s in zip(sub.params, tensors, starts)}
@@ -247,8 +293,9 @@ class DeviceWorker:
                 context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config,
                                         num_examples=len(data[j]))
                 update = run_on_device(self.processors, update, context=context)
+                utilities.append(self._utility(update))
                 norms.append(self._accumulate(update, num_examples=len(data[j]), held=held))
-        return (loss_sum / self.cfg.train.local_steps).tolist(), [len(x) for x in data], norms
+        return (loss_sum / self.cfg.train.local_steps).tolist(), [len(x) for x in data], norms, utilities
 
     def _dp_sgd(self, sub: Submodel) -> local.LocalDPSGD:
         """The submodel wrapped for local DP-SGD (Opacus), once per structure."""

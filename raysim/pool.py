@@ -95,20 +95,22 @@ class DevicePool:
         configs: list[DeviceConfig],
         costs: np.ndarray,
         clip_norm: float | None = None,
+        utility: bool = False,
     ) -> tuple[dict[str, np.ndarray], list[ray.ObjectRef]]:
         """Train ``device_ids``; return their records (id order) and partial-sum refs.
 
-        ``clip_norm``: DP-FedAvg's per-device clip norm for this round (None: no clipping).
+        ``clip_norm``: DP-FedAvg's per-device clip norm for this round (None: no clipping). ``utility``: each
+        record carries its update's first-order held-out utility (``DeviceWorker._loss_gradient``), else NaN.
         """
         for actor in self.actors:
-            actor.begin_round.remote(state, round, clip_norm)
+            actor.begin_round.remote(state, round, clip_norm, utility)
         chunks = balance(costs, num_chunks=len(self.actors) * self.cfg.ray.chunks_per_actor)
         work = [([int(device_ids[p]) for p in chunk], [configs[p] for p in chunk]) for chunk in chunks]
         results = list(ActorPool(self.actors).map_unordered(lambda a, w: a.train.remote(*w), work))
         partials = [actor.end_round.remote() for actor in self.actors]
         if not results:
             return {"device_id": np.empty(0, np.int64), "train_loss": np.empty(0), "num_examples": np.empty(0, np.int64),
-                    "update_norm": np.empty(0)}, partials
+                    "update_norm": np.empty(0), "utility": np.empty(0)}, partials
         records = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
         order = np.argsort(records["device_id"])
         return {k: v[order] for k, v in records.items()}, partials

@@ -67,6 +67,7 @@ DEVICES_SCHEMA = pa.schema([
     ("num_examples", pa.int32()),
     ("train_loss", pa.float64()),
     ("update_norm", pa.float64()),  # L2 norm of the decoded update before any clipping
+    ("utility", pa.float64()),  # first-order relative held-out loss drop of the update alone (rl; NaN otherwise)
     ("local_epsilon", pa.float64()),  # record-level ε of this local training (local DP-SGD; NaN without)
 ])
 

@@ -80,7 +80,7 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
     pool = DevicePool(cfg=cfg, base=ray.put(base), dataset=ray.put(dataset))
     oracle = CostOracle(measure=pool.measure, local_steps=cfg.train.local_steps, deadline_s=cfg.cohort.deadline_s)
     context = PolicyContext(methods=cfg.methods, space=method_space(cfg.methods), oracle=oracle, seed=cfg.seed,
-                            rounds=cfg.rounds, eval_every=cfg.eval.every)
+                            rounds=cfg.rounds)
     try:
         policy = make_policy(context) if make_policy else build_policy(spec, context=context)
     except BaseException:
@@ -123,7 +123,8 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
             cohort = sample_cohort(population, cfg.cohort, seed=cfg.seed, round=rnd, sim_time_s=sim_time)
             draws = population.draw(cohort.device_id, seed=cfg.seed)
             state = RoundState(round=rnd, sim_time_s=sim_time, last_train_loss=last.get("train_loss"),
-                               last_eval_loss=last.get("eval_loss", initial.get("eval_loss")), epsilon=epsilon)
+                               last_eval_loss=last.get("eval_loss", initial.get("eval_loss")), epsilon=epsilon,
+                               target=cohort.target)
             configs = policy.assign(draws, state)
             costs = device_costs(draws, [pool.measure(c) for c in configs], local_steps=cfg.train.local_steps)
             dropped = rng.uniform(cfg.seed, "dropout", rnd, ids=cohort.device_id) < draws.dropout_prob
@@ -134,6 +135,7 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
             records, partials = pool.train(
                 state_ref, round=rnd, device_ids=cohort.device_id[trained],
                 configs=[configs[i] for i in trained], costs=costs.compute_s[trained], clip_norm=clip_norm,
+                utility=getattr(policy, "wants_utility", False),
             )
             unclipped = int((records["update_norm"] <= clip_norm).sum()) if privacy else 0
             state_ref, stats_ref = aggregator.aggregate.options(num_returns=2).remote(rnd, *partials,
@@ -277,6 +279,8 @@ def _device_columns(rnd, draws, configs, costs, status, trained, records, cfg) -
     examples[trained] = records["num_examples"]
     norm = np.full(n, math.nan)
     norm[trained] = records["update_norm"]
+    utility = np.full(n, math.nan)
+    utility[trained] = records["utility"]
     local_eps = np.full(n, math.nan)
     if cfg.privacy.local.enabled:
         local_eps[trained] = [local.device_epsilon(num_examples=int(k), cfg=cfg.privacy.local, train=cfg.train)
@@ -305,6 +309,7 @@ def _device_columns(rnd, draws, configs, costs, status, trained, records, cfg) -
         "num_examples": examples.astype(np.int32),
         "train_loss": loss,
         "update_norm": norm,
+        "utility": utility,
         "local_epsilon": local_eps,
     }
 

@@ -1,7 +1,7 @@
 """``raysim train-policy``: train the ``rl`` policy over several runs (episodes) and save it.
 
 Episode e is the experiment with seed ``seed + e`` (fresh device draws, data
-order and cohorts); the policy carries its network, optimizer and baseline
+order and cohorts); the policy carries its network, optimizer, critic memory and running means
 from one episode to the next. A later run starts from the saved checkpoint
 with ``params: {checkpoint: PATH}`` in its policy file.
 """

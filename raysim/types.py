@@ -72,3 +72,4 @@ class RoundState:
     last_train_loss: float | None = None
     last_eval_loss: float | None = None
     epsilon: float | None = None
+    target: int | None = None  # updates that close the round (None: every selected device's)

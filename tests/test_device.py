@@ -97,3 +97,33 @@ def test_an_idle_worker_returns_no_partial_sum(workers):
     a, _ = workers
     a.begin_round(a.initial_state(), 1)
     assert a.end_round() is None
+
+
+@pytest.mark.parametrize("config", [CFG, DeviceConfig(lora_rank=4, bits=4)])
+def test_an_updates_utility_is_the_first_order_drop_of_the_held_out_loss(config):
+    """utility = -<grad L, update> / L: applying eps x the update alone lowers L by eps x utility x L."""
+    a = make_worker(load_experiment(None, [*TINY, "train.lr=0.05"]))  # an update the float32 loss resolves
+    state = a.initial_state()
+    a.begin_round(state, 3, utility=True)
+    utility = a.train([5], [config])["utility"][0]
+    partial = a.end_round()
+    update = {k: (partial.sums[k] / partial.weights[k]).float() for k in partial.sums}
+    assert set(update) == {k for k in state if k.endswith(".delta")}
+
+    def loss(s):
+        a.begin_round(s, 3, utility=True)
+        a.end_round()
+        return a._gradient[1]
+
+    eps = 0.05
+    before = loss(state)
+    after = loss({k: v + eps * update[k] for k, v in state.items()})
+    assert utility != 0.0
+    assert (before - after) / (eps * before) == pytest.approx(utility, rel=0.05)
+
+
+def test_no_utility_unless_asked(workers):
+    a, _ = workers
+    a.begin_round(a.initial_state(), 3)
+    assert np.isnan(a.train([5], [CFG])["utility"]).all()
+    a.end_round()

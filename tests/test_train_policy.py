@@ -19,8 +19,8 @@ def test_trained_rl_policy_is_saved_and_a_later_run_loads_it(ray_session, tmp_pa
     assert main(["train-policy", str(exp), *TINY, "rounds=3", f"policy={tmp_path / 'rl.yaml'}", "--episodes", "2",
                  "--out", str(out)]) == 0
     state = torch.load(out, weights_only=False)
-    assert set(state) == {"net", "optimizer", "critic", "critic_optimizer", "memory", "baseline", "scale"}
-    assert state["baseline"] is not None and state["memory"]
+    assert set(state) == {"net", "optimizer", "critic", "memory", "running"}
+    assert state["running"]["duration"] > 0 and state["memory"]
     assert (tmp_path / "ckpt" / "rl-episodes" / "episode-1" / "summary.json").is_file()
 
     (tmp_path / "trained.yaml").write_text(f"policy: rl\nparams: {{checkpoint: {out}, learn: false}}\n")

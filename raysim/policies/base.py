@@ -68,7 +68,6 @@ class PolicyContext:
     oracle: CostOracle
     seed: int
     rounds: int
-    eval_every: int = 0  # the run's eval.every: rl takes its progress signal from evaluations when > 0
 
 
 class Policy(Protocol):

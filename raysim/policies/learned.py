@@ -8,32 +8,49 @@ Scores over a device's feasible configs form a categorical distribution
 keyed by (seed, round, device id, config), so a run is reproducible and
 independent of cohort order.
 
-The objective is the one a comparison study scores: reach the target soonest
-with few bytes and failures. Progress is a team outcome (the round's
-aggregate improves the model), so each device gets a counterfactual share of
-it from a learned critic (an additive value decomposition, as in VDN, with
-COMA's policy-weighted counterfactual baseline): the critic g, linear in
-the (device, config) features, is fitted so that the mean of g over a round's
-aggregated devices predicts that round's progress / scale (over the last
-``memory`` settled rounds), and device i's credit is
-g(x_i, a_i) [0 if not aggregated] minus the mean of g(x_i, .) under the
-policy. A device's reward for round t is
+The objective is the one a comparison study scores: reach the target soonest,
+with few bytes and failures. A round brings progress P (the relative drop of
+the held-out loss) and lasts D virtual seconds, so reaching a target soonest
+is a high rate sum(P) / sum(D). Each round the policy maximises P - rho * D
+(Dinkelbach's form of a ratio objective), the price of time rho being one
+typical round's progress per typical round's duration. The value of the
+cohort's configs ``a`` for device i is
 
-    w_progress * credit - w_time * finish_s / T - w_bytes * bytes / B
-    - w_failure * [oom, dropped or straggler]
+    Q(a) = w_progress * G(a) - w_time * D(a) / mean D
+           - w_bytes * bytes_i / B - w_failure * [device i not aggregated]
 
-Progress is the relative drop of the held-out eval loss, spread evenly over
-the rounds since the previous evaluation (so it is known when the next
-evaluation reports); with ``eval.every`` 0 it is the relative drop of the
-cohort's training loss from round t to t + 1. ``scale`` is a running mean of
-|progress|, which keeps the progress term about 1 at every stage of
-training; T is the deadline (else the slowest option) and B the largest
-traffic any config costs.
+(B is the largest traffic any config costs), where
+
+- G(a), the critic, predicts the round's progress in units of a typical
+  round's: the mean over the aggregated devices of g(config), g linear in
+  the config's own features (update information, FLOPs, bits, rank,
+  pruning, ...). FedAvg applies the mean of the updates, so to first order
+  the round's progress is the mean of each update's *utility*, the relative
+  held-out loss drop it would give alone (``-<grad L, update> / L``, computed
+  by the device actors: devices.parquet ``utility``); g is fitted to the
+  utilities by ridge regression over the last ``memory`` rounds, shrunk
+  towards the prior ``prior_information`` x the config's update information
+  (trainable parameters x bits, log scale, the largest 1: greedy_fit's
+  notion of a rich config). One number per device, not one per round, is
+  what lets the critic tell configs apart.
+- D(a) is the round's duration by the round rule (``clock.settle_round``)
+  with each device's finish time from the cost model. It is exact: the
+  virtual clock runs on the same cost model, and the round reveals who was
+  available and who dropped out.
+
+Device i's advantage is COMA's counterfactual, Q(a_i, a_-i) minus the mean
+of Q(a', a_-i) under the policy's distribution over i's configs a', every
+term recomputed with i's config swapped (who is aggregated, when the round
+closes). So a device that holds the round open is charged the time it costs
+everyone, and one that finishes early is not.
 
 Learning is clipped policy gradient (PPO's surrogate, a few epochs per
-settled round) with a moving-average baseline. The network, critic, their
-optimizers, the critic's memory, baseline and scale save to and load from a checkpoint (``raysim
-train-policy``); a run with ``learn: false`` only applies a checkpoint.
+round), advantages in units of their running mean magnitude. The network,
+its optimizer, the critic and its memory and the running means save to and
+load from a checkpoint (``raysim train-policy``); a run with ``learn:
+false`` only applies a checkpoint. The critic learns from utilities, which
+need ``aggregation.lora: flexlora`` (the default); otherwise g stays at its
+prior.
 """
 
 from __future__ import annotations
@@ -46,14 +63,14 @@ import numpy as np
 import torch
 
 from raysim import rng
+from raysim.clock import OK, settle_round
 from raysim.errors import ConfigError
 from raysim.policies.base import PolicyContext, Prices, register, update_information
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
 
 DEVICE_FEATURES = 6
 ROUND_FEATURES = 2
-CONFIG_FEATURES = 10
-FAILED = ("oom", "dropped", "straggler")
+CONFIG_FEATURES = 11
 
 
 def device_features(devices: DeviceDraws) -> np.ndarray:
@@ -85,14 +102,23 @@ def own_features(context: PolicyContext) -> np.ndarray:
     ], axis=1)
 
 
-def config_features(own: np.ndarray, prices: Prices, devices: DeviceDraws, *, deadline_s: float | None) -> np.ndarray:
-    """``own`` features and each config's predicted costs for each device: shape (devices, configs, 10)."""
+def config_features(own: np.ndarray, prices: Prices, devices: DeviceDraws, *, deadline_s: float | None,
+                    target: int) -> np.ndarray:
+    """``own`` features and each config's predicted costs for each device: shape (devices, configs, 11).
+
+    Besides time, memory and traffic, the place in the round the config would give the device: how many of
+    the cohort's other devices arrive sooner (each at its fastest feasible config), over the round's target.
+    """
     horizon = deadline_s or prices.total_s.max(axis=1, keepdims=True)
     traffic = prices.bytes_up + prices.bytes_down
+    fastest = np.where(prices.feasible, prices.total_s, np.inf).min(axis=1)
+    sooner = (fastest[None, None, :] < prices.total_s[:, :, None]).sum(axis=2)
+    sooner -= fastest[:, None] < prices.total_s  # not the device itself
     priced = np.stack([
         np.minimum(prices.total_s / horizon, 4.0),
         np.minimum(prices.peak_memory_bytes / devices.memory_bytes[:, None], 4.0),
         traffic / max(1, traffic.max()),
+        sooner / max(1, target),
     ], axis=2)
     return np.concatenate([np.broadcast_to(own, (len(devices), *own.shape)), priced], axis=2)
 
@@ -142,6 +168,8 @@ def masked_log_probs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class Learned:
     """A learned per-device policy (see the module docstring); learns online unless ``learn`` is false."""
 
+    wants_utility = True  # the run computes each update's utility (devices.parquet ``utility``) for the critic
+
     def __init__(
         self,
         *,
@@ -153,36 +181,36 @@ class Learned:
         epochs: int = 4,
         clip: float = 0.2,
         entropy: float = 0.01,
-        baseline_decay: float = 0.9,
+        decay: float = 0.9,
         w_progress: float = 1.0,
-        w_time: float = 0.25,
-        w_bytes: float = 0.05,
-        w_failure: float = 1.0,
-        critic_steps: int = 20,
-        memory: int = 256,
+        w_time: float = 1.0,
+        w_bytes: float = 0.01,
+        w_failure: float = 0.1,
+        ridge: float = 1.0,
+        prior_information: float = 1.0,
+        memory: int = 64,
     ):
         self.context = context
         self.learn = learn
-        self.epochs, self.clip, self.entropy, self.decay = epochs, clip, entropy, baseline_decay
+        self.epochs, self.clip, self.entropy, self.decay, self.ridge = epochs, clip, entropy, decay, ridge
         self.weights = {"progress": w_progress, "time": w_time, "bytes": w_bytes, "failure": w_failure}
-        self.from_eval = context.eval_every > 0
         self.own = own_features(context)  # fixed for the run: computed once
         self.max_traffic = float(max(m.bytes_up + m.bytes_down for m in map(context.oracle.measure, context.space)))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.torch_seed(context.seed, "policy-rl-init"))
             self.net = ScoreNet(hidden=hidden)
-            # a device's contribution to its round's progress: linear in the features, so that a few
-            # dozen rounds (one equation each) identify it
-            self.critic = torch.nn.Linear(DEVICE_FEATURES + ROUND_FEATURES + CONFIG_FEATURES, 1)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=lr)
-        self.critic_steps, self.memory_size = critic_steps, memory
-        self.memory: list[tuple[torch.Tensor, float]] = []  # (aggregated devices' chosen features, progress)
-        self.baseline: float | None = None
-        self.scale: float | None = None  # running mean of |progress|
+        self.memory_size = memory
+        # the last ``memory`` rounds: (own features of each aggregated device's config, its utility / scale)
+        self.memory: list[tuple[np.ndarray, np.ndarray]] = []
+        # the critic's prior: a config is worth its update information (feature 0: log scale, the largest 1),
+        # in units of a typical round's progress; observed utilities correct it (``_fit_critic``)
+        self.prior = np.zeros(self.own.shape[1])
+        self.prior[0] = prior_information
+        self.critic = np.append(self.prior, 0.0)  # g(config) = own features @ critic[:-1] + critic[-1]
+        self.running = {"progress": None, "duration": None, "advantage": None}  # running means of magnitudes
         self.first_loss: float | None = None
         self._batch: dict | None = None  # this round's choices, until its results arrive
-        self.pending: list[dict] = []  # rounds whose progress is not known yet
         if checkpoint is not None:
             path = Path(checkpoint)
             if not path.is_file():
@@ -190,17 +218,15 @@ class Learned:
             self.load_state_dict(torch.load(path, weights_only=False))
 
     def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict(),
-                "memory": self.memory, "baseline": self.baseline, "scale": self.scale}
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "memory": self.memory,
+                "critic": self.critic, "running": dict(self.running)}
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.critic.load_state_dict(state["critic"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.memory = list(state["memory"])
-        self.baseline, self.scale = state["baseline"], state["scale"]
+        self.critic = np.asarray(state["critic"], dtype=np.float64)
+        self.running = dict(state["running"])
 
     @single_threaded
     def assign(self, devices: DeviceDraws, state: RoundState) -> list[DeviceConfig]:
@@ -217,55 +243,40 @@ class Learned:
             rows = np.flatnonzero(has_option)
             log_probs = masked_log_probs(logits[rows], mask[rows])
             action = torch.from_numpy(choice[rows])
+            traffic = prices.bytes_up + prices.bytes_down
             self._batch = {"rows": rows, "x": x[rows], "mask": mask[rows], "action": action,
-                           "old": log_probs.gather(1, action[:, None]).squeeze(1), "before": state.last_eval_loss}
+                           "old": log_probs.gather(1, action[:, None]).squeeze(1),
+                           "choice": choice, "total_s": prices.total_s, "fits": prices.fits,
+                           "traffic": traffic / self.max_traffic, "target": state.target or len(devices)}
         return [self.context.space[j] for j in choice]
 
     @single_threaded
     def observe(self, results: dict) -> None:
         if not self.learn:
             return
-        row, devices = results["round"], results["devices"]
         batch, self._batch = self._batch, None
-        if batch is not None:
-            rows = batch["rows"]
-            status = np.asarray(devices["status"])[rows]
-            horizon = self._horizon(devices)
-            finish = np.nan_to_num(np.asarray(devices["finish_s"], dtype=np.float64)[rows], nan=horizon)
-            traffic = (np.asarray(devices["bytes_up"]) + np.asarray(devices["bytes_down"]))[rows]
-            w = self.weights
-            batch["cost"] = (w["time"] * np.minimum(finish / horizon, 4.0)
-                             + w["bytes"] * traffic / self.max_traffic + w["failure"] * np.isin(status, FAILED))
-            batch["ok"] = status == "ok"
-            batch["keep"] = status != "unavailable"
-            batch["loss"] = row["train_loss"]
-            self.pending.append(batch)
-        if self.from_eval:
-            self._settle_by_eval(row.get("eval_loss", math.nan))
-        else:
-            self._settle_by_training_loss(row["train_loss"])
-
-    def _settle_by_eval(self, after: float) -> None:
-        """An evaluation settles every round since the previous one, each with an equal share of the progress."""
-        if not math.isfinite(after) or not self.pending:
+        if batch is None:
             return
-        span, self.pending = self.pending, []
-        before = span[0]["before"]
-        if before is None or not math.isfinite(before):
-            return
-        for batch in span:
-            self._update(batch, (before - after) / before / len(span))
+        row, devices = results["round"], results["devices"]
+        status = np.asarray(devices["status"])
+        utility = np.asarray(devices["utility"], dtype=np.float64)
+        aggregated = np.flatnonzero((status == OK) & np.isfinite(utility))
+        if len(aggregated):
+            weights = np.asarray(devices["num_examples"], dtype=np.float64)[aggregated]
+            scale = self._running("progress", float(np.average(utility[aggregated], weights=weights)))
+            if scale > 0:
+                self.memory = [*self.memory, (self.own[batch["choice"][aggregated]], utility[aggregated] / scale)]
+                self.memory = self.memory[-self.memory_size:]
+                self._fit_critic()
+        self._running("duration", row["round_duration_s"])
+        batch["present"] = ~np.isin(status, ("unavailable", "dropped"))  # what no config changes
+        self._update(batch)
 
-    def _settle_by_training_loss(self, loss: float) -> None:
-        """Round t is settled by round t + 1's training loss (the first on the model round t made)."""
-        if len(self.pending) < 2:
-            return
-        batch, self.pending = self.pending[0], self.pending[1:]
-        if math.isfinite(loss) and math.isfinite(batch["loss"]):
-            self._update(batch, (batch["loss"] - loss) / batch["loss"])
-
-    def _horizon(self, devices: dict) -> float:
-        return self.context.oracle.deadline_s or float(np.nanmax(devices["finish_s"], initial=1.0))
+    def _running(self, key: str, value: float) -> float:
+        """Update and return the running mean of ``value``'s magnitude."""
+        old = self.running[key]
+        self.running[key] = abs(value) if old is None else self.decay * old + (1 - self.decay) * abs(value)
+        return self.running[key]
 
     def _inputs(self, devices: DeviceDraws, state: RoundState, prices: Prices) -> torch.Tensor:
         if self.first_loss is None and state.last_train_loss is not None:
@@ -273,30 +284,25 @@ class Learned:
         ratio = 1.0 if state.last_train_loss is None else state.last_train_loss / self.first_loss
         per_device = np.concatenate(
             [device_features(devices), np.tile([state.round / self.context.rounds, ratio], (len(devices), 1))], axis=1)
-        configs = config_features(self.own, prices, devices, deadline_s=self.context.oracle.deadline_s)
+        configs = config_features(self.own, prices, devices, deadline_s=self.context.oracle.deadline_s,
+                                  target=state.target or len(devices))
         k = len(self.context.space)
         stacked = np.concatenate([np.repeat(per_device[:, None, :], k, axis=1), configs], axis=2)
         return torch.from_numpy(stacked).float()
 
-    def _update(self, batch: dict, progress: float) -> None:
-        keep = batch["keep"]
+    def _update(self, batch: dict) -> None:
+        """PPO epochs on the round's devices, each with its counterfactual advantage."""
+        keep = batch["present"][batch["rows"]]
         if not keep.any():
             return
-        self.scale = abs(progress) if self.scale is None else self.decay * self.scale + (1 - self.decay) * abs(progress)
-        x, mask, action, ok = batch["x"], batch["mask"], batch["action"], torch.from_numpy(batch["ok"])
-        if ok.any() and self.scale > 0:
-            chosen = x[torch.arange(len(action)), action]
-            self.memory = [*self.memory, (chosen[ok], progress / self.scale)][-self.memory_size:]
-            self._fit_critic()
+        x, mask, action = batch["x"], batch["mask"], batch["action"]
         with torch.no_grad():
-            values = self.critic(x).squeeze(-1)
-            policy = masked_log_probs(self.net(x), mask).exp()
-            expected = (policy * values.masked_fill(~mask, 0.0)).sum(dim=1)
-            credit = (values.gather(1, action[:, None]).squeeze(1) * ok - expected).numpy()
-        reward = self.weights["progress"] * credit - batch["cost"]
-        mean = float(reward[keep].mean())
-        self.baseline = mean if self.baseline is None else self.decay * self.baseline + (1 - self.decay) * mean
-        advantage = torch.from_numpy((reward - self.baseline)[keep]).float()
+            policy = masked_log_probs(self.net(x), mask).exp().double().numpy()
+        values = self.counterfactual_values(batch)
+        expected = (policy * np.where(batch["mask"].numpy(), values, 0.0)).sum(axis=1)
+        advantage = values[np.arange(len(action)), action.numpy()] - expected
+        advantage = advantage[keep] / max(self._running("advantage", float(np.abs(advantage[keep]).mean())), 1e-8)
+        advantage = torch.from_numpy(advantage).float()
         x, mask, action, old = (batch[k][torch.from_numpy(keep)] for k in ("x", "mask", "action", "old"))
         for _ in range(self.epochs):
             log_probs = masked_log_probs(self.net(x), mask)
@@ -309,15 +315,39 @@ class Learned:
             loss.backward()
             self.optimizer.step()
 
+    def progress_values(self) -> np.ndarray:
+        """The critic's g per config of the space: a device's contribution to its round's progress."""
+        return self.own @ self.critic[:-1] + self.critic[-1]
+
+    def counterfactual_values(self, batch: dict) -> np.ndarray:
+        """Q(a', a_-i) for every learning device i and config a' (shape (rows, configs)); -inf where infeasible."""
+        w = self.weights
+        g = self.progress_values()
+        choice, total_s, fits, present = batch["choice"], batch["total_s"], batch["fits"], batch["present"]
+        n = np.arange(len(choice))
+        finish, fit = total_s[n, choice], fits[n, choice]
+        mean_duration = self.running["duration"] or 1.0
+        values = np.full(batch["mask"].shape, -np.inf)
+        for r, i in enumerate(batch["rows"]):
+            for k in np.flatnonzero(batch["mask"][r].numpy()):
+                configs, arrive, fit_k = choice.copy(), finish.copy(), fit.copy()
+                configs[i], arrive[i], fit_k[i] = k, total_s[i, k], fits[i, k]
+                outcome = settle_round(finish_s=arrive, available=present, fits=fit_k, dropped=np.zeros_like(present),
+                                       target=batch["target"], deadline_s=self.context.oracle.deadline_s)
+                aggregated = outcome.status == OK
+                progress = float(g[configs[aggregated]].mean()) if aggregated.any() else 0.0
+                values[r, k] = (w["progress"] * progress - w["time"] * outcome.duration_s / mean_duration
+                                - w["bytes"] * batch["traffic"][i, k] - w["failure"] * (not aggregated[i]))
+        return values
+
     def _fit_critic(self) -> None:
-        """Fit g so that each remembered round's mean g over its aggregated devices is its progress."""
-        features = torch.cat([f for f, _ in self.memory])
-        rounds = torch.cat([torch.full((len(f),), r) for r, (f, _) in enumerate(self.memory)])
-        counts = torch.bincount(rounds, minlength=len(self.memory)).float()
-        target = torch.tensor([p for _, p in self.memory], dtype=torch.float32)
-        for _ in range(self.critic_steps):
-            mean = torch.zeros(len(self.memory)).index_add(0, rounds, self.critic(features).squeeze(-1)) / counts
-            loss = torch.nn.functional.mse_loss(mean, target)
-            self.critic_optimizer.zero_grad()
-            loss.backward()
-            self.critic_optimizer.step()
+        """Ridge regression, shrunk towards the prior, of the remembered devices' utilities on their configs'
+        own features (the posterior mean under a Gaussian prior centred on ``prior``)."""
+        features = np.concatenate([f for f, _ in self.memory])
+        target = np.concatenate([u for _, u in self.memory])
+        centre = features.mean(axis=0)
+        centred = features - centre
+        gram = centred.T @ centred + self.ridge * np.eye(features.shape[1])
+        residual = target - target.mean() - centred @ self.prior
+        weights = self.prior + np.linalg.solve(gram, centred.T @ residual)
+        self.critic = np.append(weights, target.mean() - centre @ weights)
