@@ -9,6 +9,7 @@ with ``params: {checkpoint: PATH}`` in its policy file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -46,8 +47,10 @@ def train_policy(cfg: ExperimentConfig, *, episodes: int, out: Path) -> Path:
         run_dir = run_experiment(run_cfg, make_policy=make)
         state = built[0].state_dict()
         final = _final(run_dir)
-        print(f"raysim train-policy: episode {episode + 1}/{episodes} seed {run_cfg.seed}: "
-              f"eval accuracy {final['eval_accuracy']:.4f}, sim time {final['sim_time_s']:.1f} s", file=sys.stderr)
+        accuracy = final["eval_accuracy"]
+        reached = f"eval accuracy {accuracy:.4f}" if math.isfinite(accuracy) else "no evaluation (eval.every=0)"
+        print(f"raysim train-policy: episode {episode + 1}/{episodes} seed {run_cfg.seed}: {reached}, "
+              f"sim time {final['sim_time_s']:.1f} s", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)
     return out

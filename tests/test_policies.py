@@ -263,3 +263,18 @@ def test_rl_checkpoint_round_trips(tmp_path):
 def test_rl_with_a_missing_checkpoint_is_a_config_error():
     with pytest.raises(ConfigError, match=r"rl.yaml: params.checkpoint: checkpoint not found"):
         build("rl", context(), checkpoint="/nonexistent.pt")
+
+
+def test_rl_temperature_below_one_sharpens_the_same_preferences():
+    ctx = context(deadline_s=None, methods=MethodsConfig(bits=[32, 4]))
+    devices = draws(16, seed=6)
+    policy = build("rl", ctx, w_time=0.0, w_bytes=0.0, w_failure=0.0, lr=0.01)
+    team_episode(policy, ctx, devices, rounds=10, utility=lambda c: 0.02 * (c.bits == 4))
+    state = RoundState(round=11, sim_time_s=0.0, last_train_loss=5.0)
+    x = policy._inputs(devices, state, ctx.oracle.price(devices, ctx.space))
+    cold = build("rl", ctx, temperature=0.1)
+    cold.load_state_dict(policy.state_dict())
+    warm, sharp = (torch.softmax(p._logits(x), dim=-1)[:, 1] for p in (policy, cold))  # config 1: 4 bits
+    assert (warm > 0.5).all() and (sharp >= warm).all() and (sharp > 0.99).all()
+    with pytest.raises(ConfigError, match="params.temperature: must be > 0"):
+        build("rl", ctx, temperature=0.0)

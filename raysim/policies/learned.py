@@ -189,10 +189,14 @@ class Learned:
         ridge: float = 1.0,
         prior_information: float = 1.0,
         memory: int = 64,
+        temperature: float = 1.0,
     ):
         self.context = context
         self.learn = learn
         self.epochs, self.clip, self.entropy, self.decay, self.ridge = epochs, clip, entropy, decay, ridge
+        if temperature <= 0:
+            raise ConfigError("must be > 0", field="params.temperature")
+        self.temperature = temperature
         self.weights = {"progress": w_progress, "time": w_time, "bytes": w_bytes, "failure": w_failure}
         self.own = own_features(context)  # fixed for the run: computed once
         self.max_traffic = float(max(m.bytes_up + m.bytes_down for m in map(context.oracle.measure, context.space)))
@@ -234,7 +238,7 @@ class Learned:
         x = self._inputs(devices, state, prices)
         mask = torch.from_numpy(prices.feasible)
         with torch.no_grad():
-            logits = self.net(x)
+            logits = self._logits(x)
         noisy = logits.masked_fill(~mask, -math.inf) + torch.from_numpy(
             gumbel(self.context.seed, state.round, devices.device_id, len(self.context.space))).float()
         has_option = prices.feasible.any(axis=1)
@@ -272,6 +276,10 @@ class Learned:
         batch["present"] = ~np.isin(status, ("unavailable", "dropped"))  # what no config changes
         self._update(batch)
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The policy's logits: the network's scores over the temperature (below 1: closer to its best choice)."""
+        return self.net(x) / self.temperature
+
     def _running(self, key: str, value: float) -> float:
         """Update and return the running mean of ``value``'s magnitude."""
         old = self.running[key]
@@ -297,7 +305,7 @@ class Learned:
             return
         x, mask, action = batch["x"], batch["mask"], batch["action"]
         with torch.no_grad():
-            policy = masked_log_probs(self.net(x), mask).exp().double().numpy()
+            policy = masked_log_probs(self._logits(x), mask).exp().double().numpy()
         values = self.counterfactual_values(batch)
         expected = (policy * np.where(batch["mask"].numpy(), values, 0.0)).sum(axis=1)
         advantage = values[np.arange(len(action)), action.numpy()] - expected
@@ -305,7 +313,7 @@ class Learned:
         advantage = torch.from_numpy(advantage).float()
         x, mask, action, old = (batch[k][torch.from_numpy(keep)] for k in ("x", "mask", "action", "old"))
         for _ in range(self.epochs):
-            log_probs = masked_log_probs(self.net(x), mask)
+            log_probs = masked_log_probs(self._logits(x), mask)
             ratio = torch.exp(log_probs.gather(1, action[:, None]).squeeze(1) - old)
             surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - self.clip, 1 + self.clip) * advantage)
             probs = log_probs.exp()
