@@ -275,6 +275,6 @@ def test_rl_temperature_below_one_sharpens_the_same_preferences():
     cold = build("rl", ctx, temperature=0.1)
     cold.load_state_dict(policy.state_dict())
     warm, sharp = (torch.softmax(p._logits(x), dim=-1)[:, 1] for p in (policy, cold))  # config 1: 4 bits
-    assert (warm > 0.5).all() and (sharp >= warm).all() and (sharp > 0.99).all()
+    assert (warm > 0.5).all() and (sharp >= warm - 1e-6).all() and (sharp > 0.98).all()
     with pytest.raises(ConfigError, match="params.temperature: must be > 0"):
         build("rl", ctx, temperature=0.0)

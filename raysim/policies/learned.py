@@ -44,8 +44,10 @@ term recomputed with i's config swapped (who is aggregated, when the round
 closes). So a device that holds the round open is charged the time it costs
 everyone, and one that finishes early is not.
 
-Learning is clipped policy gradient (PPO's surrogate, a few epochs per
-round), advantages in units of their running mean magnitude. The network,
+Learning is the all-action policy gradient (Mean Actor-Critic): every
+config's counterfactual value is known, so each device's step follows the
+expected advantage of its whole distribution, a few Adam steps per round,
+advantages in units of their running mean magnitude. The network,
 its optimizer, the critic and its memory and the running means save to and
 load from a checkpoint (``raysim train-policy``); a run with ``learn:
 false`` only applies a checkpoint. The critic learns from utilities, which
@@ -179,7 +181,6 @@ class Learned:
         hidden: int = 32,
         lr: float = 3e-3,
         epochs: int = 4,
-        clip: float = 0.2,
         entropy: float = 0.01,
         decay: float = 0.9,
         w_progress: float = 1.0,
@@ -193,7 +194,7 @@ class Learned:
     ):
         self.context = context
         self.learn = learn
-        self.epochs, self.clip, self.entropy, self.decay, self.ridge = epochs, clip, entropy, decay, ridge
+        self.epochs, self.entropy, self.decay, self.ridge = epochs, entropy, decay, ridge
         if temperature <= 0:
             raise ConfigError("must be > 0", field="params.temperature")
         self.temperature = temperature
@@ -245,12 +246,8 @@ class Learned:
         choice = np.where(has_option, noisy.argmax(dim=1).numpy(), prices.fallback())
         if self.learn:
             rows = np.flatnonzero(has_option)
-            log_probs = masked_log_probs(logits[rows], mask[rows])
-            action = torch.from_numpy(choice[rows])
             traffic = prices.bytes_up + prices.bytes_down
-            self._batch = {"rows": rows, "x": x[rows], "mask": mask[rows], "action": action,
-                           "old": log_probs.gather(1, action[:, None]).squeeze(1),
-                           "choice": choice, "total_s": prices.total_s, "fits": prices.fits,
+            self._batch = {"rows": rows, "x": x[rows], "mask": mask[rows], "choice": choice, "total_s": prices.total_s, "fits": prices.fits,
                            "traffic": traffic / self.max_traffic, "target": state.target or len(devices)}
         return [self.context.space[j] for j in choice]
 
@@ -299,26 +296,29 @@ class Learned:
         return torch.from_numpy(stacked).float()
 
     def _update(self, batch: dict) -> None:
-        """PPO epochs on the round's devices, each with its counterfactual advantage."""
-        keep = batch["present"][batch["rows"]]
+        """Gradient steps on the expected advantage of every present device's whole distribution.
+
+        The counterfactual values of all of a device's configs are known, so the
+        gradient is the all-action one, sum over a of grad pi(a | x) A(a) (Mean
+        Actor-Critic, Allen et al. 2017): exact under the critic, without the
+        variance of scoring the sampled config alone.
+        """
+        keep = torch.from_numpy(batch["present"][batch["rows"]])
         if not keep.any():
             return
-        x, mask, action = batch["x"], batch["mask"], batch["action"]
+        x, mask = batch["x"][keep], batch["mask"][keep]
+        values = self.counterfactual_values(batch)[keep.numpy()]
         with torch.no_grad():
             policy = masked_log_probs(self._logits(x), mask).exp().double().numpy()
-        values = self.counterfactual_values(batch)
-        expected = (policy * np.where(batch["mask"].numpy(), values, 0.0)).sum(axis=1)
-        advantage = values[np.arange(len(action)), action.numpy()] - expected
-        advantage = advantage[keep] / max(self._running("advantage", float(np.abs(advantage[keep]).mean())), 1e-8)
-        advantage = torch.from_numpy(advantage).float()
-        x, mask, action, old = (batch[k][torch.from_numpy(keep)] for k in ("x", "mask", "action", "old"))
+        values = np.where(mask.numpy(), values, 0.0)
+        advantage = values - (policy * values).sum(axis=1, keepdims=True)
+        typical = self._running("advantage", float((policy * np.abs(advantage)).sum(axis=1).mean()))
+        advantage = torch.from_numpy(np.where(mask.numpy(), advantage / max(typical, 1e-8), 0.0)).float()
         for _ in range(self.epochs):
             log_probs = masked_log_probs(self._logits(x), mask)
-            ratio = torch.exp(log_probs.gather(1, action[:, None]).squeeze(1) - old)
-            surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - self.clip, 1 + self.clip) * advantage)
             probs = log_probs.exp()
             entropy = -(probs * log_probs.masked_fill(~mask, 0.0)).sum(dim=1)
-            loss = -(surrogate + self.entropy * entropy).mean()
+            loss = -((probs * advantage).sum(dim=1) + self.entropy * entropy).mean()
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
