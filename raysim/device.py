@@ -75,6 +75,7 @@ class DeviceWorker:
         self._clip_norm: float | None = None
         self._local_dp: dict[Structure, local.LocalDPSGD] = {}
         self._eval: torch.Tensor | None = None
+        self._utility_wanted = False
         self._gradient: tuple[Tensors, float] | None = None
         self._eval_model = Submodel(space=self.space, base=base, cfg=cfg, device=self.device, structure=Structure(
             lora_rank=0, heads=self.space.n_head, mlp=self.space.inner, blocks=(), embeddings=False))
@@ -125,7 +126,8 @@ class DeviceWorker:
         self._state = {k: v.to(self.device) for k, v in state.items()}
         self._factors = {}
         self._partial = PartialSum.zeros_like(self._state)
-        self._gradient = self._loss_gradient() if utility and self.space.lora == "flexlora" else None
+        self._utility_wanted = utility and self.space.lora == "flexlora"
+        self._gradient = None  # taken on the first update that needs it: an actor without devices skips it
 
     def _loss_gradient(self) -> tuple[Tensors, float]:
         """The held-out loss per token at the round's global state, and its gradient with respect to the state.
@@ -137,8 +139,6 @@ class DeviceWorker:
         utilities. Computed on the first ``UTILITY_EXAMPLES`` held-out sequences,
         the data the eval loss is measured on (flexlora's ``ΔW`` state only).
         """
-        if self._eval is None:
-            self._eval = self.dataset.eval_examples()
         model = self._eval_model
         model.load_frozen(self._state, None, version=object())
         model.lm.eval()
@@ -148,10 +148,11 @@ class DeviceWorker:
         for p in params.values():
             p.requires_grad_(True)
         try:
-            batch = self._eval[:UTILITY_EXAMPLES].to(self.device)
-            logits = model.lm(input_ids=batch).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-            grads = torch.autograd.grad(loss, list(params.values()))
+            with torch.enable_grad():  # called from inside the update loop's no_grad
+                batch = self._eval_examples()[:UTILITY_EXAMPLES].to(self.device)
+                logits = model.lm(input_ids=batch).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+                grads = torch.autograd.grad(loss, list(params.values()))
         finally:
             for p in params.values():
                 p.requires_grad_(False)
@@ -159,8 +160,10 @@ class DeviceWorker:
         return {k: g if k == EMBEDDING else g.T for k, g in zip(params, grads)}, loss.item()
 
     def _utility(self, update: Tensors) -> float:
-        if self._gradient is None:
+        if not self._utility_wanted:
             return float("nan")
+        if self._gradient is None:
+            self._gradient = self._loss_gradient()
         grads, loss = self._gradient
         return -sum(float((grads[k] * update[k]).sum()) for k in grads if k in update) / loss
 
@@ -206,9 +209,7 @@ class DeviceWorker:
 
     def evaluate(self, state: Tensors, *, shard: int, num_shards: int) -> np.ndarray:
         """Summed next-token loss, token count, top-1 and top-3 hits on a shard of held-out sequences."""
-        if self._eval is None:
-            self._eval = self.dataset.eval_examples()
-        rows = self._eval[shard::num_shards]
+        rows = self._eval_examples()[shard::num_shards]
         totals = torch.zeros(4, dtype=torch.float64)
         model = self._eval_model
         with torch.no_grad():
@@ -223,6 +224,12 @@ class DeviceWorker:
                 totals += torch.tensor([loss.item(), target.numel(), (top3[..., 0] == target).sum().item(),
                                         (top3 == target.unsqueeze(-1)).any(-1).sum().item()], dtype=torch.float64)
         return totals.numpy()
+
+    def _eval_examples(self) -> torch.Tensor:
+        """The held-out sequences, loaded on first use."""
+        if self._eval is None:
+            self._eval = self.dataset.eval_examples()
+        return self._eval
 
     def _train_group(self, device_ids: list[int],
                      config: DeviceConfig) -> tuple[list[float], list[int], list[float], list[float]]:

@@ -113,7 +113,7 @@ def test_an_updates_utility_is_the_first_order_drop_of_the_held_out_loss(config)
     def loss(s):
         a.begin_round(s, 3, utility=True)
         a.end_round()
-        return a._gradient[1]
+        return a._loss_gradient()[1]
 
     eps = 0.05
     before = loss(state)

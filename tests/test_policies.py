@@ -271,7 +271,7 @@ def test_rl_temperature_below_one_sharpens_the_same_preferences():
     policy = build("rl", ctx, w_time=0.0, w_bytes=0.0, w_failure=0.0, lr=0.01)
     team_episode(policy, ctx, devices, rounds=10, utility=lambda c: 0.02 * (c.bits == 4))
     state = RoundState(round=11, sim_time_s=0.0, last_train_loss=5.0)
-    x = policy._inputs(devices, state, ctx.oracle.price(devices, ctx.space))
+    x = policy._inputs(devices, state, ctx.oracle.price(devices, ctx.space), target=len(devices))
     cold = build("rl", ctx, temperature=0.1)
     cold.load_state_dict(policy.state_dict())
     warm, sharp = (torch.softmax(p._logits(x), dim=-1)[:, 1] for p in (policy, cold))  # config 1: 4 bits

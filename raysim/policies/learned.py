@@ -236,7 +236,8 @@ class Learned:
     @single_threaded
     def assign(self, devices: DeviceDraws, state: RoundState) -> list[DeviceConfig]:
         prices = self.context.oracle.price(devices, self.context.space)
-        x = self._inputs(devices, state, prices)
+        target = state.target or len(devices)
+        x = self._inputs(devices, state, prices, target=target)
         mask = torch.from_numpy(prices.feasible)
         with torch.no_grad():
             logits = self._logits(x)
@@ -247,8 +248,8 @@ class Learned:
         if self.learn:
             rows = np.flatnonzero(has_option)
             traffic = prices.bytes_up + prices.bytes_down
-            self._batch = {"rows": rows, "x": x[rows], "mask": mask[rows], "choice": choice, "total_s": prices.total_s, "fits": prices.fits,
-                           "traffic": traffic / self.max_traffic, "target": state.target or len(devices)}
+            self._batch = {"rows": rows, "x": x[rows], "mask": mask[rows], "choice": choice, "total_s": prices.total_s,
+                           "fits": prices.fits, "traffic": traffic / self.max_traffic, "target": target}
         return [self.context.space[j] for j in choice]
 
     @single_threaded
@@ -283,14 +284,13 @@ class Learned:
         self.running[key] = abs(value) if old is None else self.decay * old + (1 - self.decay) * abs(value)
         return self.running[key]
 
-    def _inputs(self, devices: DeviceDraws, state: RoundState, prices: Prices) -> torch.Tensor:
+    def _inputs(self, devices: DeviceDraws, state: RoundState, prices: Prices, *, target: int) -> torch.Tensor:
         if self.first_loss is None and state.last_train_loss is not None:
             self.first_loss = state.last_train_loss
         ratio = 1.0 if state.last_train_loss is None else state.last_train_loss / self.first_loss
         per_device = np.concatenate(
             [device_features(devices), np.tile([state.round / self.context.rounds, ratio], (len(devices), 1))], axis=1)
-        configs = config_features(self.own, prices, devices, deadline_s=self.context.oracle.deadline_s,
-                                  target=state.target or len(devices))
+        configs = config_features(self.own, prices, devices, deadline_s=self.context.oracle.deadline_s, target=target)
         k = len(self.context.space)
         stacked = np.concatenate([np.repeat(per_device[:, None, :], k, axis=1), configs], axis=2)
         return torch.from_numpy(stacked).float()
