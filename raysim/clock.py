@@ -38,20 +38,37 @@ def settle_round(
     order) within the deadline are aggregated. The round closes at the
     ``target``-th arrival, else at the deadline, else at the last arrival.
     """
-    n = len(finish_s)
-    status = np.full(n, OK, dtype=object)
+    status = np.full(len(finish_s), OK, dtype=object)
     status[~available] = UNAVAILABLE
     status[available & ~fits] = OOM
     status[available & fits & dropped] = DROPPED
-    candidates = np.flatnonzero(status == OK)
-    order = candidates[np.argsort(finish_s[candidates], kind="stable")]
-    in_time = order if deadline_s is None else order[finish_s[order] <= deadline_s]
-    accepted = in_time[:target]
-    status[np.setdiff1d(candidates, accepted)] = STRAGGLER
-    if len(accepted) == target:
-        duration = float(finish_s[accepted[-1]])
-    elif deadline_s is not None:
-        duration = float(deadline_s)
+    arrives = status == OK
+    accepted, duration = settle_rounds(finish_s=finish_s[None], arrives=arrives[None], target=target,
+                                       deadline_s=deadline_s)
+    status[arrives & ~accepted[0]] = STRAGGLER
+    return RoundOutcome(status=status, duration_s=float(duration[0]))
+
+
+def settle_rounds(
+    *, finish_s: np.ndarray, arrives: np.ndarray, target: int, deadline_s: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The round rule for many alternative rounds at once (one per row of ``finish_s``, shape (rounds, devices)).
+
+    ``arrives`` marks the devices that arrive at all (available, fit, no dropout). Returns which devices are
+    aggregated, shape (rounds, devices), and each round's duration, shape (rounds,): what
+    :func:`settle_round` decides for one round, which it computes with this.
+    """
+    rounds, n = finish_s.shape
+    in_time = arrives if deadline_s is None else arrives & (finish_s <= deadline_s)
+    key = np.where(in_time, finish_s, np.inf)
+    order = np.argsort(key, axis=1, kind="stable")  # arrivals by time, ties by position
+    place = np.empty_like(order)
+    np.put_along_axis(place, order, np.broadcast_to(np.arange(n), (rounds, n)), axis=1)
+    accepted = in_time & (place < target)
+    count = accepted.sum(axis=1)
+    last = np.where(accepted, finish_s, -np.inf).max(axis=1, initial=-np.inf)
+    if deadline_s is not None:
+        duration = np.where(count == target, last, deadline_s)
     else:
-        duration = float(finish_s[accepted].max()) if len(accepted) else 0.0
-    return RoundOutcome(status=status, duration_s=duration)
+        duration = np.where(count > 0, last, 0.0)
+    return accepted, duration.astype(np.float64)

@@ -1,6 +1,6 @@
 import numpy as np
 
-from raysim.clock import settle_round
+from raysim.clock import settle_round, settle_rounds
 
 
 def _settle(finish, *, target, deadline=None, available=None, fits=None, dropped=None):
@@ -43,3 +43,16 @@ def test_ties_in_arrival_are_broken_by_device_order():
 def test_empty_round_lasts_zero_without_deadline():
     out = _settle([1.0], target=1, fits=[False])
     assert out.duration_s == 0.0
+
+
+def test_settle_rounds_settles_each_row_as_its_own_round():
+    """Many alternative rounds at once (a policy's counterfactuals) give what each gives alone."""
+    g = np.random.default_rng(3)
+    finish = np.round(g.uniform(0, 5, (50, 9)), 1)  # ties, settled by position
+    arrives = g.random((50, 9)) < 0.8
+    for deadline in (None, 2.5):
+        accepted, duration = settle_rounds(finish_s=finish, arrives=arrives, target=4, deadline_s=deadline)
+        for row in range(50):
+            alone = _settle(finish[row], target=4, deadline=deadline, available=arrives[row])
+            assert list(accepted[row]) == list(alone.status == "ok")
+            assert duration[row] == alone.duration_s
