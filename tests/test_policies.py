@@ -194,7 +194,7 @@ def share_of(picked: list[list], predicate) -> np.ndarray:
 def test_rl_credits_each_device_with_its_updates_utility():
     """Only 4-bit updates lower the held-out loss: the critic learns it, and the policy shifts to 4 bits."""
     ctx = context(deadline_s=None, methods=MethodsConfig(bits=[32, 4]))
-    policy = build("rl", ctx, w_time=0.0, w_bytes=0.0, w_failure=0.0, lr=0.01)
+    policy = build("rl", ctx, w_time=0.0, w_bytes=0.0, w_failure=0.0, lr=0.01, plan=0)  # the network alone
     devices = draws(16, seed=6)
     can_choose = ctx.oracle.price(devices, ctx.space).feasible.all(axis=1)  # the others get the fallback
     picked = team_episode(policy, ctx, devices, rounds=40, utility=lambda c: 0.02 * (c.bits == 4))
@@ -207,7 +207,7 @@ def test_rl_credits_each_device_with_its_updates_utility():
 def test_rl_critic_recovers_utilities_linear_in_the_config_features():
     """With a weak prior and utilities exactly linear in the features, g is that line (in units of the scale)."""
     ctx = context(deadline_s=None)
-    policy = build("rl", ctx, ridge=1e-6, learn=True)
+    policy = build("rl", ctx, ridge=1e-6, learn=True, plan=0)  # sampled configs: every feature varies
     truth = policy.own @ np.array([0.5, -0.3, 0.2, 0.1, -0.4, 0.0, 0.0]) + 1.0
     team_episode(policy, ctx, draws(24, seed=2), rounds=6, utility=lambda c: 0.01 * truth[ctx.space.index(c)])
     values = policy.progress_values() * policy.running["progress"]
@@ -219,7 +219,7 @@ def test_rl_learns_to_close_the_round_sooner_when_configs_do_not_change_progress
     round (closed by the 8th of 12 arrivals) gets shorter."""
     ctx = context(deadline_s=None, methods=MethodsConfig(lora_rank=[16, 2], bits=[32]))
     devices = draws(12, seed=9)
-    policy = build("rl", ctx, w_bytes=0.0, w_failure=0.0, prior_information=0.0, lr=0.01)
+    policy = build("rl", ctx, w_bytes=0.0, w_failure=0.0, prior_information=0.0, lr=0.01, plan=0)
     picked = team_episode(policy, ctx, devices, rounds=60, target=8, utility=lambda c: 0.01)
     durations = [round_results(ctx, devices, configs, target=8)["round"]["round_duration_s"] for configs in picked]
     assert np.mean(durations[-10:]) < np.mean(durations[:10])
@@ -268,7 +268,7 @@ def test_rl_with_a_missing_checkpoint_is_a_config_error():
 def test_rl_temperature_below_one_sharpens_the_same_preferences():
     ctx = context(deadline_s=None, methods=MethodsConfig(bits=[32, 4]))
     devices = draws(16, seed=6)
-    policy = build("rl", ctx, w_time=0.0, w_bytes=0.0, w_failure=0.0, lr=0.01)
+    policy = build("rl", ctx, w_time=0.0, w_bytes=0.0, w_failure=0.0, lr=0.01, plan=0)
     team_episode(policy, ctx, devices, rounds=10, utility=lambda c: 0.02 * (c.bits == 4))
     state = RoundState(round=11, sim_time_s=0.0, last_train_loss=5.0)
     x = policy._inputs(devices, state, ctx.oracle.price(devices, ctx.space), target=len(devices))
@@ -278,3 +278,60 @@ def test_rl_temperature_below_one_sharpens_the_same_preferences():
     assert (warm > 0.5).all() and (sharp >= warm - 1e-6).all() and (sharp > 0.98).all()
     with pytest.raises(ConfigError, match="params.temperature: must be > 0"):
         build("rl", ctx, temperature=0.0)
+
+
+def planning_batch(total_s: np.ndarray, *, target: int) -> dict:
+    n, k = total_s.shape
+    return {"rows": np.arange(n), "choice": np.zeros(n, dtype=np.int64), "total_s": total_s,
+            "fits": np.ones((n, k), dtype=bool), "present": np.ones(n, dtype=bool), "target": target,
+            "mask": torch.ones(n, k, dtype=torch.bool), "traffic": np.zeros((n, k))}
+
+
+def test_rl_planning_moves_only_the_device_that_holds_the_round_open():
+    """Time alone counts: device 1 (the 2nd of 2 arrivals) switches to its faster config; device 0 arrives
+    first and device 2 last whatever they choose, so neither moves."""
+    ctx = context(deadline_s=None, methods=MethodsConfig(lora_rank=[16, 2], bits=[32]))
+    policy = build("rl", ctx, w_progress=0.0, w_bytes=0.0, w_failure=0.0)
+    policy.running["duration"] = 2.0
+    batch = planning_batch(np.array([[1.0, 0.5], [2.0, 1.0], [4.0, 3.0]]), target=2)
+    assert list(policy.plan(batch["choice"], batch, device_id=np.arange(3))) == [0, 1, 0]
+
+
+def test_rl_planning_trades_the_critics_progress_against_time():
+    """g is 1 for rank 16 and 1/8 for rank 2. Device 1 at rank 2 closes the round 1 s sooner (half a typical
+    round's duration) but lowers the round's progress from 1 to (1 + 1/8) / 2: it switches only where
+    progress is worth less than 0.5 / 0.4375 of time."""
+    ctx = context(deadline_s=None, methods=MethodsConfig(lora_rank=[16, 2], bits=[32]))
+    total_s = np.array([[1.0, 0.5], [2.0, 1.0], [4.0, 3.0]])
+    for w_progress, expected in ((2.0, [0, 0, 0]), (1.0, [0, 1, 0])):
+        policy = build("rl", ctx, w_progress=w_progress, w_bytes=0.0, w_failure=0.0, prior_information=0.0)
+        policy.critic = np.append(np.zeros(policy.own.shape[1]), 0.0)
+        policy.critic[3] = 1.0  # g = rank / max rank: 1 for rank 16, 1/8 for rank 2
+        policy.running["duration"] = 2.0
+        batch = planning_batch(total_s, target=2)
+        assert list(policy.plan(batch["choice"], batch, device_id=np.arange(3))) == expected, w_progress
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), target=st.integers(1, 12))
+def test_rl_planning_never_lengthens_a_round_when_time_alone_counts(seed, target):
+    ctx = context(deadline_s=None)
+    devices = draws(12, seed=seed)
+    proposal = build("rl", ctx, w_progress=0.0, w_bytes=0.0, w_failure=0.0, plan=0)
+    planner = build("rl", ctx, w_progress=0.0, w_bytes=0.0, w_failure=0.0)
+    state = RoundState(round=1, sim_time_s=0.0, target=target)
+    prices = ctx.oracle.price(devices, ctx.space)
+    n = np.arange(len(devices))
+
+    def duration(configs) -> float:  # every device present, as the planner assumes
+        k = [ctx.space.index(c) for c in configs]
+        present = np.ones(len(devices), dtype=bool)
+        return settle_round(finish_s=prices.total_s[n, k], available=present, fits=prices.fits[n, k],
+                            dropped=~present, target=target, deadline_s=None).duration_s
+
+    assert duration(planner.assign(devices, state)) <= duration(proposal.assign(devices, state))
+
+
+def test_rl_planning_sweeps_must_not_be_negative():
+    with pytest.raises(ConfigError, match="params.plan: must be >= 0"):
+        build("rl", context(), plan=-1)

@@ -33,7 +33,7 @@ cohort's configs ``a`` for device i is
   (trainable parameters x bits, log scale, the largest 1: greedy_fit's
   notion of a rich config). One number per device, not one per round, is
   what lets the critic tell configs apart.
-- D(a) is the round's duration by the round rule (``clock.settle_round``)
+- D(a) is the round's duration by the round rule (``clock.settle_rounds``)
   with each device's finish time from the cost model. It is exact: the
   virtual clock runs on the same cost model, and the round reveals who was
   available and who dropped out.
@@ -43,6 +43,18 @@ of Q(a', a_-i) under the policy's distribution over i's configs a', every
 term recomputed with i's config swapped (who is aggregated, when the round
 closes). So a device that holds the round open is charged the time it costs
 everyone, and one that finishes early is not.
+
+The configs handed out are the network's proposal (one Gumbel-max sample
+per device) improved by ``plan`` sweeps of best responses: each device in
+turn takes the feasible config with the highest Q given the others', every
+selected device assumed present. This is a policy-improvement step at
+decision time with the learned critic and the exact cost model and round
+rule (model-based planning on the network's proposal, as search refines a
+policy network's prior): on the Gboard-like population it matters because
+the round is closed by its 12th arrival, and only a joint assignment can
+make that arrival come sooner without giving up the aggregated devices'
+progress. Exploration comes from the sampled proposal: the planner moves a
+device only where the critic says it pays.
 
 Learning is the all-action policy gradient (Mean Actor-Critic): every
 config's counterfactual value is known, so each device's step follows the
@@ -65,7 +77,7 @@ import numpy as np
 import torch
 
 from raysim import rng
-from raysim.clock import OK, settle_round
+from raysim.clock import OK, settle_rounds
 from raysim.errors import ConfigError
 from raysim.policies.base import PolicyContext, Prices, register, update_information
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
@@ -191,6 +203,7 @@ class Learned:
         prior_information: float = 1.0,
         memory: int = 64,
         temperature: float = 1.0,
+        plan: int = 3,
     ):
         self.context = context
         self.learn = learn
@@ -198,6 +211,10 @@ class Learned:
         if temperature <= 0:
             raise ConfigError("must be > 0", field="params.temperature")
         self.temperature = temperature
+        if plan < 0:
+            raise ConfigError("must be >= 0 (sweeps of best responses; 0: the network's sample as is)",
+                              field="params.plan")
+        self.plan_sweeps = plan
         self.weights = {"progress": w_progress, "time": w_time, "bytes": w_bytes, "failure": w_failure}
         self.own = own_features(context)  # fixed for the run: computed once
         self.max_traffic = float(max(m.bytes_up + m.bytes_down for m in map(context.oracle.measure, context.space)))
@@ -245,11 +262,14 @@ class Learned:
             gumbel(self.context.seed, state.round, devices.device_id, len(self.context.space))).float()
         has_option = prices.feasible.any(axis=1)
         choice = np.where(has_option, noisy.argmax(dim=1).numpy(), prices.fallback())
+        rows = np.flatnonzero(has_option)
+        traffic = prices.bytes_up + prices.bytes_down
+        batch = {"rows": rows, "x": x[rows], "mask": mask[rows], "choice": choice, "total_s": prices.total_s,
+                 "fits": prices.fits, "traffic": traffic / self.max_traffic, "target": target}
+        if self.plan_sweeps:
+            batch["choice"] = choice = self.plan(choice, batch, device_id=devices.device_id)
         if self.learn:
-            rows = np.flatnonzero(has_option)
-            traffic = prices.bytes_up + prices.bytes_down
-            self._batch = {"rows": rows, "x": x[rows], "mask": mask[rows], "choice": choice, "total_s": prices.total_s,
-                           "fits": prices.fits, "traffic": traffic / self.max_traffic, "target": target}
+            self._batch = batch
         return [self.context.space[j] for j in choice]
 
     @single_threaded
@@ -329,24 +349,63 @@ class Learned:
 
     def counterfactual_values(self, batch: dict) -> np.ndarray:
         """Q(a', a_-i) for every learning device i and config a' (shape (rows, configs)); -inf where infeasible."""
-        w = self.weights
         g = self.progress_values()
-        choice, total_s, fits, present = batch["choice"], batch["total_s"], batch["fits"], batch["present"]
-        n = np.arange(len(choice))
-        finish, fit = total_s[n, choice], fits[n, choice]
-        mean_duration = self.running["duration"] or 1.0
         values = np.full(batch["mask"].shape, -np.inf)
+        mask = batch["mask"].numpy()
         for r, i in enumerate(batch["rows"]):
-            for k in np.flatnonzero(batch["mask"][r].numpy()):
-                configs, arrive, fit_k = choice.copy(), finish.copy(), fit.copy()
-                configs[i], arrive[i], fit_k[i] = k, total_s[i, k], fits[i, k]
-                outcome = settle_round(finish_s=arrive, available=present, fits=fit_k, dropped=np.zeros_like(present),
-                                       target=batch["target"], deadline_s=self.context.oracle.deadline_s)
-                aggregated = outcome.status == OK
-                progress = float(g[configs[aggregated]].mean()) if aggregated.any() else 0.0
-                values[r, k] = (w["progress"] * progress - w["time"] * outcome.duration_s / mean_duration
-                                - w["bytes"] * batch["traffic"][i, k] - w["failure"] * (not aggregated[i]))
+            options = np.flatnonzero(mask[r])
+            values[r, options] = self._values(i, options, batch["choice"], batch, g=g, present=batch["present"],
+                                              mean_duration=self.running["duration"] or 1.0)
         return values
+
+    def _values(self, i: int, options: np.ndarray, configs: np.ndarray, batch: dict, *, g: np.ndarray,
+                present: np.ndarray, mean_duration: float) -> np.ndarray:
+        """Device i's Q for each of its ``options`` with the others' ``configs``: every alternative round settled
+        at once by the clock's rule on the cost model."""
+        w = self.weights
+        n = np.arange(len(configs))
+        alternatives = np.repeat(configs[None, :], len(options), axis=0)
+        alternatives[:, i] = options
+        aggregated, duration = settle_rounds(finish_s=batch["total_s"][n, alternatives],
+                                             arrives=present & batch["fits"][n, alternatives],
+                                             target=batch["target"], deadline_s=self.context.oracle.deadline_s)
+        count = aggregated.sum(axis=1)
+        progress = np.where(count > 0, (g[alternatives] * aggregated).sum(axis=1) / np.maximum(count, 1), 0.0)
+        return (w["progress"] * progress - w["time"] * duration / mean_duration
+                - w["bytes"] * batch["traffic"][i, options] - w["failure"] * ~aggregated[:, i])
+
+    def plan(self, choice: np.ndarray, batch: dict, *, device_id: np.ndarray) -> np.ndarray:
+        """The network's proposal improved by ``plan`` sweeps of best responses under the critic.
+
+        Each device in turn (by device id) switches to the feasible config with the highest Q given the others'
+        configs, every device assumed present (who will be unavailable or drop out is not known before the
+        round); a sweep that changes nothing ends the search. The same Q the network learns from, so planning
+        is a policy-improvement step on the network's proposal with the learned model of progress and the
+        exact cost model and round rule.
+        """
+        g = self.progress_values()
+        present = np.ones(len(choice), dtype=bool)
+        mask = batch["mask"].numpy()
+        choice = choice.copy()
+        mean_duration = self.running["duration"]
+        if mean_duration is None:  # a first round: the proposal's own duration stands for a typical one
+            n = np.arange(len(choice))
+            _, duration = settle_rounds(finish_s=batch["total_s"][n, choice][None], arrives=batch["fits"][n, choice][None],
+                                        target=batch["target"], deadline_s=self.context.oracle.deadline_s)
+            mean_duration = float(duration[0]) or 1.0
+        order = sorted(range(len(batch["rows"])), key=lambda r: device_id[batch["rows"][r]])
+        for _ in range(self.plan_sweeps):
+            moved = False
+            for r in order:
+                i = batch["rows"][r]
+                options = np.flatnonzero(mask[r])
+                values = self._values(i, options, choice, batch, g=g, present=present, mean_duration=mean_duration)
+                best = options[int(np.argmax(values))]
+                if values.max() > values[options == choice[i]][0] + 1e-9:
+                    choice[i], moved = best, True
+            if not moved:
+                break
+        return choice
 
     def _fit_critic(self) -> None:
         """Ridge regression, shrunk towards the prior, of the remembered devices' utilities on their configs'
