@@ -390,8 +390,9 @@ class Learned:
         mean_duration = self.running["duration"]
         if mean_duration is None:  # a first round: the proposal's own duration stands for a typical one
             n = np.arange(len(choice))
-            _, duration = settle_rounds(finish_s=batch["total_s"][n, choice][None], arrives=batch["fits"][n, choice][None],
-                                        target=batch["target"], deadline_s=self.context.oracle.deadline_s)
+            _, duration = settle_rounds(finish_s=batch["total_s"][n, choice][None],
+                                        arrives=batch["fits"][n, choice][None], target=batch["target"],
+                                        deadline_s=self.context.oracle.deadline_s)
             mean_duration = float(duration[0]) or 1.0
         order = sorted(range(len(batch["rows"])), key=lambda r: device_id[batch["rows"][r]])
         for _ in range(self.plan_sweeps):
