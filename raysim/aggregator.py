@@ -1,7 +1,10 @@
 """The aggregator: holds the global trainable state and applies each round's updates.
 
-Run as a Ray actor. It receives the actors' partial sums directly (the driver
-passes object refs, never the tensors), combines them with a pure rule,
+Run as a Ray actor on the driver's node. It receives the units' partial sums
+as object refs (the driver never fetches the tensors), fetches them one at a
+time and adds them in unit order (:mod:`raysim.work`), so neither the memory
+it needs nor the float64 rounding of the sum depends on the actors; then it
+combines them with a pure rule,
 finishes the processor chain's server side, and takes a server-optimizer
 step. Under DP-FedAvg the rule is the noisy mean over the expected cohort
 (:mod:`raysim.privacy.central`): the actors clipped each update already, the
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import ray
 import torch
 
 from raysim.aggregation.rules import PartialSum, Tensors, combine, weighted_mean
@@ -44,21 +48,21 @@ class Aggregator:
     def get_state(self) -> Tensors:
         return self.state
 
-    def aggregate(self, round: int, *partials: PartialSum | None,
+    def aggregate(self, round: int, partials: list[PartialSum | ray.ObjectRef],
                   num_unclipped: int = 0) -> tuple[Tensors, dict[str, float]]:
-        """One server step; returns (new state, stats).
+        """One server step over the units' partial sums (in unit order); returns (new state, stats).
 
         Without DP the state stays when no update came; with DP the noise is
         released every round, even over an empty sum, as the accountant assumes.
         ``num_unclipped`` (devices whose update norm was within the clip norm)
         feeds adaptive clipping. Stats give the round's ``clip_norm`` and the next one's.
         """
-        present = [p for p in partials if p is not None]
         stats = {"noise_std": 0.0, "signal_to_noise": math.inf, "clip_norm": self.clip_norm}
-        if not present and self.privacy is None:
+        if not partials and self.privacy is None:
             return self.state, {"update_norm": 0.0, "num_aggregated": 0, **stats, "next_clip_norm": self.clip_norm,
                                 **self._truncation()}
-        total = combine(present) if present else PartialSum.zeros_like(self.state)
+        fetched = (ray.get(p) if isinstance(p, ray.ObjectRef) else p for p in partials)
+        total = combine(fetched) if partials else PartialSum.zeros_like(self.state)
         if self.privacy is None:
             update = weighted_mean(total)
         else:
@@ -83,6 +87,3 @@ class Aggregator:
         if self.space is None or self.truncation_rank == 0:
             return {"lora_truncation_error": math.nan}
         return {"lora_truncation_error": self.space.truncation_error(self.state, rank=self.truncation_rank)}
-
-    def save(self, path: str) -> None:
-        torch.save(self.state, path)

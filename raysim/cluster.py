@@ -1,24 +1,37 @@
-"""Start or join the Ray that a raysim run uses.
+"""Start or join the Ray that a raysim run uses, and reserve its device actors.
 
 No address (or ``"local"``) starts a private single-machine Ray: every daemon
 listens on 127.0.0.1 only, no dashboard unless asked, and nothing found on the
 machine (a running Ray, an address recorded under /tmp/ray) is ever attached.
+It authenticates with a token of its own, held in its processes' environment
+and never written to ``~/.ray/auth_token`` (a token file there would turn
+token authentication on for the next ``ray start --head`` on this machine).
 ``"auto"``, ``host:port`` or ``RAY_ADDRESS`` join an existing cluster; an
 address that does not answer fails within ``connect_timeout_s`` with a
 :class:`ConfigError` instead of Ray's own retry loop (minutes).
+
+:func:`reserve` places a run's device actors as one placement group: on a
+cluster the pending group is the demand the autoscaler adds nodes for; a
+request that cannot be placed fails in bounded time, in one line naming
+``ray.num_actors``, ``ray.cpus_per_actor`` and ``ray.gpus_per_actor``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import secrets
 import socket
+import sys
 from collections.abc import Iterator, Mapping
 
 import ray
 import ray._private.ray_constants as ray_constants
 from ray._private.services import canonicalize_bootstrap_address
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raysim.errors import ConfigError
 
@@ -28,8 +41,15 @@ LOOPBACK = "127.0.0.1"
 _SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Logger of Ray's notice that it turned token auth on (it stays on; we keep it quiet).
 _TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+# How long a placement may take when ray.placement_timeout_s is not set: a private local Ray cannot
+# grow (what is busy frees up within seconds or never); a cluster's autoscaler may need minutes to boot nodes.
+LOCAL_PLACEMENT_TIMEOUT_S = 30.0
+CLUSTER_PLACEMENT_TIMEOUT_S = 600.0
 
 _initialised_here = False
+_private_local = False  # this process started the Ray it uses: nothing can join it or add nodes
+_saved_auth: dict[str, str | None] = {}
 
 
 def resolve_address(*, address: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -51,7 +71,7 @@ def connect(
     ``num_cpus``/``num_gpus``/``include_dashboard`` size a local Ray only; a
     cluster brings its own. A Ray already initialised in this process is reused.
     """
-    global _initialised_here
+    global _initialised_here, _private_local
     if ray.is_initialized():
         return f"Ray already running in this process ({_resources()})"
     target = resolve_address(address=address)
@@ -59,19 +79,92 @@ def connect(
         description = _start_local(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard)
     else:
         description = _join(target=target, timeout_s=connect_timeout_s)
-    _initialised_here = True
+    _initialised_here, _private_local = True, target is None
     return description
 
 
 def shutdown() -> None:
     """Stop the Ray that :func:`connect` started or joined; a reused one is left running."""
-    global _initialised_here
+    global _initialised_here, _private_local
     if _initialised_here:
         ray.shutdown()
-        _initialised_here = False
+        _initialised_here = _private_local = False
+        _restore_auth()
+
+
+def placement_timeout_s(timeout_s: float | None) -> float:
+    """``ray.placement_timeout_s``, or its default for the Ray this process uses."""
+    if timeout_s is not None:
+        return timeout_s
+    return LOCAL_PLACEMENT_TIMEOUT_S if _private_local else CLUSTER_PLACEMENT_TIMEOUT_S
+
+
+def on_this_node() -> NodeAffinitySchedulingStrategy:
+    """Schedule on the node this process runs on (the driver's): for whatever reads or writes its files."""
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def _fits(have: float, per: float) -> int:
+    return int(math.floor(have / per + 1e-9))  # 1 // 0.1 is 9.0 in floating point
+
+
+def actors_that_fit(*, cpus_per_actor: float, gpus_per_actor: float) -> int:
+    """Device actors of this size the Ray holds now (all its nodes' resources, busy or not)."""
+    total = ray.cluster_resources()
+    n = _fits(total.get("CPU", 0.0), cpus_per_actor)
+    if gpus_per_actor > 0:
+        n = min(n, _fits(total.get("GPU", 0.0), gpus_per_actor))
+    if n < 1:
+        raise ConfigError(f"the cluster holds no device actor of {_size(cpus_per_actor, gpus_per_actor)} now "
+                          f"({_have()}); set ray.num_actors to have the autoscaler add nodes for them",
+                          field="ray.num_actors")
+    return n
+
+
+def reserve(*, num_actors: int, cpus_per_actor: float, gpus_per_actor: float,
+            timeout_s: float | None) -> PlacementGroup:
+    """A placement group of one bundle per device actor, placed within the timeout or a ConfigError.
+
+    Bundles are packed onto as few nodes as hold them (``PACK``, a preference, not a rule).
+    """
+    bundle = {"CPU": float(cpus_per_actor)} | ({"GPU": float(gpus_per_actor)} if gpus_per_actor > 0 else {})
+    need = (f"ray.num_actors={num_actors} x {_size(cpus_per_actor, gpus_per_actor, keys=True)} need "
+            f"{num_actors * cpus_per_actor:g} CPUs" + (f" and {num_actors * gpus_per_actor:g} GPUs"
+                                                        if gpus_per_actor > 0 else ""))
+    total = ray.cluster_resources()
+    too_big = (num_actors * cpus_per_actor > total.get("CPU", 0.0) + 1e-9
+               or num_actors * gpus_per_actor > total.get("GPU", 0.0) + 1e-9)
+    if _private_local and too_big:  # nothing can join a private local Ray
+        raise ConfigError(f"{need}; this local Ray has {_have()}", field="ray.num_actors")
+    timeout = placement_timeout_s(timeout_s)
+    group = placement_group([bundle] * num_actors, strategy="PACK")
+    ready = group.ready()
+    done, _ = ray.wait([ready], timeout=min(2.0, timeout))
+    if not done:
+        print(f"raysim: waiting up to {timeout:g} s for the cluster to place {num_actors} device actors "
+              f"({need.split(' need ')[1]}; it has {_have()})", file=sys.stderr)
+        done, _ = ray.wait([ready], timeout=max(0.0, timeout - 2.0))
+    if not done:
+        remove_placement_group(group)
+        raise ConfigError(f"{need}, which could not be placed within {timeout:g} s (ray.placement_timeout_s); "
+                          f"the cluster has {_have()}", field="ray.num_actors")
+    return group
+
+
+def _size(cpus: float, gpus: float, *, keys: bool = False) -> str:
+    cpu = f"ray.cpus_per_actor={cpus:g}" if keys else f"{cpus:g} CPU"
+    gpu = f"ray.gpus_per_actor={gpus:g}" if keys else f"{gpus:g} GPU"
+    return cpu + (f", {gpu}" if gpus > 0 else "")
+
+
+def _have() -> str:
+    total, free = ray.cluster_resources(), ray.available_resources()
+    text = f"{total.get('CPU', 0.0):g} CPUs ({free.get('CPU', 0.0):g} free)"
+    return text + f", {total.get('GPU', 0.0):g} GPUs ({free.get('GPU', 0.0):g} free)"
 
 
 def _start_local(*, num_cpus: int | None, num_gpus: int | None, include_dashboard: bool) -> str:
+    _private_token()
     with _single_machine_mode(), _token_notice_silenced():
         context = ray.init(
             address="local",  # never attach to a Ray found on the machine
@@ -158,6 +251,27 @@ def _single_machine_mode() -> Iterator[None]:
             yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def _private_token() -> None:
+    """Token authentication with a fresh token in the environment (inherited by Ray's daemons), no file."""
+    from ray._raylet import Config
+
+    _saved_auth.update({key: os.environ.get(key) for key in _AUTH_ENV})
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    Config.initialize("")  # Ray caches its config at import: make this process see token mode too
+
+
+def _restore_auth() -> None:
+    from ray._raylet import Config
+
+    for key, value in _saved_auth.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _saved_auth.clear()
+    Config.initialize("")
 
 
 @contextlib.contextmanager

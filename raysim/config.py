@@ -171,15 +171,27 @@ class EvalConfig:
 
 @dataclass
 class RayConfig:
+    """Where the device actors run. Results do not depend on ``num_actors`` or on the nodes they land on.
+
+    What shapes a run's float rounding is fixed from the cohort and these keys
+    (raysim/work.py): ``tokens_per_pass``, ``work_units`` and the torch threads
+    per actor (one per whole CPU in ``cpus_per_actor``).
+    """
+
     address: str | None = None  # None: a private local Ray; "auto" or host:port: a cluster
-    num_actors: int | None = None  # None: one per CPU (or GPU fraction) available
-    cpus_per_actor: float = 1.0
+    num_actors: int | None = None  # None: as many as the Ray holds now (CPUs / cpus_per_actor, and GPUs)
+    cpus_per_actor: float = 1.0  # each actor runs torch on max(1, floor(cpus_per_actor)) threads
     gpus_per_actor: float = 0.0
     include_dashboard: bool = False
-    chunks_per_actor: int = 2  # work items per actor per round (load balance vs overhead)
-    # Devices with the same config train together in one pass of up to this many tokens
-    # per step (raysim/grouped.py); results do not depend on it. 0: one device per pass.
+    # Devices with the same config train together in one pass of up to this many tokens per step
+    # (raysim/grouped.py): each gets the update it would get alone, up to float32 rounding. 0: one per pass.
     tokens_per_pass: int = 4096
+    # A round's passes are packed into at most this many units of work, each one partial sum; the
+    # aggregator adds them in unit order. More units keep more actors busy; fewer send fewer partial sums.
+    work_units: int = 64
+    # Seconds to wait for the device actors to be placed before failing; None: 30 on a private local
+    # Ray, 600 on a cluster (time for its autoscaler to add nodes).
+    placement_timeout_s: float | None = None
 
 
 @dataclass
@@ -328,7 +340,8 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(r.num_actors is None or r.num_actors >= 1, "ray.num_actors", "must be >= 1")
     c(r.cpus_per_actor > 0, "ray.cpus_per_actor", "must be > 0")
     c(r.gpus_per_actor >= 0, "ray.gpus_per_actor", "must be >= 0")
-    c(r.chunks_per_actor >= 1, "ray.chunks_per_actor", "must be >= 1")
+    c(r.work_units >= 1, "ray.work_units", "must be >= 1")
+    c(r.placement_timeout_s is None or r.placement_timeout_s > 0, "ray.placement_timeout_s", "must be > 0")
     c(r.tokens_per_pass >= 0, "ray.tokens_per_pass", "must be >= 0")
 
 

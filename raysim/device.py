@@ -7,10 +7,13 @@ state into that submodel, trains for real on the device's data with every
 random draw keyed by (seed, round, device id), encodes the update as the
 device would send it, maps the decoded update back to full coordinates, runs
 it through the processor chain and adds it into a float64 partial sum (under
-DP-FedAvg, clipped first: :meth:`DeviceWorker._accumulate`). The
-round's partial sum leaves the worker once, at ``end_round``; per-device
-records leave as a few columns per work item. :mod:`raysim.pool` runs workers
-as Ray actors.
+DP-FedAvg, clipped first: :meth:`DeviceWorker._accumulate`).
+
+Work arrives as :class:`raysim.work.WorkUnit`s, planned by the driver from the
+cohort alone; each unit's groups are trained in order into one partial sum
+that leaves the worker with the unit's per-device records. Nothing a worker
+computes depends on which other units it was given, so any worker can compute
+any unit (:mod:`raysim.work`). :mod:`raysim.pool` runs workers as Ray actors.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from raysim.models import BaseModel
 from raysim.privacy import central, local
 from raysim.processors import DeviceContext, UpdateProcessor, run_on_device
 from raysim.types import DeviceConfig
+from raysim.work import Group, WorkUnit
 
 
 def batch_indices(num_examples: int, *, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -71,7 +75,6 @@ class DeviceWorker:
         self._state: Tensors = {}
         self._factors: dict = {}
         self._round = -1
-        self._partial: PartialSum | None = None
         self._clip_norm: float | None = None
         self._local_dp: dict[Structure, local.LocalDPSGD] = {}
         self._eval: torch.Tensor | None = None
@@ -82,6 +85,11 @@ class DeviceWorker:
         # Thousands of long-lived module and tensor objects: keep them out of every
         # cyclic-GC pass the per-device loop's garbage triggers.
         gc.freeze()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def initial_state(self) -> Tensors:
         return self.space.initial_state(self.base, seed=self.cfg.seed)
@@ -125,7 +133,6 @@ class DeviceWorker:
         self._clip_norm = clip_norm
         self._state = {k: v.to(self.device) for k, v in state.items()}
         self._factors = {}
-        self._partial = PartialSum.zeros_like(self._state)
         self._utility_wanted = utility and self.space.lora == "flexlora"
         self._gradient = None  # taken on the first update that needs it: an actor without devices skips it
 
@@ -167,31 +174,16 @@ class DeviceWorker:
         grads, loss = self._gradient
         return -sum(float((grads[k] * update[k]).sum()) for k in grads if k in update) / loss
 
-    def train(self, device_ids: list[int], configs: list[DeviceConfig]) -> dict[str, np.ndarray]:
-        """Train each device; return its records as columns.
+    def train(self, unit: WorkUnit) -> tuple[dict[str, np.ndarray], PartialSum]:
+        """Train the unit's groups in order; return their devices' records (unit order) and the unit's partial sum."""
+        partial = PartialSum.zeros_like(self._state)
+        columns = [self._train_group(group, partial) for group in unit.groups]
+        records = {"device_id": np.asarray(unit.device_ids, dtype=np.int64)}
+        for i, key in enumerate(("train_loss", "num_examples", "update_norm", "utility")):
+            records[key] = np.concatenate([c[i] for c in columns])
+        return records, partial.to("cpu")
 
-        Consecutive devices with the same config train together, up to
-        ``devices_per_pass`` at a time, where their submodel allows it (LoRA
-        adapters only, the same slices for everyone: see :mod:`raysim.grouped`).
-        """
-        losses = np.empty(len(device_ids))
-        counts = np.empty(len(device_ids), dtype=np.int64)
-        norms = np.empty(len(device_ids))
-        utilities = np.empty(len(device_ids))
-        start = 0
-        while start < len(device_ids):
-            config = configs[start]
-            limit = self._pass_limit(config)
-            end = start + 1
-            while end < len(device_ids) and end - start < limit and configs[end] == config:
-                end += 1
-            (losses[start:end], counts[start:end], norms[start:end],
-             utilities[start:end]) = self._train_group(device_ids[start:end], config)
-            start = end
-        return {"device_id": np.asarray(device_ids, dtype=np.int64), "train_loss": losses, "num_examples": counts,
-                "update_norm": norms, "utility": utilities}
-
-    def _pass_limit(self, config: DeviceConfig) -> int:
+    def pass_limit(self, config: DeviceConfig) -> int:
         """Devices of ``config`` that may share one pass: 1 unless everyone holds the same LoRA-only submodel.
 
         Federated dropout gives every device its own slices; Opacus needs
@@ -201,29 +193,28 @@ class DeviceWorker:
             return 1
         return self.devices_per_pass
 
-    def end_round(self) -> PartialSum | None:
-        partial, self._partial = self._partial, None
-        if partial is None or partial.num_devices == 0:
-            return None
-        return partial.to("cpu")
+    def num_eval_batches(self) -> int:
+        return -(-len(self._eval_examples()) // self.cfg.eval.batch_size)
 
-    def evaluate(self, state: Tensors, *, shard: int, num_shards: int) -> np.ndarray:
-        """Summed next-token loss, token count, top-1 and top-3 hits on a shard of held-out sequences."""
-        rows = self._eval_examples()[shard::num_shards]
-        totals = torch.zeros(4, dtype=torch.float64)
+    def evaluate(self, state: Tensors, batches: list[int]) -> np.ndarray:
+        """Per held-out batch (``eval.batch_size`` sequences each): summed next-token loss, tokens, top-1 and
+        top-3 hits. A batch's numbers do not depend on which others were evaluated with it."""
+        rows = self._eval_examples()
+        size = self.cfg.eval.batch_size
+        totals = np.zeros((len(batches), 4), dtype=np.float64)
         model = self._eval_model
         with torch.no_grad():
             model.load_frozen({k: v.to(self.device) for k, v in state.items()}, None, version=object())
             model.lm.eval()
-            for batch in rows.split(self.cfg.eval.batch_size):
-                batch = batch.to(self.device)
+            for i, b in enumerate(batches):
+                batch = rows[b * size:(b + 1) * size].to(self.device)
                 logits = model.lm(input_ids=batch).logits[:, :-1].float()
                 target = batch[:, 1:]
                 loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
                 top3 = logits.topk(3, dim=-1).indices
-                totals += torch.tensor([loss.item(), target.numel(), (top3[..., 0] == target).sum().item(),
-                                        (top3 == target.unsqueeze(-1)).any(-1).sum().item()], dtype=torch.float64)
-        return totals.numpy()
+                totals[i] = [loss.item(), target.numel(), (top3[..., 0] == target).sum().item(),
+                             (top3 == target.unsqueeze(-1)).any(-1).sum().item()]
+        return totals
 
     def _eval_examples(self) -> torch.Tensor:
         """The held-out sequences, loaded on first use."""
@@ -231,9 +222,10 @@ class DeviceWorker:
             self._eval = self.dataset.eval_examples()
         return self._eval
 
-    def _train_group(self, device_ids: list[int],
-                     config: DeviceConfig) -> tuple[list[float], list[int], list[float], list[float]]:
-        """Local training of devices that share ``config`` and its slices; their updates go into the partial sum."""
+    def _train_group(self, group: Group, partial: PartialSum) -> tuple[np.ndarray, ...]:
+        """Local training of devices that share a config and its slices, in one pass; their updates go into
+        ``partial`` in device order. Returns their train losses, example counts, update norms and utilities."""
+        config, device_ids = group.config, list(group.device_ids)
         seed, round, k = self.cfg.seed, self._round, len(device_ids)
         sub = self.submodel(config)
         slices = self._slices(config, round=round, device_id=device_ids[0])
@@ -301,8 +293,9 @@ class DeviceWorker:
                                         num_examples=len(data[j]))
                 update = run_on_device(self.processors, update, context=context)
                 utilities.append(self._utility(update))
-                norms.append(self._accumulate(update, num_examples=len(data[j]), held=held))
-        return (loss_sum / self.cfg.train.local_steps).tolist(), [len(x) for x in data], norms, utilities
+                norms.append(self._accumulate(partial, update, num_examples=len(data[j]), held=held))
+        return ((loss_sum / self.cfg.train.local_steps).cpu().double().numpy(),
+                np.array([len(x) for x in data], dtype=np.int64), np.array(norms), np.array(utilities))
 
     def _dp_sgd(self, sub: Submodel) -> local.LocalDPSGD:
         """The submodel wrapped for local DP-SGD (Opacus), once per structure."""
@@ -312,8 +305,8 @@ class DeviceWorker:
                                                              batch_size=self.cfg.train.batch_size)
         return self._local_dp[sub.structure]
 
-    def _accumulate(self, update: Tensors, *, num_examples: int, held: Tensors | None) -> float:
-        """Add one device's update, in the aggregation space, to the partial sum; return its L2 norm.
+    def _accumulate(self, partial: PartialSum, update: Tensors, *, num_examples: int, held: Tensors | None) -> float:
+        """Add one device's update, in the aggregation space, to ``partial``; return its L2 norm.
 
         The one place DP-FedAvg clips: after the update was decoded and mapped
         back to full coordinates (whatever the device's method or bit-width)
@@ -323,8 +316,8 @@ class DeviceWorker:
         by examples.
         """
         if self._clip_norm is None:
-            self._partial.add(update, weight=float(num_examples), held=held)
+            partial.add(update, weight=float(num_examples), held=held)
             return central.global_norm(update)
         clipped, norm = central.clip(update, clip_norm=self._clip_norm)
-        self._partial.add(clipped, weight=1.0, held=held)
+        partial.add(clipped, weight=1.0, held=held)
         return norm

@@ -1,50 +1,33 @@
 """A pool of long-lived device actors: actors are slots, devices are data.
 
-The pool knows nothing of training; it places work. Each round it hands the
-global-state ref to every actor once, splits the devices to train into
-chunks balanced by predicted compute, dispatches them with Ray's
-``ActorPool`` (an idle actor takes the next chunk), then collects one partial
-sum ref per actor for the aggregator.
+The pool knows nothing of training; it places work. Its actors are reserved
+as one placement group (:func:`raysim.cluster.reserve`), so a request the
+cluster cannot hold fails in bounded time instead of hanging. Each round it
+hands the global-state ref to every actor once, plans the round's units of
+work from the cohort alone (:mod:`raysim.work`), gives each idle actor the
+next unit, and returns one partial-sum ref per unit, in unit order, for the
+aggregator. Which actor computed a unit changes nothing in its result.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
+from collections import deque
 
 import numpy as np
 import ray
-from ray.util import ActorPool
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from raysim import cluster, work
 from raysim.config import ExperimentConfig
 from raysim.costmodel import Measurement
 from raysim.device import DeviceWorker
 from raysim.types import DeviceConfig
 
-
-def default_num_actors(cfg: ExperimentConfig) -> int:
-    """One actor per CPU share (and per GPU fraction when GPUs are asked for)."""
-    resources = ray.available_resources()
-    n = int(resources.get("CPU", 1) // cfg.ray.cpus_per_actor)
-    if cfg.ray.gpus_per_actor > 0:
-        n = min(n, int(resources.get("GPU", 0) // cfg.ray.gpus_per_actor))
-    return max(1, n)
-
-
-def balance(costs: np.ndarray, *, num_chunks: int) -> list[np.ndarray]:
-    """Split positions into chunks of near-equal total cost (longest job first).
-
-    Each chunk keeps its positions in ascending order.
-    """
-    num_chunks = max(1, min(num_chunks, len(costs)))
-    heap = [(0.0, c) for c in range(num_chunks)]
-    chunks: list[list[int]] = [[] for _ in range(num_chunks)]
-    for pos in np.argsort(-costs, kind="stable"):
-        load, c = heapq.heappop(heap)
-        chunks[c].append(int(pos))
-        heapq.heappush(heap, (load + float(costs[pos]), c))
-    return [np.sort(np.asarray(c, dtype=np.int64)) for c in chunks if c]
-
+# Units queued on one actor at a time: the next one is there when the current one ends.
+IN_FLIGHT_PER_ACTOR = 2
+RECORD_COLUMNS = {"device_id": np.int64, "train_loss": np.float64, "num_examples": np.int64,
+                  "update_norm": np.float64, "utility": np.float64}
 
 # Measurements are a pure function of the model, batch shape, method settings and config (FLOPs,
 # activation and payload sizes do not depend on weights or seeds), so runs in one process (a study,
@@ -58,23 +41,46 @@ def measurement_key(cfg: ExperimentConfig) -> str:
                  cfg.methods, cfg.ray.gpus_per_actor > 0))
 
 
+def threads_per_actor(cfg: ExperimentConfig) -> int:
+    """torch threads of every device actor: one per whole CPU it owns (at least one).
+
+    The same for every actor of a run, so a unit's float rounding does not depend on where it runs.
+    """
+    return max(1, int(cfg.ray.cpus_per_actor))
+
+
 class DevicePool:
     def __init__(self, *, cfg: ExperimentConfig, base: ray.ObjectRef, dataset: ray.ObjectRef,
                  num_actors: int | None = None):
         self.cfg = cfg
-        n = num_actors or cfg.ray.num_actors or default_num_actors(cfg)
-        actor_cls = ray.remote(DeviceWorker).options(num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor)
-        threads = max(1, int(cfg.ray.cpus_per_actor))
-        self.actors = [actor_cls.remote(cfg=cfg, base=base, dataset=dataset, num_threads=threads) for _ in range(n)]
+        n = num_actors or cfg.ray.num_actors or cluster.actors_that_fit(
+            cpus_per_actor=cfg.ray.cpus_per_actor, gpus_per_actor=cfg.ray.gpus_per_actor)
+        self.group = cluster.reserve(num_actors=n, cpus_per_actor=cfg.ray.cpus_per_actor,
+                                     gpus_per_actor=cfg.ray.gpus_per_actor, timeout_s=cfg.ray.placement_timeout_s)
+        actor_cls = ray.remote(DeviceWorker)
+        self.actors = [
+            actor_cls.options(num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor,
+                              scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                  placement_group=self.group, placement_group_bundle_index=i))
+            .remote(cfg=cfg, base=base, dataset=dataset, num_threads=threads_per_actor(cfg))
+            for i in range(n)
+        ]
         self._key = measurement_key(cfg)
+        self._limits: dict[DeviceConfig, int] = {}
+        self._eval_batches: int | None = None
 
     def __len__(self) -> int:
         return len(self.actors)
 
+    def nodes(self) -> list[str]:
+        """The node id of each actor."""
+        return ray.get([a.node_id.remote() for a in self.actors])
+
     def close(self) -> None:
-        """End the actors (their CPUs return to Ray)."""
+        """End the actors and release their reservation (their CPUs return to Ray)."""
         for actor in self.actors:
             ray.kill(actor)
+        ray.util.remove_placement_group(self.group)
 
     def initial_state(self) -> ray.ObjectRef:
         return self.actors[0].initial_state.remote()
@@ -86,6 +92,12 @@ class DevicePool:
             _MEASURED[key] = ray.get(self.actors[0].measure.remote(config))
         return _MEASURED[key]
 
+    def pass_limit(self, config: DeviceConfig) -> int:
+        """Devices of ``config`` that may share one pass (``DeviceWorker.pass_limit``), asked once per config."""
+        if config not in self._limits:
+            self._limits[config] = ray.get(self.actors[0].pass_limit.remote(config))
+        return self._limits[config]
+
     def train(
         self,
         state: ray.ObjectRef,
@@ -93,32 +105,56 @@ class DevicePool:
         round: int,
         device_ids: np.ndarray,
         configs: list[DeviceConfig],
-        costs: np.ndarray,
+        flops: np.ndarray,
         clip_norm: float | None = None,
         utility: bool = False,
     ) -> tuple[dict[str, np.ndarray], list[ray.ObjectRef]]:
-        """Train ``device_ids``; return their records (id order) and partial-sum refs.
+        """Train ``device_ids``; return their records (id order) and one partial-sum ref per unit, in unit order.
 
-        ``clip_norm``: DP-FedAvg's per-device clip norm for this round (None: no clipping). ``utility``: each
-        record carries its update's first-order held-out utility (``DeviceWorker._loss_gradient``), else NaN.
+        ``flops``: each device's predicted training FLOPs (balances the units). ``clip_norm``: DP-FedAvg's
+        per-device clip norm for this round (None: no clipping). ``utility``: each record carries its update's
+        first-order held-out utility (``DeviceWorker._loss_gradient``), else NaN.
         """
+        units = work.plan(device_ids, configs, flops, pass_limit=self.pass_limit, max_units=self.cfg.ray.work_units)
+        if not units:
+            return {k: np.empty(0, dtype=t) for k, t in RECORD_COLUMNS.items()}, []
         for actor in self.actors:
             actor.begin_round.remote(state, round, clip_norm, utility)
-        chunks = balance(costs, num_chunks=len(self.actors) * self.cfg.ray.chunks_per_actor)
-        work = [([int(device_ids[p]) for p in chunk], [configs[p] for p in chunk]) for chunk in chunks]
-        results = list(ActorPool(self.actors).map_unordered(lambda a, w: a.train.remote(*w), work))
-        partials = [actor.end_round.remote() for actor in self.actors]
-        if not results:
-            return {"device_id": np.empty(0, np.int64), "train_loss": np.empty(0), "num_examples": np.empty(0, np.int64),
-                    "update_norm": np.empty(0), "utility": np.empty(0)}, partials
-        records = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
-        order = np.argsort(records["device_id"])
-        return {k: v[order] for k, v in records.items()}, partials
+        records: list[dict | None] = [None] * len(units)
+        partials: list[ray.ObjectRef | None] = [None] * len(units)
+        queue, pending = deque(units), {}
+
+        def submit(actor) -> None:
+            unit = queue.popleft()
+            done, partials[unit.index] = actor.train.options(num_returns=2).remote(unit)
+            pending[done] = (unit.index, actor)
+
+        for _ in range(IN_FLIGHT_PER_ACTOR):
+            for actor in self.actors:
+                if queue:
+                    submit(actor)
+        while pending:
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            index, actor = pending.pop(done)
+            records[index] = ray.get(done)
+            if queue:
+                submit(actor)
+        columns = {k: np.concatenate([r[k] for r in records]) for k in RECORD_COLUMNS}
+        order = np.argsort(columns["device_id"], kind="stable")
+        return {k: v[order] for k, v in columns.items()}, partials
 
     def evaluate(self, state: ray.ObjectRef) -> dict[str, float]:
-        """Held-out loss per token, perplexity, top-1 and top-3 accuracy; one shard per actor."""
+        """Held-out loss per token, perplexity, top-1 and top-3 accuracy.
+
+        Each actor evaluates every n-th batch; the per-batch sums are added in batch order.
+        """
+        if self._eval_batches is None:
+            self._eval_batches = ray.get(self.actors[0].num_eval_batches.remote())
         n = len(self.actors)
-        loss, tokens, top1, top3 = sum(ray.get([a.evaluate.remote(state, shard=i, num_shards=n)
-                                               for i, a in enumerate(self.actors)]))
+        shards = [list(range(i, self._eval_batches, n)) for i in range(n)]
+        per_batch = np.zeros((self._eval_batches, 4), dtype=np.float64)
+        for batches, totals in zip(shards, ray.get([a.evaluate.remote(state, s) for a, s in zip(self.actors, shards)])):
+            per_batch[batches] = totals
+        loss, tokens, top1, top3 = per_batch.sum(axis=0)
         return {"eval_loss": loss / tokens, "eval_perplexity": math.exp(loss / tokens),
                 "eval_accuracy": top1 / tokens, "eval_top3_accuracy": top3 / tokens}

@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 import ray
+import torch
 from tqdm import tqdm
 
 import raysim
@@ -78,6 +79,7 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
                     progress=cfg.progress)
     where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard)
     pool = DevicePool(cfg=cfg, base=ray.put(base), dataset=ray.put(dataset))
+    actor_nodes = len(set(pool.nodes()))
     oracle = CostOracle(measure=pool.measure, local_steps=cfg.train.local_steps, deadline_s=cfg.cohort.deadline_s)
     context = PolicyContext(methods=cfg.methods, space=method_space(cfg.methods), oracle=oracle, seed=cfg.seed,
                             rounds=cfg.rounds)
@@ -87,14 +89,14 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
         pool.close()
         raise
     ranks = [r for r in cfg.methods.lora_rank if r > 0]
-    aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(
+    aggregator = ray.remote(Aggregator).options(num_cpus=0, scheduling_strategy=cluster.on_this_node()).remote(
         state=pool.initial_state(), cfg=cfg.aggregation, seed=cfg.seed, space=Space.build(cfg, base),
         truncation_rank=min(ranks, default=0), privacy=privacy, adaptive=_adaptive_clip(cfg, privacy),
     )
     state_ref = aggregator.get_state.remote()
     run_dir = default_run_dir(cfg)
     writer = RunWriter(run_dir, config_yaml=to_yaml(cfg))
-    print(f"raysim: {where}, {len(pool)} device actors, population {population.name} "
+    print(f"raysim: {where}, {len(pool)} device actors on {actor_nodes} node{'s' * (actor_nodes > 1)}, population {population.name} "
           f"({population.size:,} devices), model {base.origin} -> {run_dir}", file=sys.stderr)
     if privacy:
         print(f"raysim: {_describe(privacy, cfg)}", file=sys.stderr)
@@ -134,11 +136,11 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
             trained = np.flatnonzero(outcome.status == OK)
             records, partials = pool.train(
                 state_ref, round=rnd, device_ids=cohort.device_id[trained],
-                configs=[configs[i] for i in trained], costs=costs.compute_s[trained], clip_norm=clip_norm,
+                configs=[configs[i] for i in trained], flops=costs.flops[trained], clip_norm=clip_norm,
                 utility=getattr(policy, "wants_utility", False),
             )
             unclipped = int((records["update_norm"] <= clip_norm).sum()) if privacy else 0
-            state_ref, stats_ref = aggregator.aggregate.options(num_returns=2).remote(rnd, *partials,
+            state_ref, stats_ref = aggregator.aggregate.options(num_returns=2).remote(rnd, partials,
                                                                                      num_unclipped=unclipped)
             evaluate = cfg.eval.every > 0 and (rnd % cfg.eval.every == 0 or rnd == last_round)
             metrics = pool.evaluate(state_ref) if evaluate else dict.fromkeys(EVAL_COLUMNS, math.nan)
@@ -212,6 +214,7 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
             "model": base.origin,
             "data": {"source": cfg.data.source, "fingerprint": dataset.fingerprint(), "users": dataset.num_users},
             "num_actors": len(pool),
+            "actor_nodes": actor_nodes,
             "sim_time_s": sim_time,
             "wall_time_s": time.perf_counter() - start,
             "initial": initial,
@@ -229,7 +232,7 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
         pool.close()  # frees the actors' CPUs for the next run in this process (raysim compare)
         if status == "interrupted":  # a clean stop (finished, privacy budget spent) saves the state below
             ray.kill(aggregator)
-    ray.get(aggregator.save.remote(str((run_dir / "final_state.pt").resolve())))
+    torch.save(ray.get(aggregator.get_state.remote()), run_dir / "final_state.pt")  # the driver writes every file
     ray.kill(aggregator)
     return run_dir
 

@@ -32,13 +32,20 @@ TINY = [
 ]
 
 
-def assert_metrics_close(a: dict, b: dict, columns: list[str], *, rtol: float = 1e-6) -> None:
-    """Two runs' rounds columns agree to ``rtol`` (relative), column by column."""
+def assert_same_results(a, b) -> None:
+    """Two run directories hold the same results: byte-identical devices.parquet and final state, and
+    rounds.parquet equal in every column but wall time (the one that measures the machine, not the run)."""
     import numpy as np
+    import pyarrow.parquet as pq
 
-    for col in columns:
-        np.testing.assert_allclose(np.array(a[col], dtype=float), np.array(b[col], dtype=float), rtol=rtol,
-                                   err_msg=col)
+    for name in ("devices.parquet", "final_state.pt"):
+        assert (a / name).exists() == (b / name).exists(), name
+        assert not (a / name).exists() or (a / name).read_bytes() == (b / name).read_bytes(), name
+    rounds_a, rounds_b = (pq.read_table(d / "rounds.parquet").drop(["wall_time_s"]) for d in (a, b))
+    assert rounds_a.schema == rounds_b.schema and rounds_a.num_rows == rounds_b.num_rows > 0
+    for name in rounds_a.column_names:  # bit for bit (Arrow's equals calls NaN unequal to NaN)
+        x, y = (np.asarray(t[name].to_numpy()) for t in (rounds_a, rounds_b))
+        assert x.tobytes() == y.tobytes(), name
 
 
 def make_worker(cfg):
@@ -49,6 +56,23 @@ def make_worker(cfg):
 
     return DeviceWorker(cfg=cfg, base=initial_base_model(cfg.model, seed=cfg.seed), dataset=build_dataset(cfg),
                         num_threads=1)
+
+
+def train_unit(worker, state, ids, configs, *, round=3, clip_norm=None, utility=False):
+    """Train devices ``ids`` (with ``configs``) on ``worker`` as one unit of round ``round``, grouped as the
+    pool groups a cohort; return their records in the order of ``ids`` and the unit's partial sum."""
+    import numpy as np
+
+    from raysim.work import WorkUnit, make_groups
+
+    worker.begin_round(state, round, clip_norm, utility)
+    groups = make_groups(ids, configs, pass_limit=worker.pass_limit)
+    records, partial = worker.train(WorkUnit(index=0, groups=tuple(groups)))
+    positions: dict[int, list[int]] = {}
+    for i, d in enumerate(records["device_id"]):
+        positions.setdefault(int(d), []).append(i)
+    order = [positions[int(d)].pop(0) for d in ids]
+    return {k: np.asarray(v)[order] for k, v in records.items()}, partial
 
 
 @pytest.fixture(scope="session")

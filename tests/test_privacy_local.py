@@ -9,7 +9,7 @@ from raysim.config import load_experiment
 from raysim.privacy import accounting, local
 from raysim.types import DeviceConfig
 
-from conftest import TINY, make_worker
+from conftest import TINY, make_worker, train_unit
 
 
 def test_poisson_batches_sample_each_example_at_the_expected_rate():
@@ -32,9 +32,7 @@ def worker():
 
 
 def _update(worker, state, device_id):
-    worker.begin_round(state, 1)
-    records = worker.train([device_id], [DeviceConfig(lora_rank=4)])
-    partial = worker.end_round()
+    records, partial = train_unit(worker, state, [device_id], [DeviceConfig(lora_rank=4)], round=1)
     return records, {k: s / partial.weights[k] for k, s in partial.sums.items()}
 
 

@@ -1,15 +1,17 @@
 """Aggregation rules as pure functions over partial sums.
 
-A :class:`PartialSum` is what an actor returns for all the devices it trained
-in a round: float64 sums of weighted updates and the summed weights that went
+A :class:`PartialSum` is what an actor returns for the devices of one unit of
+work: float64 sums of weighted updates and the summed weights that went
 into each element. Weights broadcast against the update, so a scalar weight
 (every device holds the whole tensor) and a per-element count (devices hold
-different slices) are the same code path. Summation is associative up to
-float64 rounding, which is why the number of actors does not change results.
+different slices) are the same code path. Partial sums are added in a fixed
+order (:func:`combine`), so the result is the same bits however the work was
+spread over actors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -54,21 +56,23 @@ class PartialSum:
         )
 
 
-def combine(partials: list[PartialSum]) -> PartialSum:
-    """The sum of partial sums (None entries, from idle actors, are skipped)."""
-    partials = [p for p in partials if p is not None and p.num_devices > 0]
-    if not partials:
-        raise ValueError("no updates to combine")
-    total = PartialSum(
-        sums={k: v.clone() for k, v in partials[0].sums.items()},
-        weights={k: v.clone() for k, v in partials[0].weights.items()},
-        num_devices=partials[0].num_devices,
-    )
-    for p in partials[1:]:
+def combine(partials: Iterable[PartialSum]) -> PartialSum:
+    """The sum of partial sums, added one at a time in the order given (float64 addition is not associative:
+    a fixed order gives the same bits every time). Sums without devices are skipped."""
+    total = None
+    for p in partials:
+        if p is None or p.num_devices == 0:
+            continue
+        if total is None:
+            total = PartialSum(sums={k: v.clone() for k, v in p.sums.items()},
+                               weights={k: v.clone() for k, v in p.weights.items()}, num_devices=p.num_devices)
+            continue
         for name in total.sums:
-            total.sums[name] = total.sums[name] + p.sums[name]
+            total.sums[name] += p.sums[name]
             total.weights[name] = total.weights[name] + p.weights[name]
         total.num_devices += p.num_devices
+    if total is None:
+        raise ValueError("no updates to combine")
     return total
 
 
