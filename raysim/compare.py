@@ -30,6 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from raysim.config import ExperimentConfig, load_experiment, parse_override, to_yaml
 from raysim.errors import ConfigError
+from raysim.paths import absolute
 from raysim.policies import policy_identity, read_policy
 from raysim.report import run_label, run_metrics, write_report
 
@@ -103,7 +104,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     if not isinstance(parallel, int) or parallel < 1:
         raise ConfigError("must be an integer >= 1", file=str(path), field="parallel")
     name = str(study.get("name") or path.stem)
-    output_dir = Path(study.get("output_dir") or Path("runs") / name)
+    output_dir = Path(study.get("output_dir") or Path("runs") / name).expanduser().absolute()
 
     base = study.get("experiment")
     base_path, layers = None, []
@@ -125,6 +126,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
             OmegaConf.update(axis_layer, key, value)
         run_layer = OmegaConf.create({"name": f"{name}-{rid}", "output_dir": str(output_dir / "runs" / rid)})
         cfg = load_experiment(base_path, None, layers=[*layers, (f"{path}: axes", axis_layer), ("compare", run_layer)])
+        cfg = absolute(cfg)  # runs may execute as Ray tasks in another working directory
         read_policy(cfg.policy)  # a bad policy fails before any run starts
         runs.append(StudyRun(run_id=rid, values=values, cfg=cfg))
     if len({r.run_id for r in runs}) != len(runs):
@@ -195,9 +197,15 @@ def run_study(study: Study) -> Path:
 
 
 def _run_parallel(todo: list[StudyRun], *, parallel: int) -> None:
-    """Up to ``parallel`` runs at once as Ray tasks, each with its share of the CPUs as device actors."""
+    """Up to ``parallel`` runs at once as Ray tasks, each with its share of the device actors.
+
+    The tasks run on the driver's node: a run's driver writes its run directory and reads the
+    pre-training and tokenizer caches, which are this node's. Their device actors go wherever
+    the cluster places them.
+    """
     import ray
 
+    from raysim import cluster
     from raysim.data import build_dataset
     from raysim.models import base_seed, initial_base_model
     from raysim.pretrain import pretrain
@@ -207,16 +215,17 @@ def _run_parallel(todo: list[StudyRun], *, parallel: int) -> None:
         base = initial_base_model(cfg.model, seed=cfg.seed)
         pretrain(base, build_dataset(cfg).public_examples(), cfg.pretrain, seed=base_seed(cfg.model, seed=cfg.seed),
                  progress=False)
-    share = max(1, int(ray.cluster_resources().get("CPU", 1) // parallel))
-    task = ray.remote(num_cpus=0)(_run_one)
+    task = ray.remote(num_cpus=0, scheduling_strategy=cluster.on_this_node())(_run_one)
     pending, queue = [], list(todo)
     while queue or pending:
         while queue and len(pending) < parallel:
-            run = queue.pop(0)
-            cfg = run.cfg
-            if cfg.ray.num_actors is None:
-                cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, num_actors=share))
-            pending.append(task.remote(dataclasses.replace(cfg, progress=False)))
+            cfg = queue.pop(0).cfg
+            share = max(1, cluster.actors_that_fit(cpus_per_actor=cfg.ray.cpus_per_actor,
+                                                   gpus_per_actor=cfg.ray.gpus_per_actor) // parallel)
+            # The task's process did not start this Ray: it is told how long a placement may take here.
+            ray_cfg = dataclasses.replace(cfg.ray, num_actors=cfg.ray.num_actors or share,
+                                          placement_timeout_s=cluster.placement_timeout_s(cfg.ray.placement_timeout_s))
+            pending.append(task.remote(dataclasses.replace(cfg, ray=ray_cfg, progress=False)))
         done, pending = ray.wait(pending, num_returns=1)
         print(f"raysim compare: finished {ray.get(done[0])}", file=sys.stderr)
 

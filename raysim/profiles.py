@@ -24,9 +24,10 @@ from raysim import rng
 from raysim.errors import ConfigError
 from raysim.types import DeviceDraws
 
+SHIPPED_PROFILES = Path(__file__).resolve().parent.parent / "device_profiles"
 PROFILE_DIRS: tuple[Path, ...] = (
     Path("device_profiles"),  # relative: resolved against the working directory when used
-    Path(__file__).resolve().parent.parent / "device_profiles",
+    SHIPPED_PROFILES,
 )
 TAGS = ("measured", "derived", "reported", "assumption")
 
@@ -390,6 +391,17 @@ def _resolve(name_or_path: str | Path, kind: str) -> Path:
 
 
 # ---- public loaders -----------------------------------------------------------
+
+
+def population_file(name_or_path: str | Path) -> Path:
+    """The file a population name (looked up in ``PROFILE_DIRS``) or ``.yaml`` path designates."""
+    return _resolve(name_or_path, "population")
+
+
+def is_shipped_population(name: str) -> bool:
+    """Whether ``name`` designates the population shipped with raysim (no working-directory file shadows it)."""
+    shipped = _find(name, "populations", (SHIPPED_PROFILES,))
+    return shipped is not None and shipped == _find(name, "populations", PROFILE_DIRS)
 
 
 def load_class(name_or_path: str | Path) -> DeviceClass:

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 import raysim
-from raysim import cluster, rng
+from raysim import cluster, paths, rng
 from raysim.aggregator import Aggregator
 from raysim.clock import DROPPED, OK, OOM, STRAGGLER, UNAVAILABLE, settle_round
 from raysim.cohort import sample_cohort
@@ -57,8 +57,8 @@ def check_compatible(cfg: ExperimentConfig, base: BaseModel) -> None:
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
     if cfg.output_dir:
-        return Path(cfg.output_dir)
-    return Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        return Path(cfg.output_dir).absolute()
+    return Path("runs").absolute() / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], Policy] | None = None) -> Path:
@@ -67,6 +67,7 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
     ``make_policy`` builds the policy in place of ``cfg.policy`` (``raysim
     train-policy`` carries one learned policy across runs).
     """
+    cfg = paths.absolute(cfg)  # what the driver's relative paths mean, wherever this runs
     population = load_population(cfg.population, size=cfg.population_size)
     privacy = plan_central(cfg.privacy, rounds=cfg.rounds, cohort_size=cfg.cohort.size,
                            population_size=population.size)

@@ -22,7 +22,8 @@ from raysim.policies.base import REGISTRY, CostOracle, Policy, PolicyContext, Pr
 __all__ = ["CostOracle", "Policy", "PolicyContext", "PolicySpec", "Prices", "build_policy", "policy_identity",
            "read_policy"]
 
-POLICY_DIRS = (Path("policies"), REPO_ROOT / "policies")
+SHIPPED_POLICIES = REPO_ROOT / "policies"
+POLICY_DIRS = (Path("policies"), SHIPPED_POLICIES)  # the first relative: the working directory's
 
 
 @dataclass(frozen=True)
