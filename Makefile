@@ -4,10 +4,11 @@ PY ?= python3
 ARGS ?=
 
 .PHONY: run test bench
-.installed: pyproject.toml
+.installed: pyproject.toml constraints.txt
 	# The CPU wheel of torch first: any other torch spec pulls GBs of CUDA packages.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[test]"
+	# Every dependency at the version CI ran (constraints.txt; cluster.yaml installs the same).
+	$(PY) -m pip install -c constraints.txt -e ".[test]"
 	touch .installed
 
 run: .installed

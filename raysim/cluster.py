@@ -114,9 +114,12 @@ def actors_that_fit(*, cpus_per_actor: float, gpus_per_actor: float) -> int:
     n = _fits(total.get("CPU", 0.0), cpus_per_actor)
     if gpus_per_actor > 0:
         n = min(n, _fits(total.get("GPU", 0.0), gpus_per_actor))
+    if n < 1 and _private_local:
+        raise ConfigError(f"this local Ray ({_have()}) holds no device actor of "
+                          f"{_size(cpus_per_actor, gpus_per_actor, keys=True)}", field="ray.cpus_per_actor")
     if n < 1:
-        raise ConfigError(f"the cluster holds no device actor of {_size(cpus_per_actor, gpus_per_actor)} now "
-                          f"({_have()}); set ray.num_actors to have the autoscaler add nodes for them",
+        raise ConfigError(f"the cluster holds no device actor of {_size(cpus_per_actor, gpus_per_actor, keys=True)} "
+                          f"now ({_have()}); set ray.num_actors to have the autoscaler add nodes for them",
                           field="ray.num_actors")
     return n
 

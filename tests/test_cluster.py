@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_python(code: str, *, timeout_s: float) -> dict:
     """Run ``code`` in a fresh interpreter (its own Ray, none of ours) and parse its last line as JSON."""
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}  # the session Ray's private token
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s,
@@ -128,6 +129,66 @@ def test_initialised_ray_is_reused(ray_session):
     assert cluster.connect(address="127.0.0.1:1").startswith("Ray already running in this process")
 
 
+def test_local_ray_authenticates_without_leaving_a_token_file(tmp_path):
+    """A token file in ~/.ray would turn token authentication on for the next `ray start --head` here."""
+    result = run_python(
+        f"""
+        import json, os
+        os.environ["HOME"] = {str(tmp_path)!r}
+        import ray
+        from raysim import cluster
+
+        cluster.connect(address=None, num_cpus=1)
+        mode = ray.get(ray.remote(lambda: os.environ.get("RAY_AUTH_MODE")).remote())
+        cluster.shutdown()
+        print(json.dumps({{"worker_mode": mode, "files": sorted(os.listdir({str(tmp_path)!r})),
+                          "after": os.environ.get("RAY_AUTH_MODE")}}))
+        """,
+        timeout_s=90,
+    )
+    assert result == {"worker_mode": "token", "files": [], "after": None}
+
+
+# --- placing device actors ------------------------------------------------------------------
+
+
+def test_more_actors_than_a_local_ray_holds_fail_at_once_naming_the_keys(ray_session):
+    from raysim.errors import ConfigError
+
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        cluster.reserve(num_actors=5, cpus_per_actor=1.0, gpus_per_actor=0.0, timeout_s=None)
+    assert time.monotonic() - start < 5
+    assert err.value.field == "ray.num_actors"
+    assert "ray.num_actors=5 x ray.cpus_per_actor=1 need 5 CPUs; this local Ray has 2 CPUs" in str(err.value)
+
+
+def test_actors_that_cannot_be_placed_in_time_fail_in_bounded_time(ray_session):
+    """Two CPUs, both held: a request that would fit an idle Ray waits out the timeout, then one line."""
+    import ray
+
+    from raysim.errors import ConfigError
+
+    held = cluster.reserve(num_actors=2, cpus_per_actor=1.0, gpus_per_actor=0.0, timeout_s=None)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match=r"could not be placed within 3 s \(ray.placement_timeout_s\)"):
+            cluster.reserve(num_actors=1, cpus_per_actor=1.0, gpus_per_actor=0.0, timeout_s=3.0)
+        assert 3 <= time.monotonic() - start < 10
+    finally:
+        ray.util.remove_placement_group(held)
+
+
+def test_an_actor_larger_than_the_local_ray_is_refused_naming_its_size(ray_session):
+    from raysim.errors import ConfigError
+
+    for cpus, gpus in ((3.0, 0.0), (1.0, 0.25)):
+        with pytest.raises(ConfigError, match=r"this local Ray \(2 CPUs .*\) holds no device actor of "
+                                              rf"ray.cpus_per_actor={cpus:g}"):
+            cluster.actors_that_fit(cpus_per_actor=cpus, gpus_per_actor=gpus)
+    assert cluster.actors_that_fit(cpus_per_actor=0.5, gpus_per_actor=0.0) == 4
+
+
 # --- cluster.yaml --------------------------------------------------------------------------
 
 
@@ -162,3 +223,32 @@ def test_schema_check_rejects_broken_configs(mutate):
     mutate(config)
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(config))
+
+
+def test_every_node_and_driver_runs_with_an_explicit_auth_mode():
+    config = prepare_config(load_cluster_yaml())
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]  # the container of every node type
+    assert "~/.ray/auth_token" in config["file_mounts"]
+
+
+def test_every_node_installs_the_tested_versions():
+    config = load_cluster_yaml()
+    installs = [c for c in config["setup_commands"] if "pip install" in c]
+    assert installs and all("-c ~/raysim/constraints.txt" in c for c in installs)
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert config["docker"]["image"].startswith(f"rayproject/ray:{pins['ray']}-")  # the image's Ray is the pinned one
+    assert "lost worker only costs" not in (ROOT / "cluster.yaml").read_text()
+
+
+def test_constraints_pin_every_installed_requirement_at_its_version():
+    """constraints.txt is what this environment runs: regenerate it with .ci/constraints.py after an upgrade."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("constraints", ROOT / ".ci" / "constraints.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    installed = {name: version.split("+")[0] for name, version in module.closure("raysim", extras={"test"}).items()}
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert installed == pins
