@@ -115,10 +115,10 @@ def actors_that_fit(*, cpus_per_actor: float, gpus_per_actor: float) -> int:
     if gpus_per_actor > 0:
         n = min(n, _fits(total.get("GPU", 0.0), gpus_per_actor))
     if n < 1 and _private_local:
-        raise ConfigError(f"this local Ray ({_have()}) holds no device actor of "
-                          f"{_size(cpus_per_actor, gpus_per_actor, keys=True)}", field="ray.cpus_per_actor")
+        raise ConfigError(f"this local Ray has {_have()}: not enough for one device actor of "
+                          f"{_size(cpus_per_actor, gpus_per_actor)}", field="ray.cpus_per_actor")
     if n < 1:
-        raise ConfigError(f"the cluster holds no device actor of {_size(cpus_per_actor, gpus_per_actor, keys=True)} "
+        raise ConfigError(f"the cluster holds no device actor of {_size(cpus_per_actor, gpus_per_actor)} "
                           f"now ({_have()}); set ray.num_actors to have the autoscaler add nodes for them",
                           field="ray.num_actors")
     return n
@@ -131,9 +131,9 @@ def reserve(*, num_actors: int, cpus_per_actor: float, gpus_per_actor: float,
     Bundles are packed onto as few nodes as hold them (``PACK``, a preference, not a rule).
     """
     bundle = {"CPU": float(cpus_per_actor)} | ({"GPU": float(gpus_per_actor)} if gpus_per_actor > 0 else {})
-    need = (f"ray.num_actors={num_actors} x {_size(cpus_per_actor, gpus_per_actor, keys=True)} need "
-            f"{num_actors * cpus_per_actor:g} CPUs" + (f" and {num_actors * gpus_per_actor:g} GPUs"
-                                                        if gpus_per_actor > 0 else ""))
+    amount = f"{num_actors * cpus_per_actor:g} CPUs" + (f" and {num_actors * gpus_per_actor:g} GPUs"
+                                                         if gpus_per_actor > 0 else "")
+    need = f"ray.num_actors={num_actors} x {_size(cpus_per_actor, gpus_per_actor)} need {amount}"
     total = ray.cluster_resources()
     too_big = (num_actors * cpus_per_actor > total.get("CPU", 0.0) + 1e-9
                or num_actors * gpus_per_actor > total.get("GPU", 0.0) + 1e-9)
@@ -145,7 +145,7 @@ def reserve(*, num_actors: int, cpus_per_actor: float, gpus_per_actor: float,
     done, _ = ray.wait([ready], timeout=min(2.0, timeout))
     if not done:
         print(f"raysim: waiting up to {timeout:g} s for the cluster to place {num_actors} device actors "
-              f"({need.split(' need ')[1]}; it has {_have()})", file=sys.stderr)
+              f"({amount}; it has {_have()})", file=sys.stderr)
         done, _ = ray.wait([ready], timeout=max(0.0, timeout - 2.0))
     if not done:
         remove_placement_group(group)
@@ -154,10 +154,8 @@ def reserve(*, num_actors: int, cpus_per_actor: float, gpus_per_actor: float,
     return group
 
 
-def _size(cpus: float, gpus: float, *, keys: bool = False) -> str:
-    cpu = f"ray.cpus_per_actor={cpus:g}" if keys else f"{cpus:g} CPU"
-    gpu = f"ray.gpus_per_actor={gpus:g}" if keys else f"{gpus:g} GPU"
-    return cpu + (f", {gpu}" if gpus > 0 else "")
+def _size(cpus: float, gpus: float) -> str:
+    return f"ray.cpus_per_actor={cpus:g}" + (f", ray.gpus_per_actor={gpus:g}" if gpus > 0 else "")
 
 
 def _have() -> str:

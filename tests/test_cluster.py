@@ -183,7 +183,7 @@ def test_an_actor_larger_than_the_local_ray_is_refused_naming_its_size(ray_sessi
     from raysim.errors import ConfigError
 
     for cpus, gpus in ((3.0, 0.0), (1.0, 0.25)):
-        with pytest.raises(ConfigError, match=r"this local Ray \(2 CPUs .*\) holds no device actor of "
+        with pytest.raises(ConfigError, match=r"this local Ray has 2 CPUs .*: not enough for one device actor of "
                                               rf"ray.cpus_per_actor={cpus:g}"):
             cluster.actors_that_fit(cpus_per_actor=cpus, gpus_per_actor=gpus)
     assert cluster.actors_that_fit(cpus_per_actor=0.5, gpus_per_actor=0.0) == 4
