@@ -1,0 +1,99 @@
+"""Fingerprints of a set of small runs that cover every path of the round: to show a refactor changes no bit.
+
+    python .ci/same_results.py --write before.json     (on the commit before the change)
+    python .ci/same_results.py --check before.json     (after it: exits 1 and names what differs)
+
+Each run's fingerprint is the SHA-256 of ``devices.parquet`` and ``final_state.pt``, of every
+``rounds.parquet`` column but ``wall_time_s``, and of ``summary.json`` less what measures the machine
+(wall time, versions, actor counts). Float results depend on the CPU, so compare on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+TINY = ["rounds=3", "population_size=1000", "progress=false", "cohort.size=4", "cohort.over_selection=1.5",
+        "train.local_steps=2", "train.batch_size=4", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
+        "model.vocab_size=128", "model.n_positions=16", "data.seq_len=16", "data.examples_per_user=8",
+        "data.eval_users=4", "eval.every=2", "eval.batch_size=8", "methods.lora_rank=[4]", "data.source=synthetic",
+        "ray.tokens_per_pass=128", "ray.cpus_per_actor=0.5"]
+DP = ["cohort.sampling=poisson", "cohort.size=6", "privacy.clip_norm=0.02", "privacy.noise_multiplier=1.0"]
+RUNS = {
+    "mixed-random": ["policy=random", "methods.lora_rank=[4,2]", "methods.bits=[32,8]", "cohort.deadline_s=0.12"],
+    "dp-adaptive-budget": [*DP, "rounds=4", "privacy.adaptive_clipping.enabled=true", "privacy.max_epsilon=2.0",
+                           "privacy.adaptive_clipping.count_std=2.0"],
+    "dp-target-prv": [*DP, "privacy.noise_multiplier=0", "privacy.target_epsilon=8", "privacy.accountant=prv"],
+    "hetlora-fedadam": ["methods.lora_rank=[4,2]", "policy=random", "aggregation.lora=hetlora",
+                        "aggregation.server_optimizer=fedadam", "aggregation.server_lr=0.01"],
+    "methods-heterofl": ["policy=random", "methods.lora_rank=[4,0]", "methods.prune_ratio=[0.0,0.5]",
+                         "methods.dropout_rate=[0.0,0.25]", "methods.trainable_layers=[null,1]",
+                         "methods.partial_embeddings=[false,true]", "methods.embedding_rows=16",
+                         "methods.bits=[32,4]", "methods.quantization=row", "model.dropout=0.1"],
+    "methods-fedrolex": ["policy=greedy_fit", "methods.lora_rank=[4,2]", "methods.prune_ratio=[0.0,0.5]",
+                         "methods.pruning=fedrolex", "methods.partial_embeddings=[false,true]"],
+    "rl": ["policy=rl", "methods.lora_rank=[4,2]", "methods.bits=[32,8]", "rounds=4"],
+    "local-dp": ["privacy.local.enabled=true", "rounds=2"],
+    "stop-at-target": ["rounds=5", "eval.target_accuracy=0.0", "eval.stop_at_target=true"],
+}
+MACHINE = ("wall_time_s", "versions", "num_actors", "actor_nodes")
+
+
+def fingerprint(run_dir: Path) -> dict[str, str]:
+    digest = lambda data: hashlib.sha256(data).hexdigest()[:16]  # noqa: E731
+    out = {name: digest((run_dir / name).read_bytes()) for name in ("devices.parquet", "final_state.pt")
+           if (run_dir / name).exists()}
+    rounds = pq.read_table(run_dir / "rounds.parquet")
+    for name in rounds.column_names:
+        if name != "wall_time_s":
+            out[f"rounds.{name}"] = digest(np.asarray(rounds[name].to_numpy()).tobytes())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    out["summary"] = digest(json.dumps({k: v for k, v in summary.items() if k not in MACHINE}, sort_keys=True).encode())
+    return out
+
+
+def run_all() -> dict[str, dict[str, str]]:
+    from raysim import cluster
+    from raysim.config import load_experiment
+    from raysim.run import run_experiment
+
+    cluster.connect(address=None, num_cpus=2)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, overrides in RUNS.items():
+            cfg = load_experiment(None, [*TINY, *overrides, f"output_dir={Path(tmp) / name}"])
+            results[name] = fingerprint(run_experiment(cfg))
+            print(f"{name}: done", file=sys.stderr)
+    cluster.shutdown()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--write", type=Path)
+    group.add_argument("--check", type=Path)
+    args = parser.parse_args()
+    results = run_all()
+    if args.write:
+        args.write.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        print(f"{len(results)} runs fingerprinted -> {args.write}")
+        return 0
+    expected = json.loads(args.check.read_text())
+    differ = [f"{run}: {key}" for run in expected for key in expected[run]
+              if results.get(run, {}).get(key) != expected[run][key]]
+    differ += [f"{run}: {key} (new)" for run in results for key in results[run] if key not in expected.get(run, {})]
+    print("\n".join(differ) if differ else f"identical: {len(results)} runs, "
+          f"{sum(len(v) for v in results.values())} fingerprints")
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
