@@ -75,7 +75,8 @@ def _privacy(args: argparse.Namespace) -> int:
               (args.rounds >= 1, "--rounds", "must be >= 1"),
               (0 < args.delta < 1, "--delta", "must be in (0, 1)"),
               (args.noise_multiplier is None or args.noise_multiplier >= 0, "--noise-multiplier", "must be >= 0"),
-              (args.target_epsilon is None or args.target_epsilon > 0, "--target-epsilon", "must be > 0")]
+              (args.target_epsilon is None or args.target_epsilon > 0, "--target-epsilon", "must be > 0"),
+              (args.accountant in accounting.ACCOUNTANTS, "--accountant", f"must be {accounting.ACCOUNTANTS.choices()}")]
     for ok, name, message in checks:
         if not ok:
             raise ConfigError(message, field=name)
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--sample-rate", type=float, required=True, help="q: cohort.size / population (Poisson)")
     privacy.add_argument("--rounds", type=int, required=True, help="T: rounds (accountant steps)")
     privacy.add_argument("--delta", type=float, required=True)
-    privacy.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    privacy.add_argument("--accountant", default="rdp", help="as privacy.accountant (default: rdp)")
     privacy.set_defaults(func=_privacy)
     return parser
 

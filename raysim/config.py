@@ -288,7 +288,10 @@ def _check(ok: bool, field_name: str, message: str, *, source: str) -> None:
 
 
 def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
-    """Range checks the type system cannot express."""
+    """Range checks the type system cannot express; names are checked against their registries."""
+    from raysim.aggregation.lora import LORA_RULES
+    from raysim.aggregation.server_opt import SERVER_OPTIMIZERS
+
     c = lambda ok, key, msg: _check(ok, key, msg, source=source)  # noqa: E731
     c(cfg.rounds >= 1, "rounds", "must be >= 1")
     c(cfg.population_size is None or cfg.population_size >= 1, "population_size", "must be >= 1")
@@ -322,15 +325,17 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(p.batch_size >= 1, "pretrain.batch_size", "must be >= 1")
     c(p.lr > 0, "pretrain.lr", "must be > 0")
     _validate_methods(cfg.methods, cfg.model, c)
-    c(cfg.aggregation.server_optimizer in ("fedavg", "fedadam"), "aggregation.server_optimizer",
-      "must be 'fedavg' or 'fedadam'")
+    c(cfg.aggregation.server_optimizer in SERVER_OPTIMIZERS, "aggregation.server_optimizer",
+      f"must be {SERVER_OPTIMIZERS.choices()}")
     c(cfg.aggregation.server_lr > 0, "aggregation.server_lr", "must be > 0")
     _validate_privacy(cfg.privacy, cfg.cohort, c)
     c(not cfg.privacy.local.enabled or (0 not in cfg.methods.lora_rank and not any(cfg.methods.partial_embeddings)),
       "privacy.local.enabled", "local DP-SGD trains LoRA adapters only: no rank 0, no partial embeddings")
-    c(cfg.aggregation.lora in ("flexlora", "hetlora"), "aggregation.lora", "must be 'flexlora' or 'hetlora'")
-    c(cfg.aggregation.lora == "flexlora" or 0 not in cfg.methods.lora_rank, "methods.lora_rank",
-      "rank 0 (full weights) needs aggregation.lora=flexlora: hetlora aggregates factors")
+    c(cfg.aggregation.lora in LORA_RULES, "aggregation.lora", f"must be {LORA_RULES.choices()}")
+    dense = [name for name, rule in LORA_RULES.items() if rule.dense]
+    c(LORA_RULES[cfg.aggregation.lora].dense or 0 not in cfg.methods.lora_rank, "methods.lora_rank",
+      f"rank 0 (full weights) needs a LoRA rule that holds ΔW (aggregation.lora={' or '.join(dense)}): "
+      f"{cfg.aggregation.lora} aggregates factors")
     c(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     c(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     c(cfg.eval.max_examples >= 1, "eval.max_examples", "must be >= 1")
@@ -346,6 +351,9 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
 
 
 def _validate_methods(methods: MethodsConfig, model: ModelConfig, c) -> None:
+    from raysim.methods.quantize import GRANULARITY
+    from raysim.methods.width import PRUNING
+
     for key in ("lora_rank", "prune_ratio", "dropout_rate", "trainable_layers", "partial_embeddings", "bits"):
         c(len(getattr(methods, key)) >= 1, f"methods.{key}", "needs at least one value")
     for i, r in enumerate(methods.lora_rank):
@@ -359,16 +367,18 @@ def _validate_methods(methods: MethodsConfig, model: ModelConfig, c) -> None:
     for i, b in enumerate(methods.bits):
         c(1 <= b <= 16 or b == 32, f"methods.bits[{i}]", "must be in [1, 16] or 32 (unquantized)")
     c(methods.lora_alpha_per_rank > 0, "methods.lora_alpha_per_rank", "must be > 0")
-    c(methods.pruning in ("heterofl", "fedrolex"), "methods.pruning", "must be 'heterofl' or 'fedrolex'")
-    c(methods.quantization in ("tensor", "row"), "methods.quantization", "must be 'tensor' or 'row'")
+    c(methods.pruning in PRUNING, "methods.pruning", f"must be {PRUNING.choices()}")
+    c(methods.quantization in GRANULARITY, "methods.quantization", f"must be {GRANULARITY.choices()}")
     c(methods.embedding_rows is None or methods.embedding_rows >= 1, "methods.embedding_rows", "must be >= 1")
 
 
 def _validate_privacy(p: PrivacyConfig, cohort: CohortConfig, c) -> None:
+    from raysim.privacy.accounting import ACCOUNTANTS
+
     c(p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
     c(p.clip_norm is None or p.clip_norm > 0, "privacy.clip_norm", "must be > 0 (or null: no central DP)")
     c(0 < p.delta < 1, "privacy.delta", "must be in (0, 1)")
-    c(p.accountant in ("rdp", "prv"), "privacy.accountant", "must be 'rdp' or 'prv'")
+    c(p.accountant in ACCOUNTANTS, "privacy.accountant", f"must be {ACCOUNTANTS.choices()}")
     c(p.target_epsilon is None or p.target_epsilon > 0, "privacy.target_epsilon", "must be > 0")
     c(p.max_epsilon is None or p.max_epsilon > 0, "privacy.max_epsilon", "must be > 0")
     c(p.target_epsilon is None or p.noise_multiplier == 0, "privacy.target_epsilon",

@@ -30,6 +30,8 @@ from raysim.config import ExperimentConfig
 from raysim.data import FederatedDataset
 from raysim.grouped import keyed, per_device_loss, stacked
 from raysim.methods import embeddings
+from raysim.methods.quantize import GRANULARITY
+from raysim.methods.width import PRUNING
 from raysim.methods.submodel import EMBEDDING, Encoding, Space, Structure, Submodel
 from raysim.models import BaseModel
 from raysim.privacy import central, local
@@ -105,7 +107,7 @@ class DeviceWorker:
 
     def _encoding(self, config: DeviceConfig) -> Encoding:
         m = self.cfg.methods
-        return Encoding(bits=config.bits, per_row=m.quantization == "row", embedding_rows=m.embedding_rows)
+        return Encoding(bits=config.bits, per_row=GRANULARITY[m.quantization], embedding_rows=m.embedding_rows)
 
     def _slices(self, config: DeviceConfig, *, round: int, device_id: int):
         return self.space.slices(config, pruning=self.cfg.methods.pruning, seed=self.cfg.seed, round=round,
@@ -122,7 +124,7 @@ class DeviceWorker:
             rows = torch.arange(min(self.cfg.methods.embedding_rows or self.vocab_size, self.vocab_size))
         _, bytes_up = sub.encode(zeros, rows=rows, encoding=self._encoding(config), generator=g)
         bytes_down = sum(4 * p.numel() for p in sub.params.values())
-        if config.dropout_rate > 0 or (config.prune_ratio > 0 and self.cfg.methods.pruning == "fedrolex"):
+        if config.dropout_rate > 0 or (config.prune_ratio > 0 and PRUNING[self.cfg.methods.pruning].rolls):
             bytes_down += sub.width_bytes()  # the frozen slices change every round: they travel too
         return costmodel.measure(sub.lm, batch=batch.to(self.device), bytes_down=bytes_down, bytes_up=bytes_up)
 
@@ -133,7 +135,7 @@ class DeviceWorker:
         self._clip_norm = clip_norm
         self._state = {k: v.to(self.device) for k, v in state.items()}
         self._factors = {}
-        self._utility_wanted = utility and self.space.lora == "flexlora"
+        self._utility_wanted = utility and self.space.rule.dense  # the gradient is taken with respect to ΔW
         self._gradient = None  # taken on the first update that needs it: an actor without devices skips it
 
     def _loss_gradient(self) -> tuple[Tensors, float]:
@@ -144,7 +146,7 @@ class DeviceWorker:
         ``-<gradient, update> / loss``. FedAvg applies a weighted mean of the
         updates, so the round's first-order progress is the same mean of the
         utilities. Computed on the first ``UTILITY_EXAMPLES`` held-out sequences,
-        the data the eval loss is measured on (flexlora's ``ΔW`` state only).
+        the data the eval loss is measured on (a dense LoRA rule's ``ΔW`` state only).
         """
         model = self._eval_model
         model.load_frozen(self._state, None, version=object())

@@ -1,13 +1,26 @@
 import torch
 
 from raysim.aggregation.rules import PartialSum, weighted_mean
-from raysim.methods.width import dropout, extract, fedrolex, head_columns, heterofl, kept, scatter
+from raysim.methods.width import PRUNING, dropout, extract, head_columns, kept, scatter
+
+
+def heterofl(total, ratio):
+    return PRUNING["heterofl"].units(total, ratio, round=0)
+
+
+def fedrolex(total, ratio, *, round):
+    return PRUNING["fedrolex"].units(total, ratio, round=round)
 
 
 def test_heterofl_keeps_the_ceiling_prefix():
     assert heterofl(4, 0.5).tolist() == [0, 1]
     assert heterofl(5, 0.5).tolist() == [0, 1, 2]
     assert kept(8, 0.75) == 2 and kept(2, 0.9) == 1
+
+
+def test_heterofl_is_static_and_fedrolex_rolls():
+    assert all(PRUNING["heterofl"].units(4, 0.5, round=r).tolist() == [0, 1] for r in range(3))
+    assert not PRUNING["heterofl"].rolls and PRUNING["fedrolex"].rolls
 
 
 def test_fedrolex_window_rolls_each_round_and_covers_every_unit():

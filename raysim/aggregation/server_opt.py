@@ -9,17 +9,22 @@ server.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from raysim.config import AggregationConfig
+from raysim.registry import Registry
 
 Tensors = dict[str, torch.Tensor]
 
 
 class ServerOptimizer(Protocol):
     def step(self, state: Tensors, update: Tensors) -> Tensors: ...
+
+
+# aggregation.server_optimizer names one: a factory from the aggregation config
+SERVER_OPTIMIZERS: Registry[Callable[[AggregationConfig], ServerOptimizer]] = Registry("server optimizer")
 
 
 class FedAvg:
@@ -48,7 +53,10 @@ class FedAdam:
         return out
 
 
+SERVER_OPTIMIZERS.register("fedavg")(lambda cfg: FedAvg(lr=cfg.server_lr))
+SERVER_OPTIMIZERS.register("fedadam")(lambda cfg: FedAdam(lr=cfg.server_lr, beta1=cfg.beta1, beta2=cfg.beta2,
+                                                          tau=cfg.tau))
+
+
 def make_server_optimizer(cfg: AggregationConfig) -> ServerOptimizer:
-    if cfg.server_optimizer == "fedadam":
-        return FedAdam(lr=cfg.server_lr, beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.tau)
-    return FedAvg(lr=cfg.server_lr)
+    return SERVER_OPTIMIZERS[cfg.server_optimizer](cfg)

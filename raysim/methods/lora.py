@@ -9,14 +9,36 @@ components of the merged ``ΔW`` for the next round (FlexLoRA, Bai et al.
 
 HetLoRA (Cho et al. 2024) instead zero-pads every device's factors to the
 largest rank and averages the factors; devices take the first r components.
-It is inexact and kept as a baseline (``aggregation.lora: hetlora``).
+It is inexact and kept as a baseline. The rules that use these functions are
+registered in :mod:`raysim.aggregation.lora`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from raysim import rng
+
+
+@dataclass(frozen=True)
+class Target:
+    """A LoRA-targeted weight, in (out, in) orientation."""
+
+    name: str  # module path, e.g. transformer.h.0.attn.c_attn
+    layer: int
+    kind: str
+    out_features: int
+    in_features: int
+
+
+def lora_init(target: Target, *, rank: int, seed: int) -> torch.Tensor:
+    """peft's default ``lora_A`` init (Kaiming-uniform, bound 1/sqrt(in)), keyed by the module name."""
+    bound = 1.0 / math.sqrt(target.in_features)
+    g = rng.generator(seed, "lora-init", target.name)
+    return (torch.rand(rank, target.in_features, generator=g) * 2 - 1) * bound
 
 
 def product(*, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+from raysim.registry import Registry
+
 UNQUANTIZED = 32
+# methods.quantization: one (lo, step) pair per tensor, or per row of a matrix (whether encode works per row)
+GRANULARITY: Registry[bool] = Registry("quantization granularity")
+GRANULARITY.register("tensor")(False)
+GRANULARITY.register("row")(True)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """A device's submodel, and the exact map between it and the global coordinates.
 
 The aggregator holds the trainable state in full coordinates (:class:`Space`):
-for every LoRA-targeted weight either the dense product ``ΔW`` (``flexlora``;
-devices at rank 0 train the same ``ΔW`` directly) or the adapter factors at
-the largest rank (``hetlora``), plus the token embedding when some device may
-train partial embeddings. A :class:`DeviceConfig` determines a
+for every LoRA-targeted weight what the run's LoRA rule holds
+(:mod:`raysim.aggregation.lora`: the dense product ``ΔW``, which devices at
+rank 0 train directly, or the adapter factors at the largest rank), plus the
+token embedding when some device may train partial embeddings. A :class:`DeviceConfig` determines a
 :class:`Structure` (the shapes: rank, kept heads and MLP units, trained
 blocks, embeddings), built once per actor and reused, and per device and
 round the :class:`Slices` of units it holds. :class:`Submodel` copies the
@@ -14,7 +14,6 @@ back to full coordinates with the mask of what it held.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -22,26 +21,18 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from raysim import rng
+from raysim.aggregation.lora import LORA_RULES, LoraRule
 from raysim.config import ExperimentConfig
 from raysim.grouped import install_keyed_dropout, stackable
-from raysim.methods import layers, lora, quantize, width
+from raysim.methods import layers, quantize, width
+from raysim.methods.lora import Target, lora_init
+from raysim.methods.width import PRUNING
 from raysim.models import BaseModel, add_lora, instantiate
 from raysim.types import DeviceConfig
 
 Tensors = dict[str, torch.Tensor]
 KINDS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 EMBEDDING = "transformer.wte.weight"
-
-
-@dataclass(frozen=True)
-class Target:
-    """A LoRA-targeted weight, in (out, in) orientation."""
-
-    name: str  # module path, e.g. transformer.h.0.attn.c_attn
-    layer: int
-    kind: str
-    out_features: int
-    in_features: int
 
 
 @dataclass(frozen=True)
@@ -63,7 +54,7 @@ class Space:
     """The global coordinate system the aggregator holds, and its sizes."""
 
     targets: tuple[Target, ...]
-    lora: str  # flexlora | hetlora
+    lora: str  # the LoRA rule's name (aggregation.lora)
     max_rank: int
     scale: float  # LoRA alpha / rank
     embeddings: bool
@@ -88,37 +79,26 @@ class Space:
                    n_layer=c["n_layer"], n_head=c["n_head"], width=c["n_embd"],
                    inner=c.get("n_inner") or 4 * c["n_embd"], vocab_size=c["vocab_size"])
 
+    @property
+    def rule(self) -> LoraRule:
+        return LORA_RULES[self.lora]
+
     def initial_state(self, base: BaseModel, *, seed: int) -> Tensors:
-        """Zero ``ΔW`` (flexlora), or a standard LoRA init at the largest rank (hetlora)."""
+        """Every target's entries as the LoRA rule starts them, and the embedding where devices may train it."""
         state = {}
         for t in self.targets:
-            if self.lora == "flexlora":
-                state[f"{t.name}.delta"] = torch.zeros(t.out_features, t.in_features)
-            else:
-                state[f"{t.name}.lora_A"] = lora_init(t, rank=self.max_rank, seed=seed)
-                state[f"{t.name}.lora_B"] = torch.zeros(t.out_features, self.max_rank)
+            state |= self.rule.initial_state(t, max_rank=self.max_rank, seed=seed)
         if self.embeddings:
             state[EMBEDDING] = base.state[EMBEDDING].clone()
         return state
 
     def merged(self, state: Tensors, target: Target) -> torch.Tensor:
         """The full ``ΔW`` the global state gives ``target``."""
-        if self.lora == "flexlora":
-            return state[f"{target.name}.delta"]
-        return lora.product(lora_A=state[f"{target.name}.lora_A"], lora_B=state[f"{target.name}.lora_B"],
-                            scale=self.scale)
+        return self.rule.merged(state, target, scale=self.scale)
 
     def truncation_error(self, state: Tensors, *, rank: int) -> float:
         """Relative error ``‖ΔW - ΔW_r‖_F / ‖ΔW‖_F`` of the start a rank-``rank`` device gets."""
-        if self.lora == "flexlora":
-            return lora.relative_truncation_error([self.merged(state, t) for t in self.targets], rank=rank)
-        dropped = total = 0.0
-        for t in self.targets:
-            a, b = state[f"{t.name}.lora_A"].double(), state[f"{t.name}.lora_B"].double()
-            full = lora.product(lora_A=a, lora_B=b, scale=self.scale)
-            dropped += float((full - lora.product(lora_A=a[:rank], lora_B=b[:, :rank], scale=self.scale)).pow(2).sum())
-            total += float(full.pow(2).sum())
-        return math.sqrt(dropped / total) if total > 0 else 0.0
+        return self.rule.truncation_error(state, self.targets, rank=rank, scale=self.scale)
 
     def structure(self, config: DeviceConfig) -> Structure:
         heads = width.kept(width.kept(self.n_head, config.prune_ratio), config.dropout_rate)
@@ -135,8 +115,7 @@ class Space:
         for layer in range(self.n_layer):
             kept = []
             for part, total in (("heads", self.n_head), ("mlp", self.inner)):
-                units = (width.fedrolex(total, config.prune_ratio, round=round) if pruning == "fedrolex"
-                         else width.heterofl(total, config.prune_ratio))
+                units = PRUNING[pruning].units(total, config.prune_ratio, round=round)
                 if config.dropout_rate > 0:
                     g = rng.generator(seed, "federated-dropout", round, device_id, layer, part)
                     units = width.dropout(units, config.dropout_rate, generator=g)
@@ -157,13 +136,6 @@ class Space:
         if kind == "mlp.c_fc":
             return mlp, None
         return None, mlp
-
-
-def lora_init(target: Target, *, rank: int, seed: int) -> torch.Tensor:
-    """peft's default ``lora_A`` init (Kaiming-uniform, bound 1/sqrt(in)), keyed by the module name."""
-    bound = 1.0 / math.sqrt(target.in_features)
-    g = rng.generator(seed, "lora-init", target.name)
-    return (torch.rand(rank, target.in_features, generator=g) * 2 - 1) * bound
 
 
 def _slices_key(slices: Slices) -> tuple | None:
@@ -248,11 +220,9 @@ class Submodel:
     def initial(self, state: Tensors, slices: Slices, cache: dict) -> Tensors:
         """The device's starting trainable tensors, by parameter name.
 
-        ``cache`` holds re-factored adapters for the round (keyed by target,
-        slices and rank) so devices with the same view share one SVD.
+        ``cache`` is the round's: what the LoRA rule computes once per view (FlexLoRA's SVD).
         """
         r, out = self.structure.lora_rank, {}
-        skey = _slices_key(slices)
         for t in self.trained:
             out_idx, in_idx = self.space.index(t.kind, slices, t.layer)
             if r == 0:
@@ -260,16 +230,8 @@ class Submodel:
                 delta = width.extract(state[f"{t.name}.delta"], rows=out_idx, cols=in_idx)
                 out[f"{t.name}.weight"] = w0.to(delta.device) + delta.T
                 continue
-            if self.space.lora == "flexlora":
-                key = (t.name, skey, r)
-                if key not in cache:
-                    delta = width.extract(state[f"{t.name}.delta"], rows=out_idx, cols=in_idx)
-                    fallback = width.extract(self._fallback[t.name], cols=in_idx).to(delta.device)
-                    cache[key] = lora.refactor(delta, rank=r, scale=self.space.scale, fallback_A=fallback)
-                a, b = cache[key]
-            else:
-                a = width.extract(state[f"{t.name}.lora_A"][:r], cols=in_idx)
-                b = width.extract(state[f"{t.name}.lora_B"][:, :r], rows=out_idx)
+            a, b = self.space.rule.start(state, t, rank=r, rows=out_idx, cols=in_idx, fallback_A=self._fallback[t.name],
+                                         cache=cache, scale=self.space.scale)
             out[f"{t.name}.lora_A.default.weight"] = a
             out[f"{t.name}.lora_B.default.weight"] = b
         if self.structure.embeddings:
@@ -314,15 +276,11 @@ class Submodel:
                 put(f"{t.name}.delta", update[f"{t.name}.weight"].T, r=out_idx, c=in_idx)
                 continue
             na, nb = f"{t.name}.lora_A.default.weight", f"{t.name}.lora_B.default.weight"
-            if self.space.lora == "flexlora":
-                a, b = initial[na] + update[na], initial[nb] + update[nb]
-                local = lora.product(lora_A=a, lora_B=b, scale=self.space.scale)
-                current = width.extract(state[f"{t.name}.delta"], rows=out_idx, cols=in_idx)
-                put(f"{t.name}.delta", local - current, r=out_idx, c=in_idx)
-            else:  # zero-padding rule: padded rank components count as held zeros
-                da, db = lora.zero_pad(lora_A=update[na], lora_B=update[nb], rank=self.space.max_rank)
-                put(f"{t.name}.lora_A", da, c=in_idx)
-                put(f"{t.name}.lora_B", db, r=out_idx)
+            pieces = self.space.rule.update(t, start=(initial[na], initial[nb]), delta=(update[na], update[nb]),
+                                            state=state, rows=out_idx, cols=in_idx, scale=self.space.scale,
+                                            max_rank=self.space.max_rank)
+            for key, sub, r, c in pieces:
+                put(key, sub, r=r, c=c)
         if self.structure.embeddings:
             put(EMBEDDING, update[EMBEDDING], r=rows.to(update[EMBEDDING].device))
         return out, held

@@ -19,18 +19,35 @@ import math
 
 import torch
 
+from raysim.registry import Registry
+
 
 def kept(total: int, ratio: float) -> int:
     """Units kept at ``ratio``: ``⌈(1 - ratio) total⌉``, at least one."""
     return max(1, math.ceil(round((1.0 - ratio) * total, 9)))
 
 
-def heterofl(total: int, ratio: float) -> torch.Tensor:
-    return torch.arange(kept(total, ratio))
+class HeteroFL:
+    """A static prefix of the units (Diao et al. 2021)."""
+
+    rolls = False  # the same slices every round
+
+    def units(self, total: int, ratio: float, *, round: int) -> torch.Tensor:
+        return torch.arange(kept(total, ratio))
 
 
-def fedrolex(total: int, ratio: float, *, round: int) -> torch.Tensor:
-    return torch.roll(torch.arange(total), round)[: kept(total, ratio)].sort().values
+class FedRolex:
+    """A window that rolls by one unit each round (Alam et al. 2022): every unit is trained over time."""
+
+    rolls = True  # the frozen slices change every round, so they travel down again
+
+    def units(self, total: int, ratio: float, *, round: int) -> torch.Tensor:
+        return torch.roll(torch.arange(total), round)[: kept(total, ratio)].sort().values
+
+
+PRUNING: Registry[HeteroFL | FedRolex] = Registry("pruning window")  # methods.pruning names one
+PRUNING.register("heterofl")(HeteroFL())
+PRUNING.register("fedrolex")(FedRolex())
 
 
 def dropout(units: torch.Tensor, rate: float, *, generator: torch.Generator) -> torch.Tensor:

@@ -9,6 +9,7 @@ import numpy as np
 
 from raysim.config import MethodsConfig
 from raysim.costmodel import Measurement, device_costs
+from raysim.registry import Registry
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
 
 
@@ -79,15 +80,8 @@ class Policy(Protocol):
 
 
 PolicyFactory = Callable[..., Policy]
-REGISTRY: dict[str, PolicyFactory] = {}
-
-
-def register(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
-    def wrap(factory: PolicyFactory) -> PolicyFactory:
-        REGISTRY[name] = factory
-        return factory
-
-    return wrap
+REGISTRY: Registry[PolicyFactory] = Registry("policy")  # a policy file's ``policy:`` names one
+register = REGISTRY.register
 
 
 def update_information(context: PolicyContext) -> np.ndarray:

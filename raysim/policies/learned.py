@@ -63,7 +63,7 @@ advantages in units of their running mean magnitude. The network,
 its optimizer, the critic and its memory and the running means save to and
 load from a checkpoint (``raysim train-policy``); a run with ``learn:
 false`` only applies a checkpoint. The critic learns from utilities, which
-need ``aggregation.lora: flexlora`` (the default); otherwise g stays at its
+need a LoRA rule whose state holds ΔW (the default); otherwise g stays at its
 prior.
 """
 

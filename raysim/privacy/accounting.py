@@ -14,22 +14,45 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
-from opacus.accountants import IAccountant, RDPAccountant, create_accountant
+from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-ACCOUNTANTS = ("rdp", "prv")
+from raysim.registry import Registry
+
 MAX_NOISE_MULTIPLIER = 1024.0  # calibration gives up above: noise 10^3 x the clip norm drowns any real cohort
 # RDP at very high noise peaks at Opacus's largest order: a looser, still valid bound; not the user's to fix.
 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
 
+@dataclass(frozen=True)
+class Accountant:
+    """An Opacus accountant ``privacy.accountant`` can name, and the least ε it certifies at a δ (if any)."""
+
+    factory: Callable[[], IAccountant]
+    floor: Callable[[float], float] | None = None
+
+
+def _rdp_floor(delta: float) -> float:
+    """The RDP accountant's ε as z grows without bound: its conversion at Rényi divergence 0."""
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=np.zeros(len(orders)), delta=delta)
+    return float(eps)
+
+
+ACCOUNTANTS: Registry[Accountant] = Registry("accountant")
+ACCOUNTANTS.register("rdp")(Accountant(factory=RDPAccountant, floor=_rdp_floor))
+ACCOUNTANTS.register("prv")(Accountant(factory=PRVAccountant))
+
+
 def make_accountant(name: str) -> IAccountant:
-    """A fresh accountant by name: ``rdp`` or ``prv``."""
+    """A fresh accountant by name (:data:`ACCOUNTANTS`)."""
     if name not in ACCOUNTANTS:
-        raise ValueError(f"unknown accountant {name!r}; expected one of {', '.join(ACCOUNTANTS)}")
-    return create_accountant(mechanism=name)
+        raise ValueError(f"unknown accountant {name!r}; expected {ACCOUNTANTS.choices()}")
+    return ACCOUNTANTS[name].factory()
 
 
 def spent(accountant: IAccountant, *, delta: float) -> float:
@@ -63,8 +86,9 @@ def noise_multiplier(
     def eps(z: float) -> float:
         return epsilon(noise_multiplier=z, sample_rate=sample_rate, rounds=rounds, delta=delta, accountant=accountant)
 
-    if accountant == "rdp" and target_epsilon < _rdp_floor(delta):
-        raise ValueError(f"the RDP accountant certifies no ε below {_rdp_floor(delta):.4g} at δ = {delta:g}")
+    floor = ACCOUNTANTS[accountant].floor
+    if floor is not None and target_epsilon < floor(delta):
+        raise ValueError(f"the {accountant} accountant certifies no ε below {floor(delta):.4g} at δ = {delta:g}")
     lo, hi = 0.0, 1.0
     while (eps_hi := eps(hi)) > target_epsilon:
         lo, hi = hi, 2 * hi
@@ -77,13 +101,6 @@ def noise_multiplier(
         else:
             lo = mid
     return hi
-
-
-def _rdp_floor(delta: float) -> float:
-    """The RDP accountant's ε as z grows without bound: its conversion at Rényi divergence 0."""
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=np.zeros(len(orders)), delta=delta)
-    return float(eps)
 
 
 def rounds_within(*, max_epsilon: float, noise_multiplier: float, sample_rate: float, rounds: int, delta: float,

@@ -1,0 +1,126 @@
+"""Rules for heterogeneous LoRA ranks: how the global state holds each targeted weight, how a device starts
+from it and how its update maps back. ``aggregation.lora`` names one (:data:`LORA_RULES`).
+
+The math is in :mod:`raysim.methods.lora`. Elements a device held are
+averaged over the devices that held them (:mod:`raysim.aggregation.rules`);
+a rule only decides the coordinates.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+
+from raysim.methods import lora, width
+from raysim.methods.lora import Target, lora_init
+from raysim.registry import Registry
+
+Tensors = dict[str, torch.Tensor]
+Index = torch.Tensor | None  # feature indices a width-sliced device holds (None: all)
+# A device's update for one state entry: (key, tensor in the device's slice, out rows, in columns)
+Piece = tuple[str, torch.Tensor, Index, Index]
+
+
+class LoraRule(ABC):
+    """How the global state holds the LoRA-targeted weights (see the module docstring)."""
+
+    dense: bool  # the state holds every target's ΔW: full fine-tuning (rank 0) and the utility gradient need it
+
+    @abstractmethod
+    def initial_state(self, target: Target, *, max_rank: int, seed: int) -> Tensors:
+        """The target's entries of the global state before round 1."""
+
+    @abstractmethod
+    def merged(self, state: Tensors, target: Target, *, scale: float) -> torch.Tensor:
+        """The full ``ΔW`` the global state gives ``target``."""
+
+    def truncation_error(self, state: Tensors, targets: tuple[Target, ...], *, rank: int, scale: float) -> float:
+        """Relative error ``‖ΔW - ΔW_r‖_F / ‖ΔW‖_F`` of the start a rank-``rank`` device gets."""
+        return lora.relative_truncation_error([self.merged(state, t, scale=scale) for t in targets], rank=rank)
+
+    @abstractmethod
+    def start(self, state: Tensors, target: Target, *, rank: int, rows: Index, cols: Index, fallback_A: torch.Tensor,
+              cache: dict, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (A, B) factors a rank-``rank`` device holding ``rows`` x ``cols`` of ``target`` starts from.
+
+        ``cache`` is the round's, shared by the devices of one actor: work a view needs once goes there.
+        """
+
+    @abstractmethod
+    def update(self, target: Target, *, start: tuple[torch.Tensor, torch.Tensor], delta: tuple[torch.Tensor, torch.Tensor],
+               state: Tensors, rows: Index, cols: Index, scale: float, max_rank: int) -> list[Piece]:
+        """A device's trained change of the factors (``delta``, from ``start``) as pieces of the global state."""
+
+
+LORA_RULES: Registry[LoraRule] = Registry("LoRA aggregation rule")
+
+
+class FlexLoRA(LoraRule):
+    """The exact product-space mean ``ΔW = Σ p_k s B_k A_k``; each device starts from the truncated SVD (Bai et
+    al. 2024)."""
+
+    dense = True
+
+    def initial_state(self, target: Target, *, max_rank: int, seed: int) -> Tensors:
+        return {f"{target.name}.delta": torch.zeros(target.out_features, target.in_features)}
+
+    def merged(self, state: Tensors, target: Target, *, scale: float) -> torch.Tensor:
+        return state[f"{target.name}.delta"]
+
+    def start(self, state: Tensors, target: Target, *, rank: int, rows: Index, cols: Index, fallback_A: torch.Tensor,
+              cache: dict, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (target.name, _index_key(rows), _index_key(cols), rank)
+        if key not in cache:  # devices with the same view share one SVD
+            delta = width.extract(state[f"{target.name}.delta"], rows=rows, cols=cols)
+            fallback = width.extract(fallback_A, cols=cols).to(delta.device)
+            cache[key] = lora.refactor(delta, rank=rank, scale=scale, fallback_A=fallback)
+        return cache[key]
+
+    def update(self, target: Target, *, start: tuple[torch.Tensor, torch.Tensor], delta: tuple[torch.Tensor, torch.Tensor],
+               state: Tensors, rows: Index, cols: Index, scale: float, max_rank: int) -> list[Piece]:
+        local = lora.product(lora_A=start[0] + delta[0], lora_B=start[1] + delta[1], scale=scale)
+        current = width.extract(state[f"{target.name}.delta"], rows=rows, cols=cols)
+        return [(f"{target.name}.delta", local - current, rows, cols)]
+
+
+class HetLoRA(LoraRule):
+    """Factors zero-padded to the largest rank and averaged (Cho et al. 2024); inexact, a baseline."""
+
+    dense = False
+
+    def initial_state(self, target: Target, *, max_rank: int, seed: int) -> Tensors:
+        return {f"{target.name}.lora_A": lora_init(target, rank=max_rank, seed=seed),
+                f"{target.name}.lora_B": torch.zeros(target.out_features, max_rank)}
+
+    def merged(self, state: Tensors, target: Target, *, scale: float) -> torch.Tensor:
+        return lora.product(lora_A=state[f"{target.name}.lora_A"], lora_B=state[f"{target.name}.lora_B"], scale=scale)
+
+    def truncation_error(self, state: Tensors, targets: tuple[Target, ...], *, rank: int, scale: float) -> float:
+        """What the first ``rank`` components of the zero-padded factors leave out of their product."""
+        dropped = total = 0.0
+        for t in targets:
+            a, b = state[f"{t.name}.lora_A"].double(), state[f"{t.name}.lora_B"].double()
+            full = lora.product(lora_A=a, lora_B=b, scale=scale)
+            dropped += float((full - lora.product(lora_A=a[:rank], lora_B=b[:, :rank], scale=scale)).pow(2).sum())
+            total += float(full.pow(2).sum())
+        return math.sqrt(dropped / total) if total > 0 else 0.0
+
+    def start(self, state: Tensors, target: Target, *, rank: int, rows: Index, cols: Index, fallback_A: torch.Tensor,
+              cache: dict, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return (width.extract(state[f"{target.name}.lora_A"][:rank], cols=cols),
+                width.extract(state[f"{target.name}.lora_B"][:, :rank], rows=rows))
+
+    def update(self, target: Target, *, start: tuple[torch.Tensor, torch.Tensor], delta: tuple[torch.Tensor, torch.Tensor],
+               state: Tensors, rows: Index, cols: Index, scale: float, max_rank: int) -> list[Piece]:
+        da, db = lora.zero_pad(lora_A=delta[0], lora_B=delta[1], rank=max_rank)  # padded components: held zeros
+        return [(f"{target.name}.lora_A", da, None, cols), (f"{target.name}.lora_B", db, rows, None)]
+
+
+LORA_RULES.register("flexlora")(FlexLoRA())
+LORA_RULES.register("hetlora")(HetLoRA())
+
+
+def _index_key(index: Index) -> tuple | None:
+    return None if index is None else tuple(index.tolist())
