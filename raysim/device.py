@@ -6,8 +6,8 @@ each device it is handed, it loads the device's view of the round's global
 state into that submodel, trains for real on the device's data with every
 random draw keyed by (seed, round, device id), encodes the update as the
 device would send it, maps the decoded update back to full coordinates, runs
-it through the processor chain and adds it into a float64 partial sum (under
-DP-FedAvg, clipped first: :meth:`DeviceWorker._accumulate`).
+it through the update processors' device side (central DP clips there) and
+adds it into a float64 partial sum (:meth:`DeviceWorker._accumulate`).
 
 Work arrives as :class:`raysim.work.WorkUnit`s, planned by the driver from the
 cohort alone; each unit's groups are trained in order into one partial sum
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from raysim import costmodel, rng
-from raysim.aggregation.rules import PartialSum, Tensors
+from raysim.aggregation.rules import PartialSum, Tensors, global_norm
 from raysim.config import ExperimentConfig
 from raysim.data import FederatedDataset
 from raysim.grouped import keyed, per_device_loss, stacked
@@ -34,8 +34,8 @@ from raysim.methods.quantize import GRANULARITY
 from raysim.methods.width import PRUNING
 from raysim.methods.submodel import EMBEDDING, Encoding, Space, Structure, Submodel
 from raysim.models import BaseModel
-from raysim.privacy import central, local
-from raysim.processors import DeviceContext, UpdateProcessor, run_on_device
+from raysim.privacy import local
+from raysim.processors import DeviceContext, DeviceUpdate, UpdateProcessor, run_on_device
 from raysim.types import DeviceConfig
 from raysim.work import Group, WorkUnit
 
@@ -77,7 +77,7 @@ class DeviceWorker:
         self._state: Tensors = {}
         self._factors: dict = {}
         self._round = -1
-        self._clip_norm: float | None = None
+        self._params: list[object] = [None] * len(self.processors)
         self._local_dp: dict[Structure, local.LocalDPSGD] = {}
         self._eval: torch.Tensor | None = None
         self._utility_wanted = False
@@ -128,11 +128,13 @@ class DeviceWorker:
             bytes_down += sub.width_bytes()  # the frozen slices change every round: they travel too
         return costmodel.measure(sub.lm, batch=batch.to(self.device), bytes_down=bytes_down, bytes_up=bytes_up)
 
-    def begin_round(self, state: Tensors, round: int, clip_norm: float | None = None, utility: bool = False) -> None:
-        """Load the round's global state; ``clip_norm`` turns on DP-FedAvg's per-device clipping; ``utility``
-        gives every device's record its update's utility (:meth:`_loss_gradient`)."""
+    def begin_round(self, state: Tensors, round: int, params: list[object] | None = None,
+                    utility: bool = False) -> None:
+        """Load the round's global state; ``params``: what each update processor's device side needs this round
+        (``Aggregator.round_params``); ``utility`` gives every device's record its update's utility
+        (:meth:`_loss_gradient`)."""
         self._round = round
-        self._clip_norm = clip_norm
+        self._params = [None] * len(self.processors) if params is None else list(params)
         self._state = {k: v.to(self.device) for k, v in state.items()}
         self._factors = {}
         self._utility_wanted = utility and self.space.rule.dense  # the gradient is taken with respect to ΔW
@@ -291,11 +293,10 @@ class DeviceWorker:
                 update, _ = sub.encode(update, rows=rows, encoding=encoding,
                                        generator=rng.generator(seed, "quantize", round, device_id))
                 update, held = sub.to_global(initial, update, self._state, slices, rows=rows)
+                utilities.append(self._utility(update))
                 context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config,
                                         num_examples=len(data[j]))
-                update = run_on_device(self.processors, update, context=context)
-                utilities.append(self._utility(update))
-                norms.append(self._accumulate(partial, update, num_examples=len(data[j]), held=held))
+                norms.append(self._accumulate(partial, update, held=held, context=context))
         return ((loss_sum / self.cfg.train.local_steps).cpu().double().numpy(),
                 np.array([len(x) for x in data], dtype=np.int64), np.array(norms), np.array(utilities))
 
@@ -307,19 +308,13 @@ class DeviceWorker:
                                                              batch_size=self.cfg.train.batch_size)
         return self._local_dp[sub.structure]
 
-    def _accumulate(self, partial: PartialSum, update: Tensors, *, num_examples: int, held: Tensors | None) -> float:
-        """Add one device's update, in the aggregation space, to ``partial``; return its L2 norm.
-
-        The one place DP-FedAvg clips: after the update was decoded and mapped
-        back to full coordinates (whatever the device's method or bit-width)
-        and before it meets any other device's, so the clip bounds exactly
-        what the aggregator's noise is calibrated for. Clipped updates weigh 1
-        each (the server divides by the expected cohort size); FedAvg weighs
-        by examples.
-        """
-        if self._clip_norm is None:
-            partial.add(update, weight=float(num_examples), held=held)
-            return central.global_norm(update)
-        clipped, norm = central.clip(update, clip_norm=self._clip_norm)
-        partial.add(clipped, weight=1.0, held=held)
+    def _accumulate(self, partial: PartialSum, update: Tensors, *, held: Tensors | None,
+                    context: DeviceContext) -> float:
+        """Add one device's decoded update, in the aggregation space, to ``partial`` after the processors' device
+        side (FedAvg weighs it by its examples unless a processor says otherwise); return its L2 norm."""
+        norm = global_norm(update)
+        out = run_on_device(self.processors, DeviceUpdate(tensors=update, weight=float(context.num_examples),
+                                                          held=held, norm=norm),
+                            context=context, params=self._params)
+        partial.add(out.tensors, weight=out.weight, held=out.held, counts=out.counts)
         return norm

@@ -22,6 +22,7 @@ from raysim import cluster, work
 from raysim.config import ExperimentConfig
 from raysim.costmodel import Measurement
 from raysim.device import DeviceWorker
+from raysim.processors import UpdateProcessor
 from raysim.types import DeviceConfig
 
 # Units queued on one actor at a time: the next one is there when the current one ends.
@@ -51,7 +52,7 @@ def threads_per_actor(cfg: ExperimentConfig) -> int:
 
 class DevicePool:
     def __init__(self, *, cfg: ExperimentConfig, base: ray.ObjectRef, dataset: ray.ObjectRef,
-                 num_actors: int | None = None):
+                 processors: list[UpdateProcessor] = (), num_actors: int | None = None):
         self.cfg = cfg
         n = num_actors or cfg.ray.num_actors or cluster.actors_that_fit(
             cpus_per_actor=cfg.ray.cpus_per_actor, gpus_per_actor=cfg.ray.gpus_per_actor)
@@ -62,7 +63,7 @@ class DevicePool:
             actor_cls.options(num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor,
                               scheduling_strategy=PlacementGroupSchedulingStrategy(
                                   placement_group=self.group, placement_group_bundle_index=i))
-            .remote(cfg=cfg, base=base, dataset=dataset, num_threads=threads_per_actor(cfg))
+            .remote(cfg=cfg, base=base, dataset=dataset, num_threads=threads_per_actor(cfg), processors=processors)
             for i in range(n)
         ]
         self._key = measurement_key(cfg)
@@ -106,20 +107,20 @@ class DevicePool:
         device_ids: np.ndarray,
         configs: list[DeviceConfig],
         flops: np.ndarray,
-        clip_norm: float | None = None,
+        params: list[object] | None = None,
         utility: bool = False,
     ) -> tuple[dict[str, np.ndarray], list[ray.ObjectRef]]:
         """Train ``device_ids``; return their records (id order) and one partial-sum ref per unit, in unit order.
 
-        ``flops``: each device's predicted training FLOPs (balances the units). ``clip_norm``: DP-FedAvg's
-        per-device clip norm for this round (None: no clipping). ``utility``: each record carries its update's
+        ``flops``: each device's predicted training FLOPs (balances the units). ``params``: the update
+        processors' round parameters (``Aggregator.round_params``). ``utility``: each record carries its update's
         first-order held-out utility (``DeviceWorker._loss_gradient``), else NaN.
         """
         units = work.plan(device_ids, configs, flops, pass_limit=self.pass_limit, max_units=self.cfg.ray.work_units)
         if not units:
             return {k: np.empty(0, dtype=t) for k, t in RECORD_COLUMNS.items()}, []
         for actor in self.actors:
-            actor.begin_round.remote(state, round, clip_norm, utility)
+            actor.begin_round.remote(state, round, params, utility)
         records: list[dict | None] = [None] * len(units)
         partials: list[ray.ObjectRef | None] = [None] * len(units)
         queue, pending = deque(units), {}

@@ -39,8 +39,8 @@ from raysim.models import BaseModel, base_seed, initial_base_model
 from raysim.policies import CostOracle, Policy, PolicyContext, build_policy, policy_identity, read_policy
 from raysim.pool import DevicePool
 from raysim.pretrain import pretrain
-from raysim.privacy import accounting, local
-from raysim.privacy.central import AdaptiveClipNorm
+from raysim.privacy import local
+from raysim.privacy.central import AdaptiveClipNorm, CentralDP
 from raysim.privacy.plan import CentralPlan, plan_central
 from raysim.profiles import load_population
 from raysim.results import RunWriter
@@ -79,7 +79,8 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
     base = pretrain(base, dataset.public_examples(), cfg.pretrain, seed=base_seed(cfg.model, seed=cfg.seed),
                     progress=cfg.progress)
     where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard)
-    pool = DevicePool(cfg=cfg, base=ray.put(base), dataset=ray.put(dataset))
+    processors = [CentralDP(plan=privacy, adaptive=_adaptive_clip(cfg, privacy))] if privacy else []
+    pool = DevicePool(cfg=cfg, base=ray.put(base), dataset=ray.put(dataset), processors=processors)
     actor_nodes = len(set(pool.nodes()))
     oracle = CostOracle(measure=pool.measure, local_steps=cfg.train.local_steps, deadline_s=cfg.cohort.deadline_s)
     context = PolicyContext(methods=cfg.methods, space=method_space(cfg.methods), oracle=oracle, seed=cfg.seed,
@@ -92,7 +93,7 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
     ranks = [r for r in cfg.methods.lora_rank if r > 0]
     aggregator = ray.remote(Aggregator).options(num_cpus=0, scheduling_strategy=cluster.on_this_node()).remote(
         state=pool.initial_state(), cfg=cfg.aggregation, seed=cfg.seed, space=Space.build(cfg, base),
-        truncation_rank=min(ranks, default=0), privacy=privacy, adaptive=_adaptive_clip(cfg, privacy),
+        truncation_rank=min(ranks, default=0), processors=processors,
     )
     state_ref = aggregator.get_state.remote()
     run_dir = default_run_dir(cfg)
@@ -101,9 +102,8 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
           f"({population.size:,} devices), model {base.origin} -> {run_dir}", file=sys.stderr)
     if privacy:
         print(f"raysim: {_describe(privacy, cfg)}", file=sys.stderr)
-    accountant = accounting.make_accountant(privacy.accountant) if privacy else None
     epsilon, delta = (0.0, privacy.delta) if privacy else (math.inf, 0.0)
-    clip_norm = privacy.clip_norm if privacy else None
+    params = ray.get(aggregator.round_params.remote())
 
     initial = pool.evaluate(state_ref) if cfg.eval.every > 0 else {}
     sim_time = 0.0
@@ -137,20 +137,16 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
             trained = np.flatnonzero(outcome.status == OK)
             records, partials = pool.train(
                 state_ref, round=rnd, device_ids=cohort.device_id[trained],
-                configs=[configs[i] for i in trained], flops=costs.flops[trained], clip_norm=clip_norm,
+                configs=[configs[i] for i in trained], flops=costs.flops[trained], params=params,
                 utility=getattr(policy, "wants_utility", False),
             )
-            unclipped = int((records["update_norm"] <= clip_norm).sum()) if privacy else 0
-            state_ref, stats_ref = aggregator.aggregate.options(num_returns=2).remote(rnd, partials,
-                                                                                     num_unclipped=unclipped)
+            state_ref, stats_ref = aggregator.aggregate.options(num_returns=2).remote(rnd, partials)
             evaluate = cfg.eval.every > 0 and (rnd % cfg.eval.every == 0 or rnd == last_round)
             metrics = pool.evaluate(state_ref) if evaluate else dict.fromkeys(EVAL_COLUMNS, math.nan)
             stats = ray.get(stats_ref)
             sim_time += outcome.duration_s
-            if privacy:
-                accountant.step(noise_multiplier=privacy.noise_multiplier, sample_rate=privacy.sample_rate)
-                epsilon = accounting.spent(accountant, delta=delta)
-                clip_norm = stats["next_clip_norm"]
+            params = stats["round_params"]
+            epsilon = stats.get("epsilon", epsilon)
 
             devices = _device_columns(rnd, draws, configs, costs, outcome.status, trained, records, cfg)
             n = {s: int((outcome.status == s).sum()) for s in (OK, OOM, DROPPED, STRAGGLER, UNAVAILABLE)}
@@ -173,9 +169,9 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
                 "n_stragglers": n[STRAGGLER],
                 "n_unavailable": n[UNAVAILABLE],
                 "update_norm": stats["update_norm"],
-                "clip_norm": math.nan if stats["clip_norm"] is None else stats["clip_norm"],
-                "noise_std": stats["noise_std"],
-                "signal_to_noise": stats["signal_to_noise"],
+                "clip_norm": stats.get("clip_norm", math.nan),
+                "noise_std": stats.get("noise_std", 0.0),
+                "signal_to_noise": stats.get("signal_to_noise", math.inf),
                 "mean_device_flops": float(costs.flops[devices["compute_s"] > 0].mean()) if n[OK] else math.nan,
                 "mean_peak_memory_bytes": float(costs.peak_memory_bytes.mean()),
                 "lora_truncation_error": stats["lora_truncation_error"],

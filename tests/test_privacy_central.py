@@ -9,12 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from raysim.aggregation.rules import PartialSum, combine, weighted_mean
+from raysim.aggregation.rules import PartialSum, combine, global_norm, weighted_mean
 from raysim.aggregator import Aggregator
 from raysim.config import AggregationConfig, PrivacyConfig, load_experiment
-from raysim.privacy.central import (AdaptiveClipNorm, clip, gaussian_noise, global_norm, noisy_mean,
-                                    update_noise_multiplier)
+from raysim.privacy.central import AdaptiveClipNorm, CentralDP, clip, gaussian_noise, noisy_sum, update_noise_multiplier
 from raysim.privacy.plan import plan_central
+from raysim.processors import UpdateProcessor
 from raysim.types import DeviceConfig
 
 from conftest import TINY, make_worker
@@ -59,6 +59,11 @@ def test_noise_is_keyed_by_seed_and_round():
     assert not torch.equal(a, gaussian_noise(like, std=1.0, seed=1, round=3)["w"])
 
 
+def noisy_mean(total, **kwargs):
+    noisy, snr = noisy_sum(total, **kwargs)
+    return weighted_mean(noisy), snr
+
+
 def _uniform_partial(updates):
     p = PartialSum.zeros_like({"w": torch.zeros_like(updates[0])})
     for u in updates:
@@ -70,9 +75,9 @@ def test_without_noise_and_a_clip_above_every_norm_dp_fedavg_equals_fedavg():
     g = torch.Generator().manual_seed(0)
     raw = [torch.randn(6, generator=g) for _ in range(5)]
     clipped = [clip({"w": u}, clip_norm=1e6)[0]["w"] for u in raw]
-    mean, stats = noisy_mean(_uniform_partial(clipped), noise_std=0.0, expected_devices=5, seed=0, round=1)
+    mean, snr = noisy_mean(_uniform_partial(clipped), noise_std=0.0, expected_devices=5, seed=0, round=1)
     torch.testing.assert_close(mean["w"], weighted_mean(_uniform_partial(raw))["w"], rtol=1e-12, atol=1e-15)
-    assert stats["signal_to_noise"] == math.inf
+    assert snr == math.inf
 
 
 def test_noisy_mean_divides_by_the_expected_cohort_not_the_count():
@@ -83,8 +88,8 @@ def test_noisy_mean_divides_by_the_expected_cohort_not_the_count():
 
 def test_signal_to_noise_compares_the_clipped_sum_with_the_noise_drawn():
     partial = _uniform_partial([torch.full((1000,), 0.1)])
-    _, stats = noisy_mean(partial, noise_std=0.1, expected_devices=1.0, seed=0, round=1)
-    assert stats["signal_to_noise"] == pytest.approx(1.0, rel=0.1)
+    _, snr = noisy_mean(partial, noise_std=0.1, expected_devices=1.0, seed=0, round=1)
+    assert snr == pytest.approx(1.0, rel=0.1)
 
 
 def test_update_noise_multiplier_leaves_the_count_its_share_of_the_budget():
@@ -115,18 +120,20 @@ IDS = [1, 2, 3, 4, 5]
 CONFIG = DeviceConfig(lora_rank=4)
 
 
-class Recorder:
+class Recorder(UpdateProcessor):
     """A device-side update processor that keeps a copy of every update it sees (what a server would receive)."""
 
     def __init__(self):
         self.updates = {}
 
-    def on_device(self, update, *, context):
-        self.updates[context.device_id] = {k: v.clone() for k, v in update.items()}
+    def on_device(self, update, *, context, params):
+        self.updates[context.device_id] = {k: v.clone() for k, v in update.tensors.items()}
         return update
 
-    def on_server(self, aggregate, *, context):
-        return aggregate
+
+def _plan(clip_norm):
+    return plan_central(PrivacyConfig(clip_norm=clip_norm, noise_multiplier=1.0), rounds=3, cohort_size=5,
+                        population_size=1000)
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +144,10 @@ def workers():
 
     cfg = load_experiment(None, [*TINY, "ray.tokens_per_pass=128"])  # two devices per pass: three units
     base, dataset = initial_base_model(cfg.model, seed=cfg.seed), build_dataset(cfg)
-    recorder = Recorder()
-    return (DeviceWorker(cfg=cfg, base=base, dataset=dataset, num_threads=1, processors=[recorder]),
-            DeviceWorker(cfg=cfg, base=base, dataset=dataset, num_threads=1), recorder)
+    recorder = Recorder()  # before clipping: it sees what a server that clips would receive
+    chains = [[recorder, CentralDP(plan=_plan(1.0), adaptive=None)], [Recorder(), CentralDP(plan=_plan(1.0), adaptive=None)]]
+    return (*(DeviceWorker(cfg=cfg, base=base, dataset=dataset, num_threads=1, processors=c) for c in chains),
+            recorder)
 
 
 def _units(worker):
@@ -151,7 +159,7 @@ def _units(worker):
 def _train(workers_by_unit, state, clip_norm):
     """Each unit on its worker; the units' records (unit order) and partial sums (unit order)."""
     for w in set(workers_by_unit):
-        w.begin_round(state, 3, clip_norm)
+        w.begin_round(state, 3, [None, clip_norm])  # the chain's round parameters: (recorder, central DP)
     out = [w.train(u) for w, u in zip(workers_by_unit, _units(workers_by_unit[0]))]
     return [r for r, _ in out], [p for _, p in out]
 
@@ -161,7 +169,7 @@ def clipped(workers):
     a, b, recorder = workers
     state = a.initial_state()
     assert len(_units(a)) == 3
-    _train([a, a, a], state, None)  # each device's own update, unclipped: what a server that clips would receive
+    _train([a, a, a], state, math.inf)  # each device's own update, unclipped: what a server that clips would receive
     raw = [recorder.updates[i] for i in IDS]
     clip_norm = float(np.median([global_norm(u) for u in raw]))  # clipping is active for some devices
     server = [clip(u, clip_norm=clip_norm)[0] for u in raw]
@@ -186,11 +194,10 @@ def test_clipping_on_one_or_two_actors_equals_clipping_each_update_at_the_server
 
 def test_noisy_aggregate_is_the_same_for_one_two_actors_and_the_server(clipped):
     state, clip_norm, server, one, two = clipped
-    plan = plan_central(PrivacyConfig(clip_norm=clip_norm, noise_multiplier=1.0), rounds=3, cohort_size=5,
-                        population_size=1000)
+    plan = _plan(clip_norm)
 
     def aggregate(partials):
-        agg = Aggregator(state=state, cfg=AggregationConfig(), seed=0, privacy=plan)
+        agg = Aggregator(state=state, cfg=AggregationConfig(), seed=0, processors=[CentralDP(plan=plan, adaptive=None)])
         return agg.aggregate(3, partials)
 
     new_one, stats = aggregate(one)

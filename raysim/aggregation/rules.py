@@ -11,12 +11,18 @@ spread over actors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 Tensors = dict[str, torch.Tensor]
+
+
+def global_norm(update: Tensors) -> float:
+    """The L2 norm of all tensors of ``update`` taken together (in float64)."""
+    return math.sqrt(sum(float(t.detach().to(torch.float64).pow(2).sum()) for t in update.values()))
 
 
 @dataclass
@@ -24,6 +30,7 @@ class PartialSum:
     sums: Tensors  # name -> float64 sum of weight * update
     weights: Tensors  # name -> float64 summed weight, broadcastable to sums[name]
     num_devices: int = 0
+    counts: dict[str, float] = field(default_factory=dict)  # per-device side counts, summed (update processors')
 
     @classmethod
     def zeros_like(cls, state: Tensors) -> "PartialSum":
@@ -32,12 +39,13 @@ class PartialSum:
             weights={k: torch.zeros((), dtype=torch.float64, device=v.device) for k, v in state.items()},
         )
 
-    def add(self, update: Tensors, *, weight: float, held: Tensors | None = None) -> None:
+    def add(self, update: Tensors, *, weight: float, held: Tensors | None = None,
+            counts: Mapping[str, float] | None = None) -> None:
         """Accumulate one device's update with a scalar weight.
 
         ``held`` maps a name to the 0/1 mask (broadcastable) of the elements the
         device held; the update is zero elsewhere. Tensors missing from
-        ``update`` were not held at all.
+        ``update`` were not held at all. ``counts`` are added to the sum's.
         """
         for name, delta in update.items():
             self.sums[name].add_(delta.to(torch.float64), alpha=weight)
@@ -47,13 +55,20 @@ class PartialSum:
             else:
                 self.weights[name] = self.weights[name] + weight * mask
         self.num_devices += 1
+        _add_counts(self.counts, counts or {})
 
     def to(self, device: str) -> "PartialSum":
         return PartialSum(
             sums={k: v.to(device) for k, v in self.sums.items()},
             weights={k: v.to(device) for k, v in self.weights.items()},
             num_devices=self.num_devices,
+            counts=dict(self.counts),
         )
+
+
+def _add_counts(into: dict[str, float], more: Mapping[str, float]) -> None:
+    for key, value in more.items():
+        into[key] = into.get(key, 0.0) + value
 
 
 def combine(partials: Iterable[PartialSum]) -> PartialSum:
@@ -65,12 +80,14 @@ def combine(partials: Iterable[PartialSum]) -> PartialSum:
             continue
         if total is None:
             total = PartialSum(sums={k: v.clone() for k, v in p.sums.items()},
-                               weights={k: v.clone() for k, v in p.weights.items()}, num_devices=p.num_devices)
+                               weights={k: v.clone() for k, v in p.weights.items()}, num_devices=p.num_devices,
+                               counts=dict(p.counts))
             continue
         for name in total.sums:
             total.sums[name] += p.sums[name]
             total.weights[name] = total.weights[name] + p.weights[name]
         total.num_devices += p.num_devices
+        _add_counts(total.counts, p.counts)
     if total is None:
         raise ValueError("no updates to combine")
     return total

@@ -1,4 +1,4 @@
-"""User-level central DP (DP-FedAvg, McMahan et al. 2018) as pure functions, and adaptive clipping.
+"""User-level central DP (DP-FedAvg, McMahan et al. 2018): pure functions, adaptive clipping, and the processor.
 
 Each device's update, in the aggregation space, is clipped to L2 norm C over
 all its tensors jointly; the sum of clipped updates gets Gaussian noise of std
@@ -6,27 +6,31 @@ all its tensors jointly; the sum of clipped updates gets Gaussian noise of std
 noisy sum is divided by the expected cohort size q * N, a fixed denominator
 that does not reveal how many devices took part. Clipping happens on the
 device actors before their partial sums; since the sum is linear, that is
-exactly clipping each update at the server.
+exactly clipping each update at the server. :class:`CentralDP` is the whole
+mechanism as one update processor.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from raysim import rng
-from raysim.aggregation.rules import PartialSum, Tensors
+from raysim.aggregation.rules import PartialSum, Tensors, global_norm
+from raysim.privacy import accounting
+from raysim.processors import DeviceContext, DeviceUpdate, ServerContext, UpdateProcessor
+
+if TYPE_CHECKING:  # the plan needs this module's update_noise_multiplier
+    from raysim.privacy.plan import CentralPlan
 
 
-def global_norm(update: Tensors) -> float:
-    """The L2 norm of all tensors of ``update`` taken together (in float64)."""
-    return math.sqrt(sum(float(t.detach().to(torch.float64).pow(2).sum()) for t in update.values()))
-
-
-def clip(update: Tensors, *, clip_norm: float) -> tuple[Tensors, float]:
-    """``update`` scaled to L2 norm at most ``clip_norm`` (float64), and its norm before clipping."""
-    norm = global_norm(update)
+def clip(update: Tensors, *, clip_norm: float, norm: float | None = None) -> tuple[Tensors, float]:
+    """``update`` scaled to L2 norm at most ``clip_norm`` (float64), and its norm before clipping
+    (``norm``, when it is known already)."""
+    norm = global_norm(update) if norm is None else norm
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {k: v.to(torch.float64) * scale for k, v in update.items()}, norm
 
@@ -37,21 +41,24 @@ def gaussian_noise(like: Tensors, *, std: float, seed: int, round: int) -> Tenso
     return {k: torch.randn(v.shape, generator=g, dtype=torch.float64) * std for k, v in like.items()}
 
 
-def noisy_mean(total: PartialSum, *, noise_std: float, expected_devices: float, seed: int,
-               round: int) -> tuple[Tensors, dict[str, float]]:
-    """(sum of clipped updates + noise) / expected cohort size, and its signal-to-noise ratio.
+def noisy_sum(total: PartialSum, *, noise_std: float, expected_devices: float, seed: int,
+              round: int) -> tuple[PartialSum, float]:
+    """The sum of clipped updates plus noise, to be divided by the expected cohort size; and its
+    signal-to-noise ratio.
 
-    Every element gets the same fixed denominator, including where devices
-    held different slices (per-element counts in ``total.weights``): dividing
-    by how many devices held an element would reveal it.
-    ``signal_to_noise`` is ||sum of clipped updates|| / ||noise added to it||
-    (inf without noise): below 1 the aggregate is mostly noise.
+    Every element gets the same fixed denominator (the weights become
+    ``expected_devices``), including where devices held different slices
+    (per-element counts in ``total.weights``): dividing by how many devices
+    held an element would reveal it. ``signal_to_noise`` is ||sum of clipped
+    updates|| / ||noise added to it|| (inf without noise): below 1 the
+    aggregate is mostly noise.
     """
     noise = gaussian_noise(total.sums, std=noise_std, seed=seed, round=round)
     signal, noise_norm = global_norm(total.sums), global_norm(noise)
-    mean = {k: (s.cpu() + noise[k]) / expected_devices for k, s in total.sums.items()}
-    snr = signal / noise_norm if noise_norm > 0 else math.inf
-    return mean, {"signal_to_noise": snr}
+    denominator = torch.tensor(expected_devices, dtype=torch.float64)
+    noisy = replace(total, sums={k: s.cpu() + noise[k] for k, s in total.sums.items()},
+                    weights={k: denominator for k in total.sums})
+    return noisy, signal / noise_norm if noise_norm > 0 else math.inf
 
 
 def update_noise_multiplier(noise_multiplier: float, *, count_std: float) -> float:
@@ -90,3 +97,39 @@ class AdaptiveClipNorm:
         fraction = noisy / expected_devices
         self.clip_norm *= math.exp(-self.learning_rate * (fraction - self.target_quantile))
         return self.clip_norm
+
+
+class CentralDP(UpdateProcessor):
+    """DP-FedAvg in one processor: the device side clips (and counts who was not clipped); the server side adds
+    the keyed noise, sets the fixed denominator, steps adaptive clipping and the accountant, and reports the
+    round's clip norm, noise, signal-to-noise and ε."""
+
+    def __init__(self, *, plan: CentralPlan, adaptive: AdaptiveClipNorm | None):
+        self.plan = plan
+        self.adaptive = adaptive
+        self.clip_norm = plan.clip_norm
+        self.accountant = accounting.make_accountant(plan.accountant)
+
+    def round_params(self) -> float:
+        return self.clip_norm
+
+    def on_device(self, update: DeviceUpdate, *, context: DeviceContext, params: float) -> DeviceUpdate:
+        """Clipped to the round's clip norm after decoding and mapping back (whatever the method or bit-width) and
+        before it meets any other device's: the clip bounds exactly what the noise is calibrated for. Weight 1."""
+        clipped, _ = clip(update.tensors, clip_norm=params, norm=update.norm)
+        counts = {**update.counts, "unclipped": float(update.norm <= params)}
+        return replace(update, tensors=clipped, weight=1.0, counts=counts)
+
+    def on_server(self, total: PartialSum, *, context: ServerContext) -> tuple[PartialSum, dict[str, float]]:
+        """Noise released every round, even over an empty sum, as the accountant assumes."""
+        plan = self.plan
+        noise_std = plan.update_noise_multiplier * self.clip_norm
+        noisy, snr = noisy_sum(total, noise_std=noise_std, expected_devices=plan.expected_devices, seed=context.seed,
+                               round=context.round)
+        stats = {"clip_norm": self.clip_norm, "noise_std": noise_std, "signal_to_noise": snr}
+        if self.adaptive is not None:
+            self.clip_norm = self.adaptive.update(num_unclipped=int(total.counts.get("unclipped", 0)),
+                                                  expected_devices=plan.expected_devices, seed=context.seed,
+                                                  round=context.round)
+        self.accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+        return noisy, stats | {"epsilon": accounting.spent(self.accountant, delta=plan.delta), "delta": plan.delta}
