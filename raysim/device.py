@@ -36,6 +36,7 @@ from raysim.methods.submodel import EMBEDDING, Encoding, Space, Structure, Submo
 from raysim.models import BaseModel
 from raysim.privacy import local
 from raysim.processors import DeviceContext, DeviceUpdate, UpdateProcessor, run_on_device
+from raysim.records import DeviceRecords
 from raysim.types import DeviceConfig
 from raysim.work import Group, WorkUnit
 
@@ -178,13 +179,10 @@ class DeviceWorker:
         grads, loss = self._gradient
         return -sum(float((grads[k] * update[k]).sum()) for k in grads if k in update) / loss
 
-    def train(self, unit: WorkUnit) -> tuple[dict[str, np.ndarray], PartialSum]:
+    def train(self, unit: WorkUnit) -> tuple[DeviceRecords, PartialSum]:
         """Train the unit's groups in order; return their devices' records (unit order) and the unit's partial sum."""
         partial = PartialSum.zeros_like(self._state)
-        columns = [self._train_group(group, partial) for group in unit.groups]
-        records = {"device_id": np.asarray(unit.device_ids, dtype=np.int64)}
-        for i, key in enumerate(("train_loss", "num_examples", "update_norm", "utility")):
-            records[key] = np.concatenate([c[i] for c in columns])
+        records = DeviceRecords.concat([self._train_group(group, partial) for group in unit.groups])
         return records, partial.to("cpu")
 
     def pass_limit(self, config: DeviceConfig) -> int:
@@ -226,9 +224,9 @@ class DeviceWorker:
             self._eval = self.dataset.eval_examples()
         return self._eval
 
-    def _train_group(self, group: Group, partial: PartialSum) -> tuple[np.ndarray, ...]:
+    def _train_group(self, group: Group, partial: PartialSum) -> DeviceRecords:
         """Local training of devices that share a config and its slices, in one pass; their updates go into
-        ``partial`` in device order. Returns their train losses, example counts, update norms and utilities."""
+        ``partial`` in device order."""
         config, device_ids = group.config, list(group.device_ids)
         seed, round, k = self.cfg.seed, self._round, len(device_ids)
         sub = self.submodel(config)
@@ -297,8 +295,10 @@ class DeviceWorker:
                 context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config,
                                         num_examples=len(data[j]))
                 norms.append(self._accumulate(partial, update, held=held, context=context))
-        return ((loss_sum / self.cfg.train.local_steps).cpu().double().numpy(),
-                np.array([len(x) for x in data], dtype=np.int64), np.array(norms), np.array(utilities))
+        return DeviceRecords(device_id=np.asarray(device_ids, dtype=np.int64),
+                             train_loss=(loss_sum / self.cfg.train.local_steps).cpu().double().numpy(),
+                             num_examples=np.array([len(x) for x in data], dtype=np.int64),
+                             update_norm=np.array(norms), utility=np.array(utilities))
 
     def _dp_sgd(self, sub: Submodel) -> local.LocalDPSGD:
         """The submodel wrapped for local DP-SGD (Opacus), once per structure."""

@@ -23,12 +23,11 @@ from raysim.config import ExperimentConfig
 from raysim.costmodel import Measurement
 from raysim.device import DeviceWorker
 from raysim.processors import UpdateProcessor
+from raysim.records import DeviceRecords
 from raysim.types import DeviceConfig
 
 # Units queued on one actor at a time: the next one is there when the current one ends.
 IN_FLIGHT_PER_ACTOR = 2
-RECORD_COLUMNS = {"device_id": np.int64, "train_loss": np.float64, "num_examples": np.int64,
-                  "update_norm": np.float64, "utility": np.float64}
 
 # Measurements are a pure function of the model, batch shape, method settings and config (FLOPs,
 # activation and payload sizes do not depend on weights or seeds), so runs in one process (a study,
@@ -109,7 +108,7 @@ class DevicePool:
         flops: np.ndarray,
         params: list[object] | None = None,
         utility: bool = False,
-    ) -> tuple[dict[str, np.ndarray], list[ray.ObjectRef]]:
+    ) -> tuple[DeviceRecords, list[ray.ObjectRef]]:
         """Train ``device_ids``; return their records (id order) and one partial-sum ref per unit, in unit order.
 
         ``flops``: each device's predicted training FLOPs (balances the units). ``params``: the update
@@ -118,10 +117,10 @@ class DevicePool:
         """
         units = work.plan(device_ids, configs, flops, pass_limit=self.pass_limit, max_units=self.cfg.ray.work_units)
         if not units:
-            return {k: np.empty(0, dtype=t) for k, t in RECORD_COLUMNS.items()}, []
+            return DeviceRecords.concat([]), []
         for actor in self.actors:
             actor.begin_round.remote(state, round, params, utility)
-        records: list[dict | None] = [None] * len(units)
+        records: list[DeviceRecords | None] = [None] * len(units)
         partials: list[ray.ObjectRef | None] = [None] * len(units)
         queue, pending = deque(units), {}
 
@@ -140,9 +139,7 @@ class DevicePool:
             records[index] = ray.get(done)
             if queue:
                 submit(actor)
-        columns = {k: np.concatenate([r[k] for r in records]) for k in RECORD_COLUMNS}
-        order = np.argsort(columns["device_id"], kind="stable")
-        return {k: v[order] for k, v in columns.items()}, partials
+        return DeviceRecords.concat(records).by_device_id(), partials
 
     def evaluate(self, state: ray.ObjectRef) -> dict[str, float]:
         """Held-out loss per token, perplexity, top-1 and top-3 accuracy.

@@ -1,48 +1,73 @@
 """The run directory: config.yaml, rounds.parquet, devices.parquet, summary.json.
 
 Parquet files are written a row group per round as the run goes, so a run
-stopped early keeps every finished round. Schemas are fixed here; the column
-names are a contract (DESIGN.md) that users script against.
+stopped early keeps every finished round. Schemas are fixed here (a round's
+row is the typed :class:`RoundRow`); the column names are a contract
+(DESIGN.md) that users script against.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ROUNDS_SCHEMA = pa.schema([
-    ("round", pa.int32()),
-    ("sim_time_s", pa.float64()),
-    ("round_duration_s", pa.float64()),
-    ("wall_time_s", pa.float64()),
-    ("train_loss", pa.float64()),
-    ("eval_loss", pa.float64()),
-    ("eval_accuracy", pa.float64()),
-    ("eval_top3_accuracy", pa.float64()),
-    ("eval_perplexity", pa.float64()),
-    ("epsilon", pa.float64()),
-    ("delta", pa.float64()),
-    ("bytes_up", pa.int64()),
-    ("bytes_down", pa.int64()),
-    ("n_selected", pa.int32()),
-    ("n_completed", pa.int32()),
-    ("n_dropped", pa.int32()),
-    ("n_oom", pa.int32()),
-    ("n_stragglers", pa.int32()),
-    ("n_unavailable", pa.int32()),
-    ("update_norm", pa.float64()),
-    ("clip_norm", pa.float64()),  # DP-FedAvg's clip norm this round (NaN without central DP)
-    ("noise_std", pa.float64()),  # std of the Gaussian noise on the sum of clipped updates (z * C; 0 without DP)
-    ("signal_to_noise", pa.float64()),  # ||sum of clipped updates|| / ||noise||; inf without noise
-    ("mean_device_flops", pa.float64()),  # training FLOPs per device that computed
-    ("mean_peak_memory_bytes", pa.float64()),  # peak training memory of the selected devices' configs
-    ("lora_truncation_error", pa.float64()),  # ‖ΔW - ΔW_r‖/‖ΔW‖ at the space's lowest LoRA rank
-])
+def _column(arrow: pa.DataType, default=MISSING, *, doc: str = ""):
+    return field(default=default, metadata={"arrow": arrow, "doc": doc})
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundRow:
+    """One row of ``rounds.parquet``; its fields, in order, are the file's columns."""
+
+    round: int = _column(pa.int32())
+    sim_time_s: float = _column(pa.float64(), doc="cumulative virtual seconds")
+    round_duration_s: float = _column(pa.float64())
+    wall_time_s: float = _column(pa.float64(), math.nan)
+    train_loss: float = _column(pa.float64())
+    eval_loss: float = _column(pa.float64(), math.nan)
+    eval_accuracy: float = _column(pa.float64(), math.nan)
+    eval_top3_accuracy: float = _column(pa.float64(), math.nan)
+    eval_perplexity: float = _column(pa.float64(), math.nan)
+    epsilon: float = _column(pa.float64(), math.inf, doc="inf (delta 0): no central DP in this run")
+    delta: float = _column(pa.float64(), 0.0)
+    bytes_up: int = _column(pa.int64())
+    bytes_down: int = _column(pa.int64())
+    n_selected: int = _column(pa.int32())
+    n_completed: int = _column(pa.int32())
+    n_dropped: int = _column(pa.int32())
+    n_oom: int = _column(pa.int32())
+    n_stragglers: int = _column(pa.int32())
+    n_unavailable: int = _column(pa.int32())
+    update_norm: float = _column(pa.float64())
+    clip_norm: float = _column(pa.float64(), math.nan, doc="DP-FedAvg's clip norm this round (NaN without central DP)")
+    noise_std: float = _column(pa.float64(), 0.0, doc="std of the noise on the sum of clipped updates (z * C)")
+    signal_to_noise: float = _column(pa.float64(), math.inf, doc="||sum of clipped updates|| / ||noise||")
+    mean_device_flops: float = _column(pa.float64(), doc="training FLOPs per device that computed")
+    mean_peak_memory_bytes: float = _column(pa.float64(), doc="peak training memory of the selected devices' configs")
+    lora_truncation_error: float = _column(pa.float64(), doc="‖ΔW - ΔW_r‖/‖ΔW‖ at the space's lowest LoRA rank")
+
+
+ROW_FIELDS = frozenset(f.name for f in fields(RoundRow))
+ROUNDS_SCHEMA = pa.schema([(f.name, f.metadata["arrow"]) for f in fields(RoundRow)])
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a round produced: its row and one record per selected device (``DEVICES_SCHEMA`` columns)."""
+
+    row: RoundRow
+    devices: dict[str, np.ndarray]
+    started_s: float  # time.perf_counter() when the round began
+
+    def with_metrics(self, metrics: dict[str, float]) -> "RoundResult":
+        return replace(self, row=replace(self.row, **metrics)) if metrics else self
+
 
 DEVICES_SCHEMA = pa.schema([
     ("round", pa.int32()),
@@ -82,9 +107,9 @@ class RunWriter:
         self._rounds = pq.ParquetWriter(self.dir / "rounds.parquet", ROUNDS_SCHEMA)
         self._devices = pq.ParquetWriter(self.dir / "devices.parquet", DEVICES_SCHEMA)
 
-    def write_round(self, row: dict, devices: dict[str, np.ndarray]) -> None:
-        self._rounds.write_table(pa.Table.from_pylist([row], schema=ROUNDS_SCHEMA))
-        self._devices.write_table(pa.Table.from_pydict(devices, schema=DEVICES_SCHEMA))
+    def write_round(self, result: RoundResult) -> None:
+        self._rounds.write_table(pa.Table.from_pylist([asdict(result.row)], schema=ROUNDS_SCHEMA))
+        self._devices.write_table(pa.Table.from_pydict(result.devices, schema=DEVICES_SCHEMA))
 
     def close(self, summary: dict | None = None) -> None:
         self._rounds.close()

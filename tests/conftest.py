@@ -58,21 +58,23 @@ def make_worker(cfg):
                         num_threads=1)
 
 
-def train_unit(worker, state, ids, configs, *, round=3, clip_norm=None, utility=False):
+def train_unit(worker, state, ids, configs, *, round=3, utility=False):
     """Train devices ``ids`` (with ``configs``) on ``worker`` as one unit of round ``round``, grouped as the
     pool groups a cohort; return their records in the order of ``ids`` and the unit's partial sum."""
     import numpy as np
 
     from raysim.work import WorkUnit, make_groups
 
-    worker.begin_round(state, round, clip_norm, utility)
+    from dataclasses import asdict
+
+    worker.begin_round(state, round, None, utility)
     groups = make_groups(ids, configs, pass_limit=worker.pass_limit)
     records, partial = worker.train(WorkUnit(index=0, groups=tuple(groups)))
     positions: dict[int, list[int]] = {}
-    for i, d in enumerate(records["device_id"]):
+    for i, d in enumerate(records.device_id):
         positions.setdefault(int(d), []).append(i)
     order = [positions[int(d)].pop(0) for d in ids]
-    return {k: np.asarray(v)[order] for k, v in records.items()}, partial
+    return {k: np.asarray(v)[order] for k, v in asdict(records).items()}, partial
 
 
 @pytest.fixture(scope="session")

@@ -113,7 +113,7 @@ def test_a_units_partial_sum_counts_its_devices_and_records_follow_the_units_ord
     a.begin_round(a.initial_state(), 1)
     unit = WorkUnit(index=0, groups=(Group(config=CFG, device_ids=(9, 4)), Group(config=CFG, device_ids=(2,))))
     records, partial = a.train(unit)
-    assert partial.num_devices == 3 and records["device_id"].tolist() == [9, 4, 2]
+    assert partial.num_devices == 3 and records.device_id.tolist() == [9, 4, 2]
 
 
 @pytest.mark.parametrize("config", [CFG, DeviceConfig(lora_rank=4, bits=4)])

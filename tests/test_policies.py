@@ -19,6 +19,7 @@ from raysim.errors import ConfigError
 from raysim.methods import method_space
 from raysim.policies import CostOracle, PolicyContext, PolicySpec, build_policy, read_policy
 from raysim.policies.static import richness_order
+from raysim.results import ROUNDS_SCHEMA, RoundResult, RoundRow
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
 
 METHODS = MethodsConfig(lora_rank=[8, 2, 16], prune_ratio=[0.0, 0.5], trainable_layers=[None, 1], bits=[32, 8, 4])
@@ -59,18 +60,20 @@ def build(name: str, ctx: PolicyContext, **params):
 
 
 def round_results(ctx: PolicyContext, devices: DeviceDraws, configs, *, round: int = 1, target: int | None = None,
-                  train_loss: float = 2.0, eval_loss: float = math.nan) -> dict:
+                  train_loss: float = 2.0, eval_loss: float = math.nan) -> RoundResult:
     """What a run hands ``observe``: the round rule applied to the cost model's finish times, as in run.py."""
     n = len(devices)
     costs = device_costs(devices, [ctx.oracle.measure(c) for c in configs], local_steps=ctx.oracle.local_steps)
     dropped = np.arange(n) % 7 == 3
     outcome = settle_round(finish_s=costs.total_s, available=np.ones(n, dtype=bool), fits=costs.fits(devices),
                            dropped=dropped, target=n if target is None else target, deadline_s=ctx.oracle.deadline_s)
-    return {"round": {"round": round, "train_loss": train_loss, "eval_loss": eval_loss,
-                      "round_duration_s": outcome.duration_s},
-            "devices": {"status": outcome.status, "finish_s": costs.total_s, "bytes_up": costs.bytes_up,
-                        "bytes_down": costs.bytes_down, "num_examples": np.full(n, 8),
-                        "utility": np.where(outcome.status == "ok", 0.01, np.nan)}}
+    row = RoundRow(**({name: 0 for name in ROUNDS_SCHEMA.names}
+                      | {"round": round, "train_loss": train_loss, "eval_loss": eval_loss,
+                         "round_duration_s": outcome.duration_s}))
+    devices = {"status": outcome.status, "finish_s": costs.total_s, "bytes_up": costs.bytes_up,
+               "bytes_down": costs.bytes_down, "num_examples": np.full(n, 8),
+               "utility": np.where(outcome.status == "ok", 0.01, np.nan)}
+    return RoundResult(row=row, devices=devices, started_s=0.0)
 
 
 @settings(max_examples=25, deadline=None)
@@ -181,8 +184,8 @@ def team_episode(policy, ctx, devices, *, rounds: int, utility, target=None) -> 
         configs = policy.assign(devices, RoundState(round=rnd, sim_time_s=0.0, last_train_loss=5.0, target=target))
         picked.append(configs)
         results = round_results(ctx, devices, configs, round=rnd, target=target)
-        trained = np.isin(results["devices"]["status"], ("ok", "straggler"))
-        results["devices"]["utility"] = np.where(trained, [utility(c) for c in configs], np.nan)
+        trained = np.isin(results.devices["status"], ("ok", "straggler"))
+        results.devices["utility"] = np.where(trained, [utility(c) for c in configs], np.nan)
         policy.observe(results)
     return picked
 
@@ -221,7 +224,7 @@ def test_rl_learns_to_close_the_round_sooner_when_configs_do_not_change_progress
     devices = draws(12, seed=9)
     policy = build("rl", ctx, w_bytes=0.0, w_failure=0.0, prior_information=0.0, lr=0.01, plan=0)
     picked = team_episode(policy, ctx, devices, rounds=60, target=8, utility=lambda c: 0.01)
-    durations = [round_results(ctx, devices, configs, target=8)["round"]["round_duration_s"] for configs in picked]
+    durations = [round_results(ctx, devices, configs, target=8).row.round_duration_s for configs in picked]
     assert np.mean(durations[-10:]) < np.mean(durations[:10])
 
 

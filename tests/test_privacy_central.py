@@ -214,4 +214,4 @@ def test_noisy_aggregate_is_the_same_for_one_two_actors_and_the_server(clipped):
 def test_records_report_each_devices_norm_before_clipping(clipped, workers):
     state, clip_norm, _, _, _ = clipped
     records, _ = _train([workers[0]] * 3, state, clip_norm)
-    assert (np.concatenate([r["update_norm"] for r in records]) > clip_norm).any()
+    assert (np.concatenate([r.update_norm for r in records]) > clip_norm).any()

@@ -9,7 +9,7 @@ import pytest
 from raysim.cli import main
 from raysim.config import load_experiment, to_yaml
 from raysim.report import run_metrics, write_report
-from raysim.results import DEVICES_SCHEMA, ROUNDS_SCHEMA, RunWriter
+from raysim.results import DEVICES_SCHEMA, ROUNDS_SCHEMA, RoundResult, RoundRow, RunWriter
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -19,11 +19,11 @@ def fake_run(folder, *, policy: str, seed: int, accuracy: list[float], target=0.
     cfg = load_experiment(None, [f"policy={policy}", f"seed={seed}", f"eval.target_accuracy={target}"])
     writer = RunWriter(folder, config_yaml=to_yaml(cfg))
     for i, acc in enumerate(accuracy, 1):
-        row = {name: 0 for name in ROUNDS_SCHEMA.names} | {
+        row = RoundRow(**({name: 0 for name in ROUNDS_SCHEMA.names} | {
             "round": i, "sim_time_s": 100.0 * i, "eval_accuracy": acc, "epsilon": epsilon, "bytes_up": 1000,
             "bytes_down": 4000, "n_selected": 10, "n_oom": 1, "n_stragglers": 2, "n_dropped": 0,
-            "train_loss": 1.0, "eval_loss": 2.0}
-        writer.write_round(row, {name: [] for name in DEVICES_SCHEMA.names})
+            "train_loss": 1.0, "eval_loss": 2.0}))
+        writer.write_round(RoundResult(row=row, devices={name: [] for name in DEVICES_SCHEMA.names}, started_s=0.0))
     writer.close({"status": "finished", "rounds_completed": len(accuracy), "wall_time_s": 1.0,
                   "initial": {"eval_accuracy": 0.1}, "final": {"eval_loss": 2.0, "train_loss": 1.0}})
     return folder

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -11,6 +12,9 @@ from raysim.config import MethodsConfig
 from raysim.costmodel import Measurement, device_costs
 from raysim.registry import Registry
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
+
+if TYPE_CHECKING:
+    from raysim.results import RoundResult
 
 
 @dataclass(frozen=True)
@@ -71,12 +75,18 @@ class PolicyContext:
     rounds: int
 
 
-class Policy(Protocol):
-    """Maps sampled devices and the round state to one config per device."""
+class Policy(ABC):
+    """Maps sampled devices and the round state to one config per device; may learn from each round's result."""
 
+    # The run computes each update's utility (devices.parquet ``utility``) for this policy: it costs a
+    # held-out gradient per actor and round, so only a policy that learns from it asks.
+    wants_utility: bool = False
+
+    @abstractmethod
     def assign(self, devices: DeviceDraws, state: RoundState) -> list[DeviceConfig]: ...
 
-    def observe(self, results: dict) -> None: ...
+    def observe(self, result: RoundResult) -> None:
+        """The round's row and device records, after its evaluation."""
 
 
 PolicyFactory = Callable[..., Policy]

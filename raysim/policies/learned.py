@@ -79,7 +79,8 @@ import torch
 from raysim import rng
 from raysim.clock import OK, settle_rounds
 from raysim.errors import ConfigError
-from raysim.policies.base import PolicyContext, Prices, register, update_information
+from raysim.policies.base import Policy, PolicyContext, Prices, register, update_information
+from raysim.results import RoundResult
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
 
 DEVICE_FEATURES = 6
@@ -179,10 +180,10 @@ def masked_log_probs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @register("rl")
-class Learned:
+class Learned(Policy):
     """A learned per-device policy (see the module docstring); learns online unless ``learn`` is false."""
 
-    wants_utility = True  # the run computes each update's utility (devices.parquet ``utility``) for the critic
+    wants_utility = True  # the critic learns from each update's utility
 
     def __init__(
         self,
@@ -273,13 +274,13 @@ class Learned:
         return [self.context.space[j] for j in choice]
 
     @single_threaded
-    def observe(self, results: dict) -> None:
+    def observe(self, result: RoundResult) -> None:
         if not self.learn:
             return
         batch, self._batch = self._batch, None
         if batch is None:
             return
-        row, devices = results["round"], results["devices"]
+        row, devices = result.row, result.devices
         status = np.asarray(devices["status"])
         utility = np.asarray(devices["utility"], dtype=np.float64)
         aggregated = np.flatnonzero((status == OK) & np.isfinite(utility))
@@ -290,7 +291,7 @@ class Learned:
                 self.memory = [*self.memory, (self.own[batch["choice"][aggregated]], utility[aggregated] / scale)]
                 self.memory = self.memory[-self.memory_size:]
                 self._fit_critic()
-        self._running("duration", row["round_duration_s"])
+        self._running("duration", row.round_duration_s)
         batch["present"] = ~np.isin(status, ("unavailable", "dropped"))  # what no config changes
         self._update(batch)
 

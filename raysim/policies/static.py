@@ -9,7 +9,7 @@ import numpy as np
 from raysim import rng
 from raysim.errors import ConfigError
 from raysim.methods import default_config
-from raysim.policies.base import PolicyContext, register, update_information
+from raysim.policies.base import Policy, PolicyContext, register, update_information
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
 
 
@@ -38,7 +38,7 @@ def richness_order(context: PolicyContext) -> np.ndarray:
 
 
 @register("uniform")
-class Uniform:
+class Uniform(Policy):
     """One config for every device (the baseline most papers use)."""
 
     def __init__(self, *, context: PolicyContext, config: dict | None = None):
@@ -47,12 +47,9 @@ class Uniform:
     def assign(self, devices: DeviceDraws, state: RoundState) -> list[DeviceConfig]:
         return [self.config] * len(devices)
 
-    def observe(self, results: dict) -> None:
-        pass
-
 
 @register("tiered")
-class Tiered:
+class Tiered(Policy):
     """A config per device class; classes not listed get ``default`` (the space's default config)."""
 
     def __init__(self, *, context: PolicyContext, classes: dict[str, dict], default: dict | None = None):
@@ -63,12 +60,9 @@ class Tiered:
     def assign(self, devices: DeviceDraws, state: RoundState) -> list[DeviceConfig]:
         return [self.by_class.get(str(c), self.default) for c in devices.device_class]
 
-    def observe(self, results: dict) -> None:
-        pass
-
 
 @register("greedy_fit")
-class GreedyFit:
+class GreedyFit(Policy):
     """Per device, the richest config (:func:`richness_order`) that fits its memory and the deadline.
 
     A device with no feasible config gets the cheapest one (it fails whatever it gets).
@@ -84,12 +78,9 @@ class GreedyFit:
         choice = np.where(feasible.any(axis=1), self.order[np.argmax(feasible, axis=1)], prices.fallback())
         return [self.context.space[j] for j in choice]
 
-    def observe(self, results: dict) -> None:
-        pass
-
 
 @register("random")
-class Random:
+class Random(Policy):
     """Uniform over each device's feasible configs, keyed by (seed, round, device id)."""
 
     def __init__(self, *, context: PolicyContext):
@@ -105,6 +96,3 @@ class Random:
             j = options[int(u[i] * len(options))] if len(options) else fallback[i]
             configs.append(self.context.space[j])
         return configs
-
-    def observe(self, results: dict) -> None:
-        pass

@@ -1,0 +1,165 @@
+"""Callbacks: what watches a run, round by round (as pfl-research's callbacks).
+
+Each round's :class:`~raysim.results.RoundResult` passes through the run's
+callbacks in order. A callback may add metrics to the round's row (later
+callbacks see them), ask the run to stop with a status, and contribute to
+``summary.json``. Evaluation, the accuracy target, the privacy budget, the
+files, the policy's feedback and the progress bar are callbacks; so is
+anything a user adds (``run_experiment(cfg, callbacks=[...])``: the seam for
+experiment tracking).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from raysim.results import RoundResult, RunWriter
+
+if TYPE_CHECKING:
+    from raysim.run import Run
+
+EVAL_COLUMNS = ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_top3_accuracy")
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Ask the run to stop after this round with ``status`` (summary.json); ``message`` says why."""
+
+    status: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """A callback's answer to a round: metrics for the row, and whether to stop."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    stop: Stop | None = None
+
+
+class Callback:
+    """The hooks of a callback; each does nothing unless overridden."""
+
+    def on_start(self, run: Run) -> None:
+        """Before round 1, once the run is set up."""
+
+    def after_round(self, run: Run, result: RoundResult) -> Step:
+        return Step()
+
+    def summary(self, run: Run) -> dict:
+        """This callback's part of ``summary.json``."""
+        return {}
+
+    def on_end(self, run: Run, summary: dict) -> None:
+        """After the last round, or on the way out of a failed one."""
+
+
+class Evaluation(Callback):
+    """Held-out metrics before round 1, every ``eval.every`` rounds and after the last one."""
+
+    def __init__(self, *, every: int, last_round: int):
+        self.every, self.last_round = every, last_round
+        self.initial: dict[str, float] = {}
+
+    def on_start(self, run: Run) -> None:
+        if self.every > 0:
+            self.initial = run.pool.evaluate(run.state_ref)
+
+    def after_round(self, run: Run, result: RoundResult) -> Step:
+        r = result.row.round
+        if self.every > 0 and (r % self.every == 0 or r == self.last_round):
+            return Step(metrics=run.pool.evaluate(run.state_ref))
+        return Step()
+
+    def summary(self, run: Run) -> dict:
+        return {"initial": self.initial}
+
+
+class TargetAccuracy(Callback):
+    """The virtual time an evaluation first reaches ``eval.target_accuracy``; with ``stop``, the run ends there."""
+
+    def __init__(self, *, target: float | None, stop: bool):
+        self.target, self.stop = target, stop
+        self.reached_s: float | None = None
+
+    def after_round(self, run: Run, result: RoundResult) -> Step:
+        row = result.row
+        if self.target is None or self.reached_s is not None or not row.eval_accuracy >= self.target:
+            return Step()
+        self.reached_s = row.sim_time_s
+        if not self.stop:
+            return Step()
+        return Step(stop=Stop("target_reached", f"stopped after round {row.round}: eval accuracy "
+                                                f"{row.eval_accuracy:.4f} reached eval.target_accuracy="
+                                                f"{self.target:g} at {row.sim_time_s:.1f} virtual s"))
+
+    def summary(self, run: Run) -> dict:
+        return {"time_to_target_s": self.reached_s, "target_accuracy": self.target}
+
+
+class PrivacyBudget(Callback):
+    """Stops the run after the last round within ``privacy.max_epsilon`` (the plan fixed it before round 1)."""
+
+    def __init__(self, *, last_round: int, rounds: int, max_epsilon: float | None):
+        self.last_round, self.rounds, self.max_epsilon = last_round, rounds, max_epsilon
+
+    def after_round(self, run: Run, result: RoundResult) -> Step:
+        row = result.row
+        if row.round < self.last_round or self.last_round == self.rounds:
+            return Step()
+        return Step(stop=Stop("privacy_budget_spent", f"stopped after round {row.round}: one more round would "
+                                                      f"spend more than privacy.max_epsilon={self.max_epsilon:g} "
+                                                      f"(ε = {row.epsilon:.4g} at δ = {row.delta:g})"))
+
+
+class Files(Callback):
+    """rounds.parquet and devices.parquet, a round at a time; summary.json at the end."""
+
+    def __init__(self, writer: RunWriter):
+        self.writer = writer
+
+    def after_round(self, run: Run, result: RoundResult) -> Step:
+        stamped = result.with_metrics({"wall_time_s": time.perf_counter() - result.started_s})
+        self.writer.write_round(stamped)
+        return Step(metrics={"wall_time_s": stamped.row.wall_time_s})
+
+    def on_end(self, run: Run, summary: dict) -> None:
+        self.writer.close(summary)  # rounds written so far stay readable, whatever stopped the run
+
+
+class PolicyFeedback(Callback):
+    """The policy learns from the round's results."""
+
+    def after_round(self, run: Run, result: RoundResult) -> Step:
+        run.policy.observe(result)
+        return Step()
+
+
+class Progress(Callback):
+    """One bar: rounds, virtual time, losses, how many devices made it, and ε under central DP."""
+
+    def __init__(self, *, rounds: int, enabled: bool, private: bool):
+        self.rounds, self.enabled, self.private = rounds, enabled, private
+        self.bar: tqdm | None = None
+
+    def on_start(self, run: Run) -> None:
+        self.bar = tqdm(total=self.rounds, disable=not self.enabled, file=sys.stderr, unit="round", dynamic_ncols=True)
+
+    def after_round(self, run: Run, result: RoundResult) -> Step:
+        row = result.row
+        eval_loss = row.eval_loss if not math.isnan(row.eval_loss) else run.last.get("eval_loss", math.nan)
+        self.bar.set_postfix_str(
+            f"sim {row.sim_time_s / 3600:.2f}h loss {row.train_loss:.3f} eval {eval_loss:.3f} "
+            f"ok {row.n_completed}/{row.n_selected}" + (f" ε {row.epsilon:.3g}" if self.private else ""), refresh=False)
+        self.bar.update()
+        return Step()
+
+    def on_end(self, run: Run, summary: dict) -> None:
+        if self.bar is not None:
+            self.bar.close()
