@@ -19,7 +19,6 @@ any unit (:mod:`raysim.work`). :mod:`raysim.pool` runs workers as Ray actors.
 from __future__ import annotations
 
 import gc
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -28,7 +27,6 @@ from raysim import costmodel, rng
 from raysim.aggregation.rules import PartialSum, Tensors, global_norm
 from raysim.config import ExperimentConfig
 from raysim.data import FederatedDataset
-from raysim.grouped import keyed, per_device_loss, stacked
 from raysim.methods import embeddings
 from raysim.methods.quantize import GRANULARITY
 from raysim.methods.width import PRUNING
@@ -37,6 +35,7 @@ from raysim.models import BaseModel
 from raysim.privacy import local
 from raysim.processors import DeviceContext, DeviceUpdate, UpdateProcessor, run_on_device
 from raysim.records import DeviceRecords
+from raysim.training import DPSGD, LocalData, train_group
 from raysim.types import DeviceConfig
 from raysim.work import Group, WorkUnit
 
@@ -251,38 +250,15 @@ class DeviceWorker:
             if self.cfg.methods.embedding_rows is not None:
                 rows = embeddings.fixed_rows(seen, count=self.cfg.methods.embedding_rows, vocab_size=self.vocab_size,
                                              generator=rng.generator(seed, "embedding-rows", round, device_ids[0]))
-        if k > 1:
-            # One (devices, ...) stack per trainable tensor, each row starting from the device's initial state.
-            tensors = [torch.nn.Parameter(t.unsqueeze(0).repeat(k, *(1,) * t.dim())) for t in starts]
-            optimizer = torch.optim.AdamW(tensors, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay,
-                                          fused=True)
-            weights = stacked(sub.lm, list(sub.params), tensors)
-        else:
-            params = list(sub.params.values())
-            with torch.no_grad():
-                torch._foreach_copy_(params, starts)
-            tensors = [p.unsqueeze(0) for p in params]  # views: row 0 is the trained model's tensor
-            optimizer = sub.optimizer
-            optimizer.state.clear()
-            weights = nullcontext()
-        loss_sum = torch.zeros(k, device=self.device)
-        with weights, keyed(generators):
-            if self.cfg.privacy.local.enabled:  # k == 1: DP-SGD on Poisson batches of the device's examples
-                loss_sum += self.cfg.train.local_steps * self._dp_sgd(sub).train(
-                    data[0], steps=self.cfg.train.local_steps, batch_size=self.cfg.train.batch_size,
-                    device=self.device, batch_generator=rng.generator(seed, "batches", round, device_ids[0]),
-                    noise_generator=rng.generator(seed, "local-dp-noise", round, device_ids[0]),
-                )
-            else:
-                for step in range(self.cfg.train.local_steps):
-                    x = torch.cat([rows_[b[step]] for rows_, b in zip(data, batches)]).to(self.device)
-                    losses = per_device_loss(sub.lm(input_ids=x).logits, x, devices=k)
-                    losses.sum().backward()
-                    if keep is not None:
-                        sub.params[EMBEDDING].grad.mul_(keep)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_sum += losses.detach()
+        dp = None
+        if self.cfg.privacy.local.enabled:
+            dp = DPSGD(engine=self._dp_sgd(sub), batch_size=self.cfg.train.batch_size,
+                       batch_generator=rng.generator(seed, "batches", round, device_ids[0]),
+                       noise_generator=rng.generator(seed, "local-dp-noise", round, device_ids[0]))
+        tensors, losses = train_group(sub, starts, LocalData(examples=data, batches=batches, generators=generators,
+                                                             keep=keep),
+                                      steps=self.cfg.train.local_steps, lr=self.cfg.train.lr,
+                                      weight_decay=self.cfg.train.weight_decay, dp=dp)
         encoding = self._encoding(config)
         norms, utilities = [], []
         with torch.no_grad():
@@ -296,7 +272,7 @@ class DeviceWorker:
                                         num_examples=len(data[j]))
                 norms.append(self._accumulate(partial, update, held=held, context=context))
         return DeviceRecords(device_id=np.asarray(device_ids, dtype=np.int64),
-                             train_loss=(loss_sum / self.cfg.train.local_steps).cpu().double().numpy(),
+                             train_loss=losses.cpu().double().numpy(),
                              num_examples=np.array([len(x) for x in data], dtype=np.int64),
                              update_norm=np.array(norms), utility=np.array(utilities))
 
