@@ -18,6 +18,8 @@ from raysim.costmodel import Measurement, device_costs
 from raysim.errors import ConfigError
 from raysim.methods import method_space
 from raysim.policies import CostOracle, PolicyContext, PolicySpec, build_policy, read_policy
+from raysim.policies.rl.critic import fit
+from raysim.policies.rl.planning import Proposal
 from raysim.policies.static import richness_order
 from raysim.results import ROUNDS_SCHEMA, RoundResult, RoundRow
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
@@ -203,7 +205,7 @@ def test_rl_credits_each_device_with_its_updates_utility():
     picked = team_episode(policy, ctx, devices, rounds=40, utility=lambda c: 0.02 * (c.bits == 4))
     share = share_of([[c for c, free in zip(configs, can_choose) if free] for configs in picked], lambda c: c.bits == 4)
     assert share[:5].mean() < 0.8 and share[-5:].mean() > 0.95
-    g = dict(zip(ctx.space, policy.progress_values()))
+    g = dict(zip(ctx.space, policy.critic.values()))
     assert g[DeviceConfig(bits=4)] > g[DeviceConfig(bits=32)] + 0.5
 
 
@@ -213,7 +215,7 @@ def test_rl_critic_recovers_utilities_linear_in_the_config_features():
     policy = build("rl", ctx, ridge=1e-6, learn=True, plan=0)  # sampled configs: every feature varies
     truth = policy.own @ np.array([0.5, -0.3, 0.2, 0.1, -0.4, 0.0, 0.0]) + 1.0
     team_episode(policy, ctx, draws(24, seed=2), rounds=6, utility=lambda c: 0.01 * truth[ctx.space.index(c)])
-    values = policy.progress_values() * policy.running["progress"]
+    values = policy.critic.values() * policy.running["progress"]
     assert values == pytest.approx(0.01 * truth, rel=1e-2)  # older rounds were scaled by an older running mean
 
 
@@ -228,23 +230,30 @@ def test_rl_learns_to_close_the_round_sooner_when_configs_do_not_change_progress
     assert np.mean(durations[-10:]) < np.mean(durations[:10])
 
 
+def planning_proposal(total_s: np.ndarray, *, target: int) -> Proposal:
+    """Every device chose config 0 of two; all feasible, no traffic."""
+    n, k = total_s.shape
+    return Proposal(rows=np.arange(n), x=torch.zeros(n, k, 1), mask=torch.ones(n, k, dtype=torch.bool),
+                    choice=np.zeros(n, dtype=np.int64), total_s=total_s, fits=np.ones((n, k), dtype=bool),
+                    traffic=np.zeros((n, k)), target=target)
+
+
 def test_rl_counterfactual_charges_a_device_the_time_it_holds_the_round_open():
     """Q(a', a_-i) recomputes who is aggregated and when the round closes with device i's config swapped."""
     ctx = context(deadline_s=None, methods=MethodsConfig(lora_rank=[16, 2], bits=[32]))
     policy = build("rl", ctx, w_progress=0.0, w_bytes=0.0, w_failure=0.0)
     total_s = np.array([[1.0, 0.5], [2.0, 1.0], [4.0, 3.0]])  # (devices, configs): rank 16 slower than rank 2
-    batch = {"rows": np.arange(3), "choice": np.array([0, 0, 0]), "total_s": total_s,
-             "fits": np.ones((3, 2), dtype=bool), "present": np.ones(3, dtype=bool), "target": 2,
-             "mask": torch.ones(3, 2, dtype=torch.bool), "traffic": np.zeros((3, 2))}
+    proposal = planning_proposal(total_s, target=2)
+    present = np.ones(3, dtype=bool)
     policy.running["duration"] = 2.0
-    values = policy.counterfactual_values(batch)
+    values = policy.counterfactual_values(proposal, present=present)
     # the round closes at the 2nd arrival: 2.0 s as chosen; device 1 at rank 2 closes it at 1.0 s; device 0 at
     # rank 2 arrives first either way; device 2 is not aggregated unless it beats device 1
     assert values == pytest.approx(-np.array([[2.0, 2.0], [2.0, 1.0], [2.0, 2.0]]) / 2.0)
     # progress: device 2 at rank 2 (3.0 s) still arrives after device 1, so the aggregated set is unchanged
     policy = build("rl", ctx, w_time=0.0, w_bytes=0.0, w_failure=1.0)
-    values = policy.counterfactual_values(batch)
-    g = policy.progress_values()
+    values = policy.counterfactual_values(proposal, present=present)
+    g = policy.critic.values()
     assert values[2] == pytest.approx([g[0] - 1.0, g[0] - 1.0])
 
 
@@ -283,11 +292,6 @@ def test_rl_temperature_below_one_sharpens_the_same_preferences():
         build("rl", ctx, temperature=0.0)
 
 
-def planning_batch(total_s: np.ndarray, *, target: int) -> dict:
-    n, k = total_s.shape
-    return {"rows": np.arange(n), "choice": np.zeros(n, dtype=np.int64), "total_s": total_s,
-            "fits": np.ones((n, k), dtype=bool), "present": np.ones(n, dtype=bool), "target": target,
-            "mask": torch.ones(n, k, dtype=torch.bool), "traffic": np.zeros((n, k))}
 
 
 def test_rl_planning_moves_only_the_device_that_holds_the_round_open():
@@ -296,8 +300,8 @@ def test_rl_planning_moves_only_the_device_that_holds_the_round_open():
     ctx = context(deadline_s=None, methods=MethodsConfig(lora_rank=[16, 2], bits=[32]))
     policy = build("rl", ctx, w_progress=0.0, w_bytes=0.0, w_failure=0.0)
     policy.running["duration"] = 2.0
-    batch = planning_batch(np.array([[1.0, 0.5], [2.0, 1.0], [4.0, 3.0]]), target=2)
-    assert list(policy.plan(batch["choice"], batch, device_id=np.arange(3))) == [0, 1, 0]
+    proposal = planning_proposal(np.array([[1.0, 0.5], [2.0, 1.0], [4.0, 3.0]]), target=2)
+    assert list(policy.plan(proposal, device_id=np.arange(3))) == [0, 1, 0]
 
 
 def test_rl_planning_trades_the_critics_progress_against_time():
@@ -308,11 +312,11 @@ def test_rl_planning_trades_the_critics_progress_against_time():
     total_s = np.array([[1.0, 0.5], [2.0, 1.0], [4.0, 3.0]])
     for w_progress, expected in ((2.0, [0, 0, 0]), (1.0, [0, 1, 0])):
         policy = build("rl", ctx, w_progress=w_progress, w_bytes=0.0, w_failure=0.0, prior_information=0.0)
-        policy.critic = np.append(np.zeros(policy.own.shape[1]), 0.0)
-        policy.critic[3] = 1.0  # g = rank / max rank: 1 for rank 16, 1/8 for rank 2
+        policy.critic.weights = np.append(np.zeros(policy.own.shape[1]), 0.0)
+        policy.critic.weights[3] = 1.0  # g = rank / max rank: 1 for rank 16, 1/8 for rank 2
         policy.running["duration"] = 2.0
-        batch = planning_batch(total_s, target=2)
-        assert list(policy.plan(batch["choice"], batch, device_id=np.arange(3))) == expected, w_progress
+        proposal = planning_proposal(total_s, target=2)
+        assert list(policy.plan(proposal, device_id=np.arange(3))) == expected, w_progress
 
 
 @settings(max_examples=20, deadline=None)
@@ -338,3 +342,12 @@ def test_rl_planning_never_lengthens_a_round_when_time_alone_counts(seed, target
 def test_rl_planning_sweeps_must_not_be_negative():
     with pytest.raises(ConfigError, match="params.plan: must be >= 0"):
         build("rl", context(), plan=-1)
+
+
+def test_rl_critic_fit_is_ridge_regression_shrunk_towards_the_prior():
+    """Golden values: x = [0, 1, 2, 3], y = 2x + 1, ridge 1 on centred features (sum of squares 5): the slope
+    moves from the prior p towards 2 by 5 / (5 + 1), the intercept keeps the line through the means."""
+    x, y = np.array([[0.0], [1.0], [2.0], [3.0]]), np.array([1.0, 3.0, 5.0, 7.0])
+    assert fit(x, y, prior=np.zeros(1), ridge=1.0) == pytest.approx([10 / 6, 4.0 - 1.5 * 10 / 6])
+    assert fit(x, y, prior=np.array([2.0]), ridge=1.0) == pytest.approx([2.0, 1.0])  # a right prior stays
+    assert fit(x, y, prior=np.array([-1.0]), ridge=1e-12) == pytest.approx([2.0, 1.0])  # no ridge: least squares
