@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from raysim.caches import Caches
 from raysim.config import ExperimentConfig, load_experiment, parse_override, to_yaml
 from raysim.errors import ConfigError
 from raysim.paths import absolute
@@ -179,6 +180,7 @@ def run_study(study: Study) -> Path:
     from raysim.run import run_experiment
 
     todo = [r for r in study.runs if not is_finished(r)]
+    caches = Caches()  # the study's runs share measurements and built datasets
     print(f"raysim compare: {study.name}: {len(study.runs)} runs, {len(study.runs) - len(todo)} already finished "
           f"-> {study.output_dir}", file=sys.stderr)
     if todo:
@@ -186,9 +188,9 @@ def run_study(study: Study) -> Path:
         if study.parallel == 1:
             for i, run in enumerate(todo, 1):
                 print(f"raysim compare: [{i}/{len(todo)}] {run.run_id}", file=sys.stderr)
-                run_experiment(run.cfg)
+                run_experiment(run.cfg, caches=caches)
         else:
-            _run_parallel(todo, parallel=study.parallel)
+            _run_parallel(todo, parallel=study.parallel, caches=caches)
     study.output_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(comparison_table(study), study.output_dir / "comparison.parquet")
     write_report([Path(r.cfg.output_dir) for r in study.runs], out_dir=study.output_dir,
@@ -196,7 +198,7 @@ def run_study(study: Study) -> Path:
     return study.output_dir
 
 
-def _run_parallel(todo: list[StudyRun], *, parallel: int) -> None:
+def _run_parallel(todo: list[StudyRun], *, parallel: int, caches: Caches) -> None:
     """Up to ``parallel`` runs at once as Ray tasks, each with its share of the device actors.
 
     The tasks run on the driver's node: a run's driver writes its run directory and reads the
@@ -213,7 +215,8 @@ def _run_parallel(todo: list[StudyRun], *, parallel: int) -> None:
     # Pre-train in the driver first: concurrent runs would race to fill the same cache entry.
     for cfg in {to_yaml(_pretrain_part(r.cfg)): r.cfg for r in todo}.values():
         base = initial_base_model(cfg.model, seed=cfg.seed)
-        pretrain(base, build_dataset(cfg).public_examples(), cfg.pretrain, seed=base_seed(cfg.model, seed=cfg.seed),
+        pretrain(base, build_dataset(cfg, caches=caches).public_examples(), cfg.pretrain,
+                 seed=base_seed(cfg.model, seed=cfg.seed),
                  progress=False)
     task = ray.remote(num_cpus=0, scheduling_strategy=cluster.on_this_node())(_run_one)
     pending, queue = [], list(todo)

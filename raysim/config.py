@@ -9,6 +9,7 @@ dotted key.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -231,6 +232,17 @@ def _merge(base: DictConfig, extra: Any, *, source: str) -> DictConfig:
         return OmegaConf.merge(base, extra)
     except OmegaConfBaseException as err:
         raise _explain(err, source=source) from None
+
+
+def frozen(value: Any) -> Any:
+    """A config section (or any value in one) as a hashable key: dataclasses as (name, fields), lists as tuples."""
+    if dataclasses.is_dataclass(value):
+        return (type(value).__name__, tuple((f.name, frozen(getattr(value, f.name))) for f in dataclasses.fields(value)))
+    if isinstance(value, (list, tuple)):
+        return tuple(frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, frozen(v)) for k, v in value.items()))
+    return value
 
 
 def split_seed(cfg: ExperimentConfig) -> int:

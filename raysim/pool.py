@@ -19,7 +19,8 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raysim import cluster, work
-from raysim.config import ExperimentConfig
+from raysim.caches import Caches
+from raysim.config import ExperimentConfig, frozen
 from raysim.costmodel import Measurement
 from raysim.device import DeviceWorker
 from raysim.processors import UpdateProcessor
@@ -29,16 +30,10 @@ from raysim.types import DeviceConfig
 # Units queued on one actor at a time: the next one is there when the current one ends.
 IN_FLIGHT_PER_ACTOR = 2
 
-# Measurements are a pure function of the model, batch shape, method settings and config (FLOPs,
-# activation and payload sizes do not depend on weights or seeds), so runs in one process (a study,
-# train-policy) share them: measuring a 48-config space costs about 20 s on 2 cores.
-_MEASURED: dict[tuple[str, DeviceConfig], Measurement] = {}
-
-
-def measurement_key(cfg: ExperimentConfig) -> str:
-    """Everything a measurement depends on besides the config itself."""
-    return repr((cfg.model, cfg.data.seq_len, cfg.data.tokenizer, cfg.data.source, cfg.train.batch_size,
-                 cfg.methods, cfg.ray.gpus_per_actor > 0))
+def measurement_key(cfg: ExperimentConfig) -> tuple:
+    """Everything a measurement depends on besides the config itself (no weights, no seeds)."""
+    return frozen((cfg.model, cfg.data.seq_len, cfg.data.tokenizer, cfg.data.source, cfg.train.batch_size,
+                   cfg.methods, cfg.ray.gpus_per_actor > 0))
 
 
 def threads_per_actor(cfg: ExperimentConfig) -> int:
@@ -51,8 +46,9 @@ def threads_per_actor(cfg: ExperimentConfig) -> int:
 
 class DevicePool:
     def __init__(self, *, cfg: ExperimentConfig, base: ray.ObjectRef, dataset: ray.ObjectRef,
-                 processors: list[UpdateProcessor] = (), num_actors: int | None = None):
+                 processors: list[UpdateProcessor] = (), num_actors: int | None = None, caches: Caches | None = None):
         self.cfg = cfg
+        self.caches = caches or Caches()
         n = num_actors or cfg.ray.num_actors or cluster.actors_that_fit(
             cpus_per_actor=cfg.ray.cpus_per_actor, gpus_per_actor=cfg.ray.gpus_per_actor)
         self.group = cluster.reserve(num_actors=n, cpus_per_actor=cfg.ray.cpus_per_actor,
@@ -86,11 +82,9 @@ class DevicePool:
         return self.actors[0].initial_state.remote()
 
     def measure(self, config: DeviceConfig) -> Measurement:
-        """Measured costs of ``config``, cached for the process's lifetime (:func:`measurement_key`)."""
-        key = (self._key, config)
-        if key not in _MEASURED:
-            _MEASURED[key] = ray.get(self.actors[0].measure.remote(config))
-        return _MEASURED[key]
+        """Measured costs of ``config``, once per ``caches`` (:func:`measurement_key`)."""
+        return Caches.get(self.caches.measurements, (self._key, config),
+                          lambda: ray.get(self.actors[0].measure.remote(config)))
 
     def pass_limit(self, config: DeviceConfig) -> int:
         """Devices of ``config`` that may share one pass (``DeviceWorker.pass_limit``), asked once per config."""

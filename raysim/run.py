@@ -32,6 +32,7 @@ import raysim
 from raysim import callbacks as cb
 from raysim import cluster, paths, rng
 from raysim.aggregator import Aggregator
+from raysim.caches import Caches
 from raysim.clock import OK, settle_round
 from raysim.cohort import sample_cohort
 from raysim.config import ExperimentConfig, to_yaml
@@ -65,14 +66,15 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
 
 
 def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], Policy] | None = None,
-                   callbacks: list[cb.Callback] = ()) -> Path:
+                   callbacks: list[cb.Callback] = (), caches: Caches | None = None) -> Path:
     """Run ``cfg`` to completion; return the run directory.
 
     ``make_policy`` builds the policy in place of ``cfg.policy`` (``raysim
     train-policy`` carries one learned policy across runs); ``callbacks`` watch
-    every round after the run's own (:mod:`raysim.callbacks`).
+    every round after the run's own (:mod:`raysim.callbacks`); ``caches`` are
+    shared with the caller's other runs (:mod:`raysim.caches`).
     """
-    run = build_run(cfg, make_policy=make_policy, callbacks=callbacks)
+    run = build_run(cfg, make_policy=make_policy, callbacks=callbacks, caches=caches or Caches())
     with run:
         for rnd in range(1, cfg.rounds + 1):
             if run.after_round(run_round(run, rnd)):
@@ -195,21 +197,21 @@ class Run:
 
 
 def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], Policy] | None = None,
-              callbacks: list[cb.Callback] = ()) -> Run:
+              callbacks: list[cb.Callback] = (), caches: Caches) -> Run:
     """Everything a run needs, in the order that fails cheapest first; the actors are freed on failure."""
     cfg = paths.absolute(cfg)  # what the driver's relative paths mean, wherever this runs
     population = load_population(cfg.population, size=cfg.population_size)
     privacy = plan_central(cfg.privacy, rounds=cfg.rounds, cohort_size=cfg.cohort.size,
                            population_size=population.size)
     spec = read_policy(cfg.policy)
-    dataset = build_dataset(cfg)
+    dataset = build_dataset(cfg, caches=caches)
     base = initial_base_model(cfg.model, seed=cfg.seed)
     check_compatible(cfg, base)
     base = pretrain(base, dataset.public_examples(), cfg.pretrain, seed=base_seed(cfg.model, seed=cfg.seed),
                     progress=cfg.progress)
     where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard)
     processors: list[UpdateProcessor] = [CentralDP(plan=privacy, adaptive=_adaptive_clip(cfg, privacy))] if privacy else []
-    pool = DevicePool(cfg=cfg, base=ray.put(base), dataset=ray.put(dataset), processors=processors)
+    pool = DevicePool(cfg=cfg, base=ray.put(base), dataset=ray.put(dataset), processors=processors, caches=caches)
     try:
         policy = _policy(cfg, spec, pool, make_policy)
         aggregator = ray.remote(Aggregator).options(num_cpus=0, scheduling_strategy=cluster.on_this_node()).remote(

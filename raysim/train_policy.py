@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from raysim.caches import Caches
 from raysim.config import ExperimentConfig
 from raysim.errors import ConfigError
 from raysim.policies import PolicyContext, build_policy, read_policy
@@ -31,6 +32,7 @@ def train_policy(cfg: ExperimentConfig, *, episodes: int, out: Path) -> Path:
     if not spec.params.get("learn", True):
         raise ConfigError("a policy with learn: false cannot be trained", file=spec.path, field="params.learn")
     state = None
+    caches = Caches()  # the episodes share measurements and the built dataset
     episodes_dir = out.parent / f"{out.stem}-episodes"
     for episode in range(episodes):
         built = []
@@ -44,7 +46,7 @@ def train_policy(cfg: ExperimentConfig, *, episodes: int, out: Path) -> Path:
 
         run_cfg = dataclasses.replace(cfg, seed=cfg.seed + episode, name=f"{cfg.name}-episode-{episode}",
                                       output_dir=str(episodes_dir / f"episode-{episode}"))
-        run_dir = run_experiment(run_cfg, make_policy=make)
+        run_dir = run_experiment(run_cfg, make_policy=make, caches=caches)
         state = built[0].state_dict()
         final = _final(run_dir)
         accuracy = final["eval_accuracy"]

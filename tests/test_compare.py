@@ -75,7 +75,7 @@ def test_a_resumed_study_reruns_only_unfinished_runs(finished_study, tmp_path, m
     import raysim.run
 
     real = raysim.run.run_experiment
-    monkeypatch.setattr(raysim.run, "run_experiment", lambda cfg: ran.append(cfg.name) or real(cfg))
+    monkeypatch.setattr(raysim.run, "run_experiment", lambda cfg, **kw: ran.append(cfg.name) or real(cfg, **kw))
     run_study(load_study(path))
     assert ran == ["tiny-policy-rl_seed-0"]
     assert all(is_finished(r) for r in load_study(path).runs)

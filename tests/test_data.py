@@ -167,15 +167,19 @@ def test_data_seed_fixes_the_held_out_users_across_run_seeds(docs):
     assert build_text_dataset(fixed).fingerprint() == ds.fingerprint()
 
 
-def test_runs_in_one_process_share_a_dataset_only_when_it_would_come_out_the_same(docs):
+def test_runs_that_share_caches_share_a_dataset_only_when_it_would_come_out_the_same(docs):
     from dataclasses import replace
 
+    from raysim.caches import Caches
     from raysim.data import build_dataset
 
     cfg, ds = docs
-    built = build_dataset(cfg)
+    caches = Caches()
+    built = build_dataset(cfg, caches=caches)
     assert built.fingerprint() == ds.fingerprint()
+    assert build_dataset(cfg, caches=caches) is built and build_dataset(cfg, caches=Caches()) is not built
     other_policy = replace(cfg, policy="random", data=replace(cfg.data, seed=cfg.seed))
-    assert build_dataset(other_policy) is build_dataset(replace(other_policy, seed=cfg.seed + 1))  # split fixed
-    assert build_dataset(replace(cfg, seed=cfg.seed + 1)) is not built  # the split follows the run seed
-    assert build_dataset(replace(cfg, data=replace(cfg.data, seq_len=16))).blocks.shape[1] == 16
+    assert (build_dataset(other_policy, caches=caches)
+            is build_dataset(replace(other_policy, seed=cfg.seed + 1), caches=caches))  # split fixed
+    assert build_dataset(replace(cfg, seed=cfg.seed + 1), caches=caches) is not built  # the split follows the seed
+    assert build_dataset(replace(cfg, data=replace(cfg.data, seq_len=16)), caches=caches).blocks.shape[1] == 16

@@ -6,7 +6,8 @@ the device actors through the object store.
 
 from __future__ import annotations
 
-from raysim.config import ExperimentConfig, split_seed
+from raysim.caches import Caches
+from raysim.config import ExperimentConfig, frozen, split_seed
 from raysim.data.base import FederatedDataset
 from raysim.data.synthetic import SyntheticTokens
 from raysim.data.text import TextDataset, build_text_dataset
@@ -14,22 +15,17 @@ from raysim.data.text import TextDataset, build_text_dataset
 __all__ = ["FederatedDataset", "SyntheticTokens", "TextDataset", "build_dataset"]
 
 
-# Runs in one process (a study, train-policy) that split the same data the same way share the built dataset:
-# tokenizing and packing the shipped corpus costs about 3 s a run on 2 cores.
-_BUILT: dict[str, FederatedDataset] = {}
-
-
-def dataset_key(cfg: ExperimentConfig) -> str:
+def dataset_key(cfg: ExperimentConfig) -> tuple:
     """Everything a built dataset depends on."""
-    return repr((cfg.data, cfg.model.vocab_size, cfg.eval.max_examples, cfg.pretrain.cache_dir, split_seed(cfg)))
+    return frozen((cfg.data, cfg.model.vocab_size, cfg.eval.max_examples, cfg.pretrain.cache_dir, split_seed(cfg)))
 
 
-def build_dataset(cfg: ExperimentConfig) -> FederatedDataset:
-    """The dataset ``data.source`` names: ``synthetic``, ``python-docs`` or a file (built once per process)."""
-    key = dataset_key(cfg)
-    if key not in _BUILT:
+def build_dataset(cfg: ExperimentConfig, *, caches: Caches | None = None) -> FederatedDataset:
+    """The dataset ``data.source`` names: ``synthetic``, ``python-docs`` or a file (once per ``caches``)."""
+
+    def build() -> FederatedDataset:
         if cfg.data.source == "synthetic":
-            _BUILT[key] = SyntheticTokens(cfg.data, vocab_size=cfg.model.vocab_size, seed=split_seed(cfg))
-        else:
-            _BUILT[key] = build_text_dataset(cfg)
-    return _BUILT[key]
+            return SyntheticTokens(cfg.data, vocab_size=cfg.model.vocab_size, seed=split_seed(cfg))
+        return build_text_dataset(cfg)
+
+    return build() if caches is None else Caches.get(caches.datasets, dataset_key(cfg), build)
