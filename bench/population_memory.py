@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+
 CHILD = r"""
 import json, resource, sys, threading, time
 import psutil

@@ -76,7 +76,8 @@ def _privacy(args: argparse.Namespace) -> int:
               (0 < args.delta < 1, "--delta", "must be in (0, 1)"),
               (args.noise_multiplier is None or args.noise_multiplier >= 0, "--noise-multiplier", "must be >= 0"),
               (args.target_epsilon is None or args.target_epsilon > 0, "--target-epsilon", "must be > 0"),
-              (args.accountant in accounting.ACCOUNTANTS, "--accountant", f"must be {accounting.ACCOUNTANTS.choices()}")]
+              (args.accountant in accounting.ACCOUNTANTS, "--accountant",
+               f"must be {accounting.ACCOUNTANTS.choices()}")]
     for ok, name, message in checks:
         if not ok:
             raise ConfigError(message, field=name)
@@ -86,7 +87,8 @@ def _privacy(args: argparse.Namespace) -> int:
         try:
             z = accounting.noise_multiplier(target_epsilon=args.target_epsilon, **common)
         except ValueError as err:
-            raise ConfigError(f"epsilon {args.target_epsilon:g} is unreachable: {err}", field="--target-epsilon") from None
+            raise ConfigError(f"epsilon {args.target_epsilon:g} is unreachable: {err}",
+                              field="--target-epsilon") from None
     print(f"accountant={args.accountant} sample_rate={args.sample_rate:g} rounds={args.rounds} delta={args.delta:g}")
     print(f"epsilon={accounting.epsilon(noise_multiplier=z, **common):.6g}")
     if args.target_epsilon is not None:

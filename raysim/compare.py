@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from raysim.caches import Caches
-from raysim.config import ExperimentConfig, load_experiment, parse_override, to_yaml
+from raysim.config import ExperimentConfig, load_experiment, load_mapping, parse_override, to_yaml
 from raysim.errors import ConfigError
 from raysim.paths import absolute
 from raysim.policies import policy_identity, read_policy
@@ -56,18 +56,6 @@ class Study:
     runs: list[StudyRun]
 
 
-def _load_mapping(path: Path) -> DictConfig:
-    if not path.is_file():
-        raise ConfigError("study file not found", file=str(path))
-    try:
-        data = OmegaConf.load(path)
-    except Exception as err:  # YAML syntax errors come in many types
-        raise ConfigError(f"cannot parse YAML: {str(err).splitlines()[0]}", file=str(path)) from None
-    if not isinstance(data, DictConfig):
-        raise ConfigError("a study file must be a mapping of keys", file=str(path))
-    return data
-
-
 def run_id(values: dict[str, Any]) -> str:
     """A folder name for one combination of axis values, e.g. ``policy-rl_seed-0``."""
     parts = []
@@ -84,7 +72,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     ``parallel=2``) change the study; others change the base experiment.
     """
     path = Path(path)
-    study = _load_mapping(path)
+    study = load_mapping(path, kind="study")
     experiment_overrides = []
     for item in overrides or []:
         if item.split("=", 1)[0].split(".")[0] in STUDY_KEYS:

@@ -10,9 +10,10 @@ dotted key.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -217,6 +218,20 @@ class ExperimentConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
+def load_mapping(path: str | Path, *, kind: str) -> DictConfig:
+    """A YAML file that must hold a mapping (an experiment, a study, a policy), or one ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{kind} file not found", file=str(path))
+    try:
+        data = OmegaConf.load(p)
+    except Exception as err:  # YAML syntax errors come in many types
+        raise ConfigError(f"cannot parse YAML: {str(err).splitlines()[0]}", file=str(path)) from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"a{'n' * (kind[0] in 'aeiou')} {kind} file must be a mapping of keys", file=str(path))
+    return data
+
+
 def _explain(err: OmegaConfBaseException, *, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or None
     if isinstance(err, ConfigKeyError):
@@ -237,7 +252,7 @@ def _merge(base: DictConfig, extra: Any, *, source: str) -> DictConfig:
 def frozen(value: Any) -> Any:
     """A config section (or any value in one) as a hashable key: dataclasses as (name, fields), lists as tuples."""
     if dataclasses.is_dataclass(value):
-        return (type(value).__name__, tuple((f.name, frozen(getattr(value, f.name))) for f in dataclasses.fields(value)))
+        return type(value).__name__, tuple((f.name, frozen(getattr(value, f.name))) for f in dataclasses.fields(value))
     if isinstance(value, (list, tuple)):
         return tuple(frozen(v) for v in value)
     if isinstance(value, dict):
@@ -265,16 +280,7 @@ def load_experiment(
     source = "override"
     if path is not None:
         source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("experiment file not found", file=source)
-        try:
-            data = OmegaConf.load(p)
-        except Exception as err:  # YAML syntax errors come in many types
-            raise ConfigError(f"cannot parse YAML: {str(err).splitlines()[0]}", file=source) from None
-        if not isinstance(data, DictConfig):
-            raise ConfigError("an experiment file must be a mapping of keys", file=source)
-        cfg = _merge(cfg, data, source=source)
+        cfg = _merge(cfg, load_mapping(path, kind="experiment"), source=source)
     for item in overrides or []:
         cfg = _merge(cfg, parse_override(item), source="override")
     for layer_source, data in layers:

@@ -29,8 +29,8 @@ from raysim.config import ExperimentConfig
 from raysim.data import FederatedDataset
 from raysim.methods import embeddings
 from raysim.methods.quantize import GRANULARITY
-from raysim.methods.width import PRUNING
 from raysim.methods.submodel import EMBEDDING, Encoding, Space, Structure, Submodel
+from raysim.methods.width import PRUNING
 from raysim.models import BaseModel
 from raysim.privacy import local
 from raysim.processors import DeviceContext, DeviceUpdate, UpdateProcessor, run_on_device
@@ -227,7 +227,7 @@ class DeviceWorker:
         """Local training of devices that share a config and its slices, in one pass; their updates go into
         ``partial`` in device order."""
         config, device_ids = group.config, list(group.device_ids)
-        seed, round, k = self.cfg.seed, self._round, len(device_ids)
+        seed, round = self.cfg.seed, self._round
         sub = self.submodel(config)
         slices = self._slices(config, round=round, device_id=device_ids[0])
         sub.load_frozen(self._state, slices, version=round)

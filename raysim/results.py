@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+
 def _column(arrow: pa.DataType, default=MISSING, *, doc: str = ""):
     return field(default=default, metadata={"arrow": arrow, "doc": doc})
 
@@ -65,7 +66,7 @@ class RoundResult:
     devices: dict[str, np.ndarray]
     started_s: float  # time.perf_counter() when the round began
 
-    def with_metrics(self, metrics: dict[str, float]) -> "RoundResult":
+    def with_metrics(self, metrics: dict[str, float]) -> RoundResult:
         return replace(self, row=replace(self.row, **metrics)) if metrics else self
 
 

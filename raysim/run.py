@@ -19,10 +19,10 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import ray
@@ -210,7 +210,9 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
     base = pretrain(base, dataset.public_examples(), cfg.pretrain, seed=base_seed(cfg.model, seed=cfg.seed),
                     progress=cfg.progress)
     where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard)
-    processors: list[UpdateProcessor] = [CentralDP(plan=privacy, adaptive=_adaptive_clip(cfg, privacy))] if privacy else []
+    processors: list[UpdateProcessor] = []
+    if privacy:
+        processors.append(CentralDP(plan=privacy, adaptive=_adaptive_clip(cfg, privacy)))
     pool = DevicePool(cfg=cfg, base=ray.put(base), dataset=ray.put(dataset), processors=processors, caches=caches)
     try:
         policy = _policy(cfg, spec, pool, make_policy)

@@ -37,7 +37,7 @@ def train_policy(cfg: ExperimentConfig, *, episodes: int, out: Path) -> Path:
     for episode in range(episodes):
         built = []
 
-        def make(context: PolicyContext):
+        def make(context: PolicyContext, state=state, built=built):  # called within this episode
             policy = build_policy(spec, context=context)
             if state is not None:
                 policy.load_state_dict(state)

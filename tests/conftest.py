@@ -61,11 +61,11 @@ def make_worker(cfg):
 def train_unit(worker, state, ids, configs, *, round=3, utility=False):
     """Train devices ``ids`` (with ``configs``) on ``worker`` as one unit of round ``round``, grouped as the
     pool groups a cohort; return their records in the order of ``ids`` and the unit's partial sum."""
+    from dataclasses import asdict
+
     import numpy as np
 
     from raysim.work import WorkUnit, make_groups
-
-    from dataclasses import asdict
 
     worker.begin_round(state, round, None, utility)
     groups = make_groups(ids, configs, pass_limit=worker.pass_limit)

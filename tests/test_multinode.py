@@ -109,7 +109,8 @@ def test_a_run_on_two_nodes_gives_the_results_of_a_local_run(on_two_nodes, ray_s
     from raysim.run import run_experiment
 
     work, _ = on_two_nodes
-    local = run_experiment(load_experiment(work / "tiny.yaml", [f"output_dir={tmp_path / 'local'}", "ray.num_actors=1"]))
+    cfg = load_experiment(work / "tiny.yaml", [f"output_dir={tmp_path / 'local'}", "ray.num_actors=1"])
+    local = run_experiment(cfg)
     assert_same_results(work / "out" / "run", local)
 
 

@@ -17,7 +17,7 @@ from raysim.privacy.plan import plan_central
 from raysim.processors import UpdateProcessor
 from raysim.types import DeviceConfig
 
-from conftest import TINY, make_worker
+from conftest import TINY
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, width=32)
 updates = st.dictionaries(st.sampled_from(["a", "b", "c"]),
@@ -145,7 +145,8 @@ def workers():
     cfg = load_experiment(None, [*TINY, "ray.tokens_per_pass=128"])  # two devices per pass: three units
     base, dataset = initial_base_model(cfg.model, seed=cfg.seed), build_dataset(cfg)
     recorder = Recorder()  # before clipping: it sees what a server that clips would receive
-    chains = [[recorder, CentralDP(plan=_plan(1.0), adaptive=None)], [Recorder(), CentralDP(plan=_plan(1.0), adaptive=None)]]
+    chains = [[recorder, CentralDP(plan=_plan(1.0), adaptive=None)],
+              [Recorder(), CentralDP(plan=_plan(1.0), adaptive=None)]]
     return (*(DeviceWorker(cfg=cfg, base=base, dataset=dataset, num_threads=1, processors=c) for c in chains),
             recorder)
 

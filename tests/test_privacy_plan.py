@@ -15,7 +15,8 @@ DP = [*TINY, "cohort.sampling=poisson", "privacy.clip_norm=0.1"]
 
 def _plan(*overrides):
     cfg = load_experiment(None, [*DP, *overrides])
-    return plan_central(cfg.privacy, rounds=cfg.rounds, cohort_size=cfg.cohort.size, population_size=cfg.population_size)
+    return plan_central(cfg.privacy, rounds=cfg.rounds, cohort_size=cfg.cohort.size,
+                        population_size=cfg.population_size)
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -19,6 +19,7 @@ from raysim.registry import Registry
 
 Tensors = dict[str, torch.Tensor]
 Index = torch.Tensor | None  # feature indices a width-sliced device holds (None: all)
+Factors = tuple[torch.Tensor, torch.Tensor]  # (lora_A, lora_B)
 # A device's update for one state entry: (key, tensor in the device's slice, out rows, in columns)
 Piece = tuple[str, torch.Tensor, Index, Index]
 
@@ -42,15 +43,15 @@ class LoraRule(ABC):
 
     @abstractmethod
     def start(self, state: Tensors, target: Target, *, rank: int, rows: Index, cols: Index, fallback_A: torch.Tensor,
-              cache: dict, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+              cache: dict, scale: float) -> Factors:
         """The (A, B) factors a rank-``rank`` device holding ``rows`` x ``cols`` of ``target`` starts from.
 
         ``cache`` is the round's, shared by the devices of one actor: work a view needs once goes there.
         """
 
     @abstractmethod
-    def update(self, target: Target, *, start: tuple[torch.Tensor, torch.Tensor], delta: tuple[torch.Tensor, torch.Tensor],
-               state: Tensors, rows: Index, cols: Index, scale: float, max_rank: int) -> list[Piece]:
+    def update(self, target: Target, *, start: Factors, delta: Factors, state: Tensors, rows: Index, cols: Index,
+               scale: float, max_rank: int) -> list[Piece]:
         """A device's trained change of the factors (``delta``, from ``start``) as pieces of the global state."""
 
 
@@ -70,7 +71,7 @@ class FlexLoRA(LoraRule):
         return state[f"{target.name}.delta"]
 
     def start(self, state: Tensors, target: Target, *, rank: int, rows: Index, cols: Index, fallback_A: torch.Tensor,
-              cache: dict, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+              cache: dict, scale: float) -> Factors:
         key = (target.name, _index_key(rows), _index_key(cols), rank)
         if key not in cache:  # devices with the same view share one SVD
             delta = width.extract(state[f"{target.name}.delta"], rows=rows, cols=cols)
@@ -78,8 +79,8 @@ class FlexLoRA(LoraRule):
             cache[key] = lora.refactor(delta, rank=rank, scale=scale, fallback_A=fallback)
         return cache[key]
 
-    def update(self, target: Target, *, start: tuple[torch.Tensor, torch.Tensor], delta: tuple[torch.Tensor, torch.Tensor],
-               state: Tensors, rows: Index, cols: Index, scale: float, max_rank: int) -> list[Piece]:
+    def update(self, target: Target, *, start: Factors, delta: Factors, state: Tensors, rows: Index, cols: Index,
+               scale: float, max_rank: int) -> list[Piece]:
         local = lora.product(lora_A=start[0] + delta[0], lora_B=start[1] + delta[1], scale=scale)
         current = width.extract(state[f"{target.name}.delta"], rows=rows, cols=cols)
         return [(f"{target.name}.delta", local - current, rows, cols)]
@@ -108,12 +109,12 @@ class HetLoRA(LoraRule):
         return math.sqrt(dropped / total) if total > 0 else 0.0
 
     def start(self, state: Tensors, target: Target, *, rank: int, rows: Index, cols: Index, fallback_A: torch.Tensor,
-              cache: dict, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+              cache: dict, scale: float) -> Factors:
         return (width.extract(state[f"{target.name}.lora_A"][:rank], cols=cols),
                 width.extract(state[f"{target.name}.lora_B"][:, :rank], rows=rows))
 
-    def update(self, target: Target, *, start: tuple[torch.Tensor, torch.Tensor], delta: tuple[torch.Tensor, torch.Tensor],
-               state: Tensors, rows: Index, cols: Index, scale: float, max_rank: int) -> list[Piece]:
+    def update(self, target: Target, *, start: Factors, delta: Factors, state: Tensors, rows: Index, cols: Index,
+               scale: float, max_rank: int) -> list[Piece]:
         da, db = lora.zero_pad(lora_A=delta[0], lora_B=delta[1], rank=max_rank)  # padded components: held zeros
         return [(f"{target.name}.lora_A", da, None, cols), (f"{target.name}.lora_B", db, rows, None)]
 

@@ -33,7 +33,7 @@ class PartialSum:
     counts: dict[str, float] = field(default_factory=dict)  # per-device side counts, summed (update processors')
 
     @classmethod
-    def zeros_like(cls, state: Tensors) -> "PartialSum":
+    def zeros_like(cls, state: Tensors) -> PartialSum:
         return cls(
             sums={k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()},
             weights={k: torch.zeros((), dtype=torch.float64, device=v.device) for k, v in state.items()},
@@ -57,7 +57,7 @@ class PartialSum:
         self.num_devices += 1
         _add_counts(self.counts, counts or {})
 
-    def to(self, device: str) -> "PartialSum":
+    def to(self, device: str) -> PartialSum:
         return PartialSum(
             sums={k: v.to(device) for k, v in self.sums.items()},
             weights={k: v.to(device) for k, v in self.weights.items()},

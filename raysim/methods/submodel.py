@@ -65,7 +65,7 @@ class Space:
     vocab_size: int
 
     @classmethod
-    def build(cls, cfg: ExperimentConfig, base: BaseModel) -> "Space":
+    def build(cls, cfg: ExperimentConfig, base: BaseModel) -> Space:
         model = instantiate(base)
         suffixes = tuple(cfg.methods.lora_target_modules)
         targets = []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from raysim.config import REPO_ROOT
+from raysim.config import REPO_ROOT, load_mapping
 from raysim.errors import ConfigError
 from raysim.policies import rl, static  # noqa: F401  (registers the shipped policies)
 from raysim.policies.base import REGISTRY, CostOracle, Policy, PolicyContext, Prices
@@ -52,11 +52,8 @@ def resolve_policy_file(name_or_path: str) -> Path:
 def read_policy(name_or_path: str) -> PolicySpec:
     """Read a policy file and check its name and parameter names against the registry."""
     path = resolve_policy_file(name_or_path)
-    try:
-        spec = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception as err:
-        raise ConfigError(f"cannot parse YAML: {str(err).splitlines()[0]}", file=str(path)) from None
-    if not isinstance(spec, dict) or "policy" not in spec:
+    spec = OmegaConf.to_container(load_mapping(path, kind="policy"))
+    if "policy" not in spec:
         raise ConfigError("missing field", file=str(path), field="policy")
     unknown = set(spec) - {"policy", "params", "description"}
     if unknown:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -85,7 +86,7 @@ class Policy(ABC):
     @abstractmethod
     def assign(self, devices: DeviceDraws, state: RoundState) -> list[DeviceConfig]: ...
 
-    def observe(self, result: RoundResult) -> None:
+    def observe(self, result: RoundResult) -> None:  # noqa: B027 (a hook: policies that do not learn ignore it)
         """The round's row and device records, after its evaluation."""
 
 

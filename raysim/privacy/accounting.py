@@ -64,7 +64,8 @@ def spent(accountant: IAccountant, *, delta: float) -> float:
     return float(accountant.get_epsilon(delta=delta))
 
 
-def epsilon(*, noise_multiplier: float, sample_rate: float, rounds: int, delta: float, accountant: str = "rdp") -> float:
+def epsilon(*, noise_multiplier: float, sample_rate: float, rounds: int, delta: float,
+            accountant: str = "rdp") -> float:
     """ε after ``rounds`` rounds at noise multiplier z and sampling rate q.
 
     The history a run builds by stepping (z, q) ``rounds`` times.

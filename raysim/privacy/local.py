@@ -26,7 +26,8 @@ from raysim.privacy import accounting
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 
-def poisson_batches(num_examples: int, *, steps: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+def poisson_batches(num_examples: int, *, steps: int, batch_size: int,
+                    generator: torch.Generator) -> list[torch.Tensor]:
     """Each step's batch: every example independently with rate batch_size / num_examples (may be empty)."""
     q = min(1.0, batch_size / num_examples)
     return [torch.nonzero(torch.rand(num_examples, generator=generator) < q).flatten() for _ in range(steps)]
