@@ -3,7 +3,7 @@
     python .ci/same_results.py --write before.json     (on the commit before the change)
     python .ci/same_results.py --check before.json     (after it: exits 1 and names what differs)
 
-Each run's fingerprint is the SHA-256 of ``devices.parquet`` and ``final_state.pt``, of every
+Each run's fingerprint is the SHA-256 of ``devices.parquet``'s values and ``final_state.pt``, of every
 ``rounds.parquet`` column but ``wall_time_s``, and of ``summary.json`` less what measures the machine
 (wall time, versions, actor counts). Float results depend on the CPU, so compare on one machine.
 """
@@ -43,13 +43,16 @@ RUNS = {
     "local-dp": ["privacy.local.enabled=true", "rounds=2"],
     "stop-at-target": ["rounds=5", "eval.target_accuracy=0.0", "eval.stop_at_target=true"],
 }
-MACHINE = ("wall_time_s", "versions", "num_actors", "actor_nodes")
+MACHINE = ("wall_time_s", "versions", "num_actors", "actor_nodes", "checkpoint")
 
 
 def fingerprint(run_dir: Path) -> dict[str, str]:
     digest = lambda data: hashlib.sha256(data).hexdigest()[:16]  # noqa: E731
-    out = {name: digest((run_dir / name).read_bytes()) for name in ("devices.parquet", "final_state.pt")
-           if (run_dir / name).exists()}
+    out = {}
+    if (run_dir / "final_state.pt").exists():
+        out["final_state.pt"] = digest((run_dir / "final_state.pt").read_bytes())
+    devices = pq.read_table(run_dir / "devices.parquet")  # a file, or a folder of parts: the same table
+    out["devices.parquet"] = digest(json.dumps(devices.to_pydict()).encode())  # floats by repr: exact
     rounds = pq.read_table(run_dir / "rounds.parquet")
     for name in rounds.column_names:
         if name != "wall_time_s":

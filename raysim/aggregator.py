@@ -20,6 +20,7 @@ import torch
 
 from raysim.aggregation.rules import PartialSum, Tensors, combine, weighted_mean
 from raysim.aggregation.server_opt import make_server_optimizer
+from raysim.checkpoint import State, nest, sub
 from raysim.config import AggregationConfig
 from raysim.methods.submodel import Space
 from raysim.processors import ServerContext, UpdateProcessor, run_on_server
@@ -37,6 +38,7 @@ class Aggregator:
         self.seed = seed
         self.space = space
         self.truncation_rank = truncation_rank
+        self.round = 0  # the last round aggregated
 
     def get_state(self) -> Tensors:
         return self.state
@@ -52,6 +54,7 @@ class Aggregator:
         none of them released anything), the state and the optimizer stay as they
         are. Stats hold the processors' stats and the next round's ``round_params``.
         """
+        self.round = round
         fetched = (ray.get(p) if isinstance(p, ray.ObjectRef) else p for p in partials)
         total = combine(fetched) if partials else PartialSum.zeros_like(self.state)
         total, stats = run_on_server(self.processors, total,
@@ -63,6 +66,22 @@ class Aggregator:
             update_norm = math.sqrt(sum(float(u.pow(2).sum()) for u in update.values()))
         return self.state, {**stats, "update_norm": update_norm, "num_aggregated": total.num_devices,
                             "round_params": self.round_params(), **self._truncation()}
+
+    def checkpoint(self, round: int) -> State | None:
+        """The state after ``round`` (global state, server optimizer, processors), or None if a later round was
+        aggregated since (its result was not recorded: the checkpoint would not match the files)."""
+        if round != self.round:
+            return None
+        parts = {"optimizer": self.optimizer.checkpoint(), "state": State(tensors=dict(self.state)),
+                 **{f"processor{i}": p.checkpoint() for i, p in enumerate(self.processors)}}
+        return nest(parts)
+
+    def restore(self, state: State, *, round: int) -> None:
+        self.state = {k: v.clone() for k, v in sub(state, "state").tensors.items()}
+        self.optimizer.restore(sub(state, "optimizer"))
+        for i, p in enumerate(self.processors):
+            p.restore(sub(state, f"processor{i}"))
+        self.round = round
 
     def _truncation(self) -> dict[str, float]:
         """How much of the new state the lowest-rank LoRA device cannot start from."""

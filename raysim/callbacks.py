@@ -47,17 +47,27 @@ class Callback:
     """The hooks of a callback; each does nothing unless overridden."""
 
     def on_start(self, run: Run) -> None:
-        """Before round 1, once the run is set up."""
+        """Before the first round (round 1, or the one after a resumed run's checkpoint)."""
 
     def after_round(self, run: Run, result: RoundResult) -> Step:
         return Step()
+
+    def after_record(self, run: Run) -> None:
+        """Once the run has recorded the round (its totals, time, ε are the round's)."""
 
     def summary(self, run: Run) -> dict:
         """This callback's part of ``summary.json``."""
         return {}
 
     def on_end(self, run: Run, summary: dict) -> None:
-        """After the last round, or on the way out of a failed one."""
+        """After the last round, or on the way out of a failed or interrupted one."""
+
+    def state(self) -> dict:
+        """What this callback carries from round to round (JSON), for checkpoints."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from a checkpoint's :meth:`state`."""
 
 
 class Evaluation(Callback):
@@ -102,6 +112,12 @@ class TargetAccuracy(Callback):
     def summary(self, run: Run) -> dict:
         return {"time_to_target_s": self.reached_s, "target_accuracy": self.target}
 
+    def state(self) -> dict:
+        return {"reached_s": self.reached_s}
+
+    def load_state(self, state: dict) -> None:
+        self.reached_s = state["reached_s"]
+
 
 class PrivacyBudget(Callback):
     """Stops the run after the last round within ``privacy.max_epsilon`` (the plan fixed it before round 1)."""
@@ -119,18 +135,55 @@ class PrivacyBudget(Callback):
 
 
 class Files(Callback):
-    """rounds.parquet and devices.parquet, a round at a time; summary.json at the end."""
+    """rounds.parquet and devices.parquet, a part per round; summary.json from the start (``status: running``),
+    kept current after every round and final at the end."""
 
     def __init__(self, writer: RunWriter):
         self.writer = writer
+
+    def on_start(self, run: Run) -> None:
+        self.writer.write_summary(run.summary())
 
     def after_round(self, run: Run, result: RoundResult) -> Step:
         stamped = result.with_metrics({"wall_time_s": time.perf_counter() - result.started_s})
         self.writer.write_round(stamped)
         return Step(metrics={"wall_time_s": stamped.row.wall_time_s})
 
+    def after_record(self, run: Run) -> None:
+        self.writer.write_summary(run.summary())
+
     def on_end(self, run: Run, summary: dict) -> None:
-        self.writer.close(summary)  # rounds written so far stay readable, whatever stopped the run
+        self.writer.write_summary(summary)
+
+
+class Checkpoints(Callback):
+    """The run's whole state every ``every`` rounds (and where it stops), to resume from
+    (:mod:`raysim.checkpoint`); 0: only where it stops."""
+
+    def __init__(self, *, every: int):
+        self.every = every
+        self.saved = 0  # the round of the last checkpoint written
+        self.seconds = 0.0  # wall time spent writing them
+
+    def on_start(self, run: Run) -> None:
+        self.saved = run.completed
+
+    def after_record(self, run: Run) -> None:
+        if self.every > 0 and run.completed % self.every == 0:
+            self._save(run)
+
+    def on_end(self, run: Run, summary: dict) -> None:
+        if run.completed > self.saved:
+            self._save(run)
+
+    def summary(self, run: Run) -> dict:
+        return {"checkpoint": {"round": self.saved, "wall_time_s": self.seconds}}
+
+    def _save(self, run: Run) -> None:
+        start = time.perf_counter()
+        if run.save_checkpoint():
+            self.saved = run.completed
+        self.seconds += time.perf_counter() - start
 
 
 class PolicyFeedback(Callback):
@@ -149,7 +202,8 @@ class Progress(Callback):
         self.bar: tqdm | None = None
 
     def on_start(self, run: Run) -> None:
-        self.bar = tqdm(total=self.rounds, disable=not self.enabled, file=sys.stderr, unit="round", dynamic_ncols=True)
+        self.bar = tqdm(total=self.rounds, initial=run.completed, disable=not self.enabled, file=sys.stderr,
+                        unit="round", dynamic_ncols=True)
 
     def after_round(self, run: Run, result: RoundResult) -> Step:
         row = result.row

@@ -9,20 +9,34 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
+import threading
 
-from raysim.errors import ConfigError
+from raysim.errors import ConfigError, describe_error
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from raysim.config import QUICKSTART, load_experiment
     from raysim.run import run_experiment
 
     path, overrides = args.experiment, list(args.overrides)
     if path is not None and re.match(r"[A-Za-z_][\w.]*=", path):  # no file, only overrides
         path, overrides = None, [path, *overrides]
-    cfg = load_experiment(path or QUICKSTART, overrides)
-    run_dir = run_experiment(cfg)
+    if args.resume is not None:
+        if path is not None:
+            raise ConfigError("give an experiment file or --resume RUN_DIR (which runs the run's config), not both")
+        if args.overwrite:
+            raise ConfigError("--resume continues a run and --overwrite replaces it: give one")
+        config = Path(args.resume) / "config.yaml"
+        if not config.is_file():
+            raise ConfigError("not a run directory (no config.yaml)", file=args.resume)
+        cfg = load_experiment(config, overrides)
+    else:
+        cfg = load_experiment(path or QUICKSTART, overrides)
+    run_dir = run_experiment(cfg, resume=args.resume is not None, overwrite=args.overwrite)
     print(f"run directory: {run_dir}")
     return 0
 
@@ -110,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one experiment (default: the shipped quickstart)")
     run.add_argument("experiment", nargs="?", help="experiment YAML (default: experiments/quickstart.yaml)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rounds=5 cohort.size=32")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace the run in output_dir (default: refuse)")
     run.set_defaults(func=_run)
     compare = sub.add_parser("compare", help="run a comparison study (policies x seeds x populations)")
     compare.add_argument("study", help="study YAML, e.g. experiments/compare_policies.yaml")
@@ -124,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("experiment", help="experiment YAML whose policy is an rl policy file")
     train.add_argument("overrides", nargs="*", help="key=value overrides")
     train.add_argument("--episodes", type=int, default=3)
-    train.add_argument("--out", default="runs/rl-policy.pt", help="checkpoint to write (default: runs/rl-policy.pt)")
+    train.add_argument("--out", default="runs/rl-policy.safetensors",
+                       help="checkpoint to write (default: runs/rl-policy.safetensors)")
     train.set_defaults(func=_train_policy)
     profiles = sub.add_parser("profiles", help="list | show NAME | validate FILE...")
     profiles.add_argument("args", nargs="*")
@@ -141,8 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops a run as Ctrl-C does: cleanly, with its state saved
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
     try:
         return args.func(args)
     except ConfigError as err:
@@ -156,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # an unexpected failure: one line unless --debug
         if args.debug:
             raise
-        print(f"raysim: error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"raysim: error: {describe_error(err)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -29,13 +29,13 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from raysim.caches import Caches
-from raysim.config import ExperimentConfig, load_experiment, load_mapping, parse_override, to_yaml
+from raysim.config import ExperimentConfig, load_experiment, load_mapping, parse_override, result_keys, to_yaml
 from raysim.errors import ConfigError
 from raysim.paths import absolute
 from raysim.policies import policy_identity, read_policy
 from raysim.report import run_label, run_metrics, write_report
+from raysim.results import COMPLETE
 
-COMPLETE = ("finished", "target_reached", "privacy_budget_spent")  # clean stops; a resumed study skips them
 STUDY_KEYS = ("name", "description", "output_dir", "parallel", "experiment", "axes")
 LABELS = ("policy", "seed", "population")
 
@@ -123,11 +123,6 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     return Study(name=name, output_dir=output_dir, parallel=parallel, axes=plain_axes, runs=runs)
 
 
-def _result_keys(config: dict) -> dict:
-    """A resolved config less what cannot change a run's results (where it runs and writes, progress bars)."""
-    return {k: v for k, v in config.items() if k not in ("ray", "progress", "output_dir")}
-
-
 def _flatten(mapping: DictConfig, prefix: str = "") -> dict[str, Any]:
     """Nested axis keys (``axes.cohort.size=[...]`` on the command line) as dotted ones."""
     flat = {}
@@ -139,17 +134,33 @@ def _flatten(mapping: DictConfig, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def is_finished(run: StudyRun) -> bool:
-    """Stopped cleanly under the same resolved config and policy: a resumed study skips it."""
+def _stored(run: StudyRun) -> tuple[dict, bool] | None:
+    """A run folder's summary, and whether it was run under the same resolved config and policy (None: no run)."""
     run_dir = Path(run.cfg.output_dir)
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
         stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     except (OSError, ValueError):
-        return False
-    same = _result_keys(stored) == _result_keys(OmegaConf.to_container(OmegaConf.structured(run.cfg)))
+        return None
+    same = result_keys(stored) == result_keys(OmegaConf.to_container(OmegaConf.structured(run.cfg)))
     same_policy = summary.get("policy") == policy_identity(read_policy(run.cfg.policy))  # its file may have changed
-    return summary.get("status") in COMPLETE and same and same_policy
+    return summary, same and same_policy
+
+
+def is_finished(run: StudyRun) -> bool:
+    """Stopped cleanly under the same resolved config and policy: a resumed study skips it."""
+    stored = _stored(run)
+    return stored is not None and stored[1] and stored[0].get("status") in COMPLETE
+
+
+def how_to_run(run: StudyRun) -> dict[str, bool]:
+    """An unfinished run continues from its checkpoint if it has one under the same config; any other run in the
+    study's folder is replaced."""
+    run_dir = Path(run.cfg.output_dir)
+    stored = _stored(run)
+    if stored is not None and stored[1] and (run_dir / "checkpoint.safetensors").is_file():
+        return {"resume": True, "overwrite": False}
+    return {"resume": False, "overwrite": run_dir.exists()}
 
 
 def comparison_table(study: Study) -> pa.Table:
@@ -176,7 +187,7 @@ def run_study(study: Study) -> Path:
         if study.parallel == 1:
             for i, run in enumerate(todo, 1):
                 print(f"raysim compare: [{i}/{len(todo)}] {run.run_id}", file=sys.stderr)
-                run_experiment(run.cfg, caches=caches)
+                run_experiment(run.cfg, caches=caches, **how_to_run(run))
         else:
             _run_parallel(todo, parallel=study.parallel, caches=caches)
     study.output_dir.mkdir(parents=True, exist_ok=True)
@@ -210,21 +221,22 @@ def _run_parallel(todo: list[StudyRun], *, parallel: int, caches: Caches) -> Non
     pending, queue = [], list(todo)
     while queue or pending:
         while queue and len(pending) < parallel:
-            cfg = queue.pop(0).cfg
+            run = queue.pop(0)
+            cfg = run.cfg
             share = max(1, cluster.actors_that_fit(cpus_per_actor=cfg.ray.cpus_per_actor,
                                                    gpus_per_actor=cfg.ray.gpus_per_actor) // parallel)
             # The task's process did not start this Ray: it is told how long a placement may take here.
             ray_cfg = dataclasses.replace(cfg.ray, num_actors=cfg.ray.num_actors or share,
                                           placement_timeout_s=cluster.placement_timeout_s(cfg.ray.placement_timeout_s))
-            pending.append(task.remote(dataclasses.replace(cfg, ray=ray_cfg, progress=False)))
+            pending.append(task.remote(dataclasses.replace(cfg, ray=ray_cfg, progress=False), how_to_run(run)))
         done, pending = ray.wait(pending, num_returns=1)
         print(f"raysim compare: finished {ray.get(done[0])}", file=sys.stderr)
 
 
-def _run_one(cfg: ExperimentConfig) -> str:
+def _run_one(cfg: ExperimentConfig, how: dict[str, bool]) -> str:
     from raysim.run import run_experiment
 
-    return str(run_experiment(cfg))
+    return str(run_experiment(cfg, **how))
 
 
 def _pretrain_part(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -172,6 +172,13 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """The run's whole state, written atomically to ``checkpoint.safetensors`` (``raysim run --resume``)."""
+
+    every: int = 1  # rounds between checkpoints (0: only where the run stops); a checkpoint costs ms per round
+
+
+@dataclass
 class RayConfig:
     """Where the device actors run. Results do not depend on ``num_actors`` or on the nodes they land on.
 
@@ -215,6 +222,7 @@ class ExperimentConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -359,6 +367,7 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(cfg.eval.max_examples >= 1, "eval.max_examples", "must be >= 1")
     c(not cfg.eval.stop_at_target or (cfg.eval.target_accuracy is not None and cfg.eval.every > 0),
       "eval.stop_at_target", "needs eval.target_accuracy and eval.every > 0")
+    c(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     r = cfg.ray
     c(r.num_actors is None or r.num_actors >= 1, "ray.num_actors", "must be >= 1")
     c(r.cpus_per_actor > 0, "ray.cpus_per_actor", "must be > 0")
@@ -419,3 +428,28 @@ def _validate_privacy(p: PrivacyConfig, cohort: CohortConfig, c) -> None:
 
 def to_yaml(cfg: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# Keys that cannot change a run's results: where it runs and writes, how often it checkpoints, progress bars.
+NOT_RESULTS = ("ray", "progress", "output_dir", "checkpoint")
+
+
+def result_keys(config: dict) -> dict:
+    """A resolved config (as a plain dict) less what cannot change its results."""
+    return {k: v for k, v in config.items() if k not in NOT_RESULTS}
+
+
+def result_config(cfg: ExperimentConfig) -> dict:
+    return result_keys(OmegaConf.to_container(OmegaConf.structured(cfg)))
+
+
+def first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
+    """The dotted key of the first value that differs between two nested dicts (None: equal)."""
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            if (found := first_difference(x, y, f"{prefix}{key}.")) is not None:
+                return found
+        elif x != y:
+            return f"{prefix}{key}"
+    return None

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 
+def describe_error(error: BaseException) -> str:
+    """An error in one line; a remote one (Ray wraps it with the remote traceback) as its cause."""
+    cause = getattr(error, "cause", None)
+    error = cause if isinstance(cause, BaseException) else error
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 class ConfigError(Exception):
     """Bad input from a user: a file, a field in it, and what is wrong.
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raysim.aggregation.rules import PartialSum
+from raysim.checkpoint import State
 from raysim.types import DeviceConfig
 
 Tensors = dict[str, torch.Tensor]
@@ -51,7 +52,7 @@ class ServerContext:
 
 
 class UpdateProcessor:
-    """A processor's three hooks; each does nothing unless overridden."""
+    """A processor's hooks, and its server-side state for checkpoints; each does nothing unless overridden."""
 
     def round_params(self) -> object:
         """Server side, before a round: what the device side needs for it (sent with the round's state)."""
@@ -63,6 +64,13 @@ class UpdateProcessor:
     def on_server(self, total: PartialSum, *, context: ServerContext) -> tuple[PartialSum, dict[str, float]]:
         """The round's sum (and the weights it will be divided by), transformed; and the round's stats."""
         return total, {}
+
+    def checkpoint(self) -> State:
+        """What the server side has learnt so far (a resumed run continues from it)."""
+        return State()
+
+    def restore(self, state: State) -> None:
+        pass
 
 
 def run_on_device(chain: Sequence[UpdateProcessor], update: DeviceUpdate, *, context: DeviceContext,

@@ -116,6 +116,6 @@ def round_row(rnd: int, *, sim_time_s: float, outcome: RoundOutcome, devices: di
         n_stragglers=n[STRAGGLER],
         n_unavailable=n[UNAVAILABLE],
         mean_device_flops=float(costs.flops[devices["compute_s"] > 0].mean()) if n[OK] else math.nan,
-        mean_peak_memory_bytes=float(costs.peak_memory_bytes.mean()),
+        mean_peak_memory_bytes=float(costs.peak_memory_bytes.mean()) if len(outcome.status) else math.nan,
         **{k: v for k, v in stats.items() if k in ROW_FIELDS},  # update norm, truncation, the processors' (DP)
     )

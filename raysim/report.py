@@ -14,10 +14,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
 from raysim.errors import ConfigError
+from raysim.results import ROUNDS_SCHEMA, read_parts
 
 METRIC = "eval_accuracy"
 PLOTS = {  # file: (x column, x label, x scale)
@@ -43,11 +43,11 @@ def read_run(run_dir: Path) -> tuple[dict, dict, dict[str, np.ndarray]]:
     """A run's resolved config, summary and rounds table (columns)."""
     files = [run_dir / name for name in ("config.yaml", "summary.json", "rounds.parquet")]
     for f in files:
-        if not f.is_file():
-            raise ConfigError(f"not a finished run directory (no {f.name})", file=str(run_dir))
+        if not f.exists():
+            raise ConfigError(f"not a run directory (no {f.name})", file=str(run_dir))
     config = OmegaConf.to_container(OmegaConf.load(files[0]))
     summary = json.loads(files[1].read_text())
-    rounds = {k: np.asarray(v) for k, v in pq.read_table(files[2]).to_pydict().items()}
+    rounds = {k: np.asarray(v) for k, v in read_parts(files[2], ROUNDS_SCHEMA).to_pydict().items()}
     return config, summary, rounds
 
 

@@ -1,21 +1,27 @@
 """The run directory: config.yaml, rounds.parquet, devices.parquet, summary.json.
 
-Parquet files are written a row group per round as the run goes, so a run
-stopped early keeps every finished round. Schemas are fixed here (a round's
+Parquet files are written a part per round as the run goes, each atomically,
+so a run stopped at any moment (kill -9 included) keeps every finished round. Schemas are fixed here (a round's
 row is the typed :class:`RoundRow`); the column names are a contract
 (DESIGN.md) that users script against.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+# summary.json statuses of a run that stopped cleanly (a study skips them; their final state is written)
+COMPLETE = ("finished", "target_reached", "privacy_budget_spent")
 
 
 def _column(arrow: pa.DataType, default=MISSING, *, doc: str = ""):
@@ -98,26 +104,66 @@ DEVICES_SCHEMA = pa.schema([
 ])
 
 
-class RunWriter:
-    """Appends rounds and device records; writes the summary at the end."""
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` to a file of the same name in a hidden folder beside ``path``, then rename it over ``path``: a
+    kill at any moment leaves the old file or the new one, never a part of either (readers skip names that
+    start with a dot; the same name keeps formats that record it, as torch.save does, byte-identical)."""
+    tmp = path.parent / ".tmp" / path.name
+    tmp.parent.mkdir(exist_ok=True)
+    write(tmp)
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # another write may be using the folder
+        tmp.parent.rmdir()
 
-    def __init__(self, run_dir: Path, *, config_yaml: str):
+
+def part_name(rnd: int) -> str:
+    return f"round-{rnd:06d}.parquet"
+
+
+def read_parts(path: Path, schema: pa.Schema) -> pa.Table:
+    """A table written a part per round (``rounds.parquet``, ``devices.parquet``: a folder, or one file from
+    raysim before 0.2); empty with ``schema`` when no round finished."""
+    if path.is_dir() and not any(path.glob("round-*.parquet")):
+        return schema.empty_table()
+    return pq.read_table(path, schema=schema)
+
+
+class RunWriter:
+    """The run directory, written so that a kill at any moment leaves every finished round readable.
+
+    ``rounds.parquet`` and ``devices.parquet`` are folders of one Parquet file
+    per round (``round-000001.parquet``), each written under a hidden name and
+    renamed: ``pyarrow.parquet.read_table(run_dir / "rounds.parquet")`` reads
+    the finished rounds as one table. ``summary.json`` is replaced the same
+    way whenever it changes.
+    """
+
+    def __init__(self, run_dir: Path, *, config_yaml: str | None):
+        """``config_yaml``: the resolved config of a new run (None: a resumed run keeps its own)."""
         self.dir = run_dir
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.yaml").write_text(config_yaml)
-        self._rounds = pq.ParquetWriter(self.dir / "rounds.parquet", ROUNDS_SCHEMA)
-        self._devices = pq.ParquetWriter(self.dir / "devices.parquet", DEVICES_SCHEMA)
+        for folder in ("rounds.parquet", "devices.parquet"):
+            (self.dir / folder).mkdir(exist_ok=True)
+        if config_yaml is not None:
+            atomic_write(self.dir / "config.yaml", lambda tmp: tmp.write_text(config_yaml))
 
     def write_round(self, result: RoundResult) -> None:
-        self._rounds.write_table(pa.Table.from_pylist([asdict(result.row)], schema=ROUNDS_SCHEMA))
-        self._devices.write_table(pa.Table.from_pydict(result.devices, schema=DEVICES_SCHEMA))
+        name = part_name(result.row.round)
+        rows = pa.Table.from_pylist([asdict(result.row)], schema=ROUNDS_SCHEMA)
+        devices = pa.Table.from_pydict(result.devices, schema=DEVICES_SCHEMA)
+        atomic_write(self.dir / "devices.parquet" / name, lambda tmp: pq.write_table(devices, tmp))
+        atomic_write(self.dir / "rounds.parquet" / name, lambda tmp: pq.write_table(rows, tmp))
 
-    def close(self, summary: dict | None = None) -> None:
-        self._rounds.close()
-        self._devices.close()
-        if summary is not None:
-            text = json.dumps(_jsonable(summary), indent=2, sort_keys=True)
-            (self.dir / "summary.json").write_text(text + "\n")
+    def forget_after(self, rnd: int) -> None:
+        """Remove the parts of rounds after ``rnd`` (a resumed run redoes them)."""
+        for folder in ("rounds.parquet", "devices.parquet"):
+            for part in (self.dir / folder).glob("round-*.parquet"):
+                if int(part.stem.split("-")[1]) > rnd:
+                    part.unlink()
+
+    def write_summary(self, summary: dict) -> None:
+        text = json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n"
+        atomic_write(self.dir / "summary.json", lambda tmp: tmp.write_text(text))
 
 
 def _jsonable(value):

@@ -15,8 +15,10 @@ the noise it releases.
 
 from __future__ import annotations
 
+import json
 import math
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -30,15 +32,16 @@ import torch
 
 import raysim
 from raysim import callbacks as cb
+from raysim import checkpoint as ckpt
 from raysim import cluster, paths, rng
 from raysim.aggregator import Aggregator
 from raysim.caches import Caches
 from raysim.clock import OK, settle_round
 from raysim.cohort import sample_cohort
-from raysim.config import ExperimentConfig, to_yaml
+from raysim.config import ExperimentConfig, first_difference, result_config, to_yaml
 from raysim.costmodel import device_costs
 from raysim.data import FederatedDataset, build_dataset
-from raysim.errors import ConfigError
+from raysim.errors import ConfigError, describe_error
 from raysim.methods import method_space
 from raysim.methods.submodel import Space
 from raysim.models import BaseModel, base_seed, initial_base_model
@@ -50,7 +53,7 @@ from raysim.privacy.plan import CentralPlan, plan_central
 from raysim.processors import UpdateProcessor
 from raysim.profiles import Population, load_population
 from raysim.records import device_columns, round_row
-from raysim.results import RoundResult, RunWriter
+from raysim.results import COMPLETE, RoundResult, RunWriter, atomic_write
 from raysim.types import RoundState
 
 
@@ -66,17 +69,22 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
 
 
 def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], Policy] | None = None,
-                   callbacks: list[cb.Callback] = (), caches: Caches | None = None) -> Path:
+                   callbacks: list[cb.Callback] = (), caches: Caches | None = None, resume: bool = False,
+                   overwrite: bool = False) -> Path:
     """Run ``cfg`` to completion; return the run directory.
 
     ``make_policy`` builds the policy in place of ``cfg.policy`` (``raysim
     train-policy`` carries one learned policy across runs); ``callbacks`` watch
     every round after the run's own (:mod:`raysim.callbacks`); ``caches`` are
-    shared with the caller's other runs (:mod:`raysim.caches`).
+    shared with the caller's other runs (:mod:`raysim.caches`). ``resume``
+    continues the run in ``output_dir`` from its checkpoint; ``overwrite``
+    replaces the run there; without either, an ``output_dir`` that holds
+    anything is refused.
     """
-    run = build_run(cfg, make_policy=make_policy, callbacks=callbacks, caches=caches or Caches())
+    run = build_run(cfg, make_policy=make_policy, callbacks=callbacks, caches=caches or Caches(), resume=resume,
+                    overwrite=overwrite)
     with run:
-        for rnd in range(1, cfg.rounds + 1):
+        for rnd in range(run.completed + 1, cfg.rounds + 1):
             if run.after_round(run_round(run, rnd)):
                 break
         else:
@@ -111,9 +119,11 @@ def run_round(run: Run, rnd: int) -> RoundResult:
 class Run:
     """A run's parts, set up once by :func:`build_run`, and how far it has come.
 
-    Used as a context manager: entering starts the callbacks; leaving writes
-    the summary (``status`` stays ``interrupted`` unless the run stopped
-    cleanly), frees the actors and, after a clean stop, saves the final state.
+    Used as a context manager: entering starts the callbacks (``status:
+    running``); leaving sets the status (``interrupted`` on Ctrl-C or SIGTERM,
+    ``failed`` with its cause on an error), ends the callbacks (the summary,
+    a last checkpoint), frees the actors and, after a clean stop, writes the
+    final state.
     """
 
     cfg: ExperimentConfig
@@ -126,6 +136,7 @@ class Run:
     pool: DevicePool
     policy: Policy
     aggregator: ray.actor.ActorHandle
+    writer: RunWriter
     callbacks: list[cb.Callback]
     state_ref: ray.ObjectRef
     params: list[object]  # the update processors' parameters for the next round
@@ -136,7 +147,9 @@ class Run:
     last: dict[str, float] = field(default_factory=dict)  # the latest finite train and eval metrics
     totals: dict[str, int] = field(default_factory=lambda: {"bytes_up": 0, "bytes_down": 0, "devices_trained": 0})
     completed: int = 0
-    status: str = "interrupted"
+    status: str = "running"
+    cause: str | None = None  # why a failed run failed
+    wall_before_s: float = 0.0  # wall time of the sessions before a resume
     started_s: float = field(default_factory=time.perf_counter)
 
     def round_state(self, rnd: int, *, target: int) -> RoundState:
@@ -161,6 +174,8 @@ class Run:
         if stop is not None:
             self.status = stop.status
             print(f"raysim: {stop.message}", file=sys.stderr)
+        for callback in self.callbacks:
+            callback.after_record(self)
         return stop is not None
 
     def __enter__(self) -> Run:
@@ -168,14 +183,51 @@ class Run:
             callback.on_start(self)
         return self
 
-    def __exit__(self, *exc) -> None:
-        summary = self.summary()
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:
+            self.status = "interrupted" if issubclass(kind, KeyboardInterrupt) else "failed"
+            self.cause = None if self.status == "interrupted" else describe_error(error)
+        try:
+            summary = self.summary()
+            for callback in self.callbacks:
+                callback.on_end(self, summary)
+            if self.status in COMPLETE:  # the driver writes every file
+                state = ray.get(self.aggregator.get_state.remote())
+                atomic_write(self.dir / "final_state.pt", lambda tmp: torch.save(state, tmp))
+        finally:
+            self.pool.close()  # frees the actors' CPUs for the next run in this process (raysim compare)
+            ray.kill(self.aggregator)
+
+    def save_checkpoint(self) -> bool:
+        """The run's state after its last recorded round, to ``checkpoint.safetensors``; False if the
+        aggregator has moved on to a round the files do not hold (an interrupted round)."""
+        aggregator = ray.get(self.aggregator.checkpoint.remote(self.completed))
+        if aggregator is None:
+            return False
+        progress = {"completed": self.completed, "sim_time_s": self.sim_time_s, "epsilon": self.epsilon,
+                    "initial": self.initial, "last": self.last, "totals": self.totals, "params": self.params,
+                    "wall_time_s": self.wall_time_s(), "config": result_config(self.cfg)}
+        ckpt.save(self.dir / ckpt.FILE, {
+            "run": ckpt.State(meta=progress), "aggregator": aggregator, "policy": self.policy.checkpoint(),
+            "callbacks": ckpt.State(meta={type(c).__name__: c.state() for c in self.callbacks}),
+        })
+        return True
+
+    def restore(self, parts: dict[str, ckpt.State]) -> None:
+        """Continue from a checkpoint: the aggregator, the policy, the callbacks and the run's progress."""
+        progress = parts["run"].meta
+        ray.get(self.aggregator.restore.remote(parts["aggregator"], round=progress["completed"]))
+        self.state_ref = self.aggregator.get_state.remote()
+        self.policy.restore(parts["policy"])
         for callback in self.callbacks:
-            callback.on_end(self, summary)
-        self.pool.close()  # frees the actors' CPUs for the next run in this process (raysim compare)
-        if self.status != "interrupted":  # the driver writes every file
-            torch.save(ray.get(self.aggregator.get_state.remote()), self.dir / "final_state.pt")
-        ray.kill(self.aggregator)
+            callback.load_state(parts["callbacks"].meta.get(type(callback).__name__, {}))
+        self.completed, self.sim_time_s = progress["completed"], progress["sim_time_s"]
+        self.epsilon, self.initial, self.last = progress["epsilon"], progress["initial"], progress["last"]
+        self.totals, self.params, self.wall_before_s = progress["totals"], progress["params"], progress["wall_time_s"]
+        self.writer.forget_after(self.completed)  # rounds past the checkpoint are redone
+
+    def wall_time_s(self) -> float:
+        return self.wall_before_s + time.perf_counter() - self.started_s
 
     def summary(self) -> dict:
         cfg = self.cfg
@@ -186,21 +238,29 @@ class Run:
             "data": {"source": cfg.data.source, "fingerprint": self.dataset.fingerprint(),
                      "users": self.dataset.num_users},
             "num_actors": len(self.pool), "actor_nodes": self.actor_nodes, "sim_time_s": self.sim_time_s,
-            "wall_time_s": time.perf_counter() - self.started_s, "initial": self.initial, "final": self.last,
+            "wall_time_s": self.wall_time_s(), "initial": self.initial, "final": self.last,
             "epsilon": self.epsilon, "delta": self.privacy.delta if self.privacy else 0.0,
             "privacy": _privacy_summary(self.privacy, cfg), "totals": self.totals,
             "policy": policy_identity(self.spec), "versions": _versions(),
         }
+        if self.cause is not None:
+            summary["cause"] = self.cause
         for callback in self.callbacks:
             summary |= callback.summary(self)
         return summary
 
 
 def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], Policy] | None = None,
-              callbacks: list[cb.Callback] = (), caches: Caches) -> Run:
+              callbacks: list[cb.Callback] = (), caches: Caches, resume: bool = False,
+              overwrite: bool = False) -> Run:
     """Everything a run needs, in the order that fails cheapest first; the actors are freed on failure."""
     cfg = paths.absolute(cfg)  # what the driver's relative paths mean, wherever this runs
+    run_dir = default_run_dir(cfg)
+    restored = resumable(run_dir, cfg) if resume else None
+    if not resume:
+        claim(run_dir, overwrite=overwrite)
     population = load_population(cfg.population, size=cfg.population_size)
+    check_cohort(cfg, population)
     privacy = plan_central(cfg.privacy, rounds=cfg.rounds, cohort_size=cfg.cohort.size,
                            population_size=population.size)
     spec = read_policy(cfg.policy)
@@ -221,25 +281,75 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
             truncation_rank=min((r for r in cfg.methods.lora_rank if r > 0), default=0), processors=processors)
         params = ray.get(aggregator.round_params.remote())
         nodes = len(set(pool.nodes()))
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)  # claim() checked it holds a run: none of its files stays
+        writer = RunWriter(run_dir, config_yaml=None if resume else to_yaml(cfg))
+        last_round = privacy.rounds if privacy else cfg.rounds
+        own = [cb.Evaluation(every=cfg.eval.every, last_round=last_round),
+               cb.TargetAccuracy(target=cfg.eval.target_accuracy, stop=cfg.eval.stop_at_target),
+               cb.PrivacyBudget(last_round=last_round, rounds=cfg.rounds, max_epsilon=cfg.privacy.max_epsilon),
+               cb.Files(writer), cb.PolicyFeedback(), cb.Checkpoints(every=cfg.checkpoint.every),
+               cb.Progress(rounds=cfg.rounds, enabled=cfg.progress, private=privacy is not None)]
+        run = Run(cfg=cfg, dir=run_dir, population=population, dataset=dataset, base=base, privacy=privacy,
+                  spec=spec, pool=pool, policy=policy, aggregator=aggregator, writer=writer,
+                  callbacks=[*own, *callbacks], state_ref=aggregator.get_state.remote(), params=params,
+                  actor_nodes=nodes, epsilon=0.0 if privacy else math.inf)
+        if restored is not None:
+            run.restore(restored)
     except BaseException:
         pool.close()
         raise
-    run_dir = default_run_dir(cfg)
-    writer = RunWriter(run_dir, config_yaml=to_yaml(cfg))
+    resumed = f" (resumed after round {run.completed})" if restored is not None else ""
     print(f"raysim: {where}, {len(pool)} device actors on {nodes} node{'s' * (nodes > 1)}, population "
-          f"{population.name} ({population.size:,} devices), model {base.origin} -> {run_dir}", file=sys.stderr)
+          f"{population.name} ({population.size:,} devices), model {base.origin} -> {run_dir}{resumed}",
+          file=sys.stderr)
     if privacy:
         print(f"raysim: {_describe(privacy, cfg)}", file=sys.stderr)
-    last_round = privacy.rounds if privacy else cfg.rounds
-    own = [cb.Evaluation(every=cfg.eval.every, last_round=last_round),
-           cb.TargetAccuracy(target=cfg.eval.target_accuracy, stop=cfg.eval.stop_at_target),
-           cb.PrivacyBudget(last_round=last_round, rounds=cfg.rounds, max_epsilon=cfg.privacy.max_epsilon),
-           cb.Files(writer), cb.PolicyFeedback(),
-           cb.Progress(rounds=cfg.rounds, enabled=cfg.progress, private=privacy is not None)]
-    return Run(cfg=cfg, dir=run_dir, population=population, dataset=dataset, base=base, privacy=privacy, spec=spec,
-               pool=pool, policy=policy, aggregator=aggregator, callbacks=[*own, *callbacks],
-               state_ref=aggregator.get_state.remote(), params=params, actor_nodes=nodes,
-               epsilon=0.0 if privacy else math.inf)
+    return run
+
+
+def claim(run_dir: Path, *, overwrite: bool) -> None:
+    """Refuse to write a new run where one is, unless asked to replace it (and it is a run's folder)."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    is_run = (run_dir / "config.yaml").is_file()
+    if overwrite and is_run:
+        return
+    if overwrite:
+        raise ConfigError(f"{run_dir} is not a raysim run directory; --overwrite replaces only those",
+                          field="output_dir")
+    what = f"a run ({_status(run_dir)})" if is_run else "files"
+    raise ConfigError(f"{run_dir} holds {what}: pass --resume to continue it or --overwrite to replace it",
+                      field="output_dir")
+
+
+def resumable(run_dir: Path, cfg: ExperimentConfig) -> dict[str, ckpt.State]:
+    """The checkpoint to resume ``run_dir`` from, checked against ``cfg`` (keys that change results must match)."""
+    if not (run_dir / ckpt.FILE).is_file():
+        raise ConfigError(f"{run_dir} has no checkpoint to resume from", field="output_dir")
+    status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    if status in COMPLETE:
+        raise ConfigError(f"{run_dir}: the run ended ({status}); there is nothing to resume", field="output_dir")
+    parts = ckpt.load(run_dir / ckpt.FILE)
+    key = first_difference(parts["run"].meta["config"], result_config(cfg))
+    if key is not None:
+        raise ConfigError(f"differs from the run's config in {run_dir} (a resumed run keeps its config; only "
+                          f"ray.*, progress and checkpoint.* may change)", field=key)
+    return parts
+
+
+def check_cohort(cfg: ExperimentConfig, population: Population) -> None:
+    if cfg.cohort.size > population.size:
+        raise ConfigError(f"{cfg.cohort.size} is above the population's {population.size} devices",
+                          field="cohort.size")
+
+
+def _status(run_dir: Path) -> str:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        return f"status {summary['status']}, {summary['rounds_completed']} of {summary['rounds']} rounds"
+    except (OSError, ValueError, KeyError):
+        return "no summary"
 
 
 def _policy(cfg: ExperimentConfig, spec: PolicySpec, pool: DevicePool,

@@ -13,12 +13,12 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
+from raysim import checkpoint as ckpt
 from raysim.caches import Caches
 from raysim.config import ExperimentConfig
 from raysim.errors import ConfigError
 from raysim.policies import PolicyContext, build_policy, read_policy
+from raysim.policies.rl.policy import pack
 from raysim.run import run_experiment
 
 
@@ -29,6 +29,9 @@ def train_policy(cfg: ExperimentConfig, *, episodes: int, out: Path) -> Path:
         raise ConfigError(f"train-policy trains an rl policy, not {spec.name!r}", file=spec.path, field="policy")
     if episodes < 1:
         raise ConfigError("must be >= 1", field="--episodes")
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"{out.name}: the checkpoint is written as safetensors (name it *.safetensors)",
+                          field="--out")
     if not spec.params.get("learn", True):
         raise ConfigError("a policy with learn: false cannot be trained", file=spec.path, field="params.learn")
     state = None
@@ -54,7 +57,7 @@ def train_policy(cfg: ExperimentConfig, *, episodes: int, out: Path) -> Path:
         print(f"raysim train-policy: episode {episode + 1}/{episodes} seed {run_cfg.seed}: {reached}, "
               f"sim time {final['sim_time_s']:.1f} s", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
+    ckpt.save(out, {"policy": pack(state)})
     return out
 
 

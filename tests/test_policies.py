@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from raysim import checkpoint as ckpt
 from raysim.clock import settle_round
 from raysim.config import MethodsConfig
 from raysim.costmodel import Measurement, device_costs
@@ -19,6 +20,7 @@ from raysim.methods import method_space
 from raysim.policies import CostOracle, PolicyContext, PolicySpec, build_policy, read_policy
 from raysim.policies.rl.critic import fit
 from raysim.policies.rl.planning import Proposal
+from raysim.policies.rl.policy import pack
 from raysim.policies.static import richness_order
 from raysim.results import ROUNDS_SCHEMA, RoundResult, RoundRow
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
@@ -263,12 +265,13 @@ def test_rl_checkpoint_round_trips(tmp_path):
     for rnd in (1, 2, 3):
         configs = policy.assign(devices, RoundState(round=rnd, sim_time_s=0.0, last_train_loss=2.0))
         policy.observe(round_results(ctx, devices, configs, round=rnd, train_loss=2.0 - 0.1 * rnd))
-    torch.save(policy.state_dict(), tmp_path / "rl.pt")
-    loaded = build("rl", ctx, checkpoint=str(tmp_path / "rl.pt"), learn=False)
+    ckpt.save(tmp_path / "rl.safetensors", {"policy": pack(policy.state_dict())})
+    loaded = build("rl", ctx, checkpoint=str(tmp_path / "rl.safetensors"), learn=False)
     state = RoundState(round=4, sim_time_s=0.0, last_train_loss=1.7)
     for a, b in zip(policy.net.parameters(), loaded.net.parameters()):
         assert torch.equal(a, b)
-    assert loaded.assign(devices, state) == build("rl", ctx, checkpoint=str(tmp_path / "rl.pt")).assign(devices, state)
+    again = build("rl", ctx, checkpoint=str(tmp_path / "rl.safetensors"))
+    assert loaded.assign(devices, state) == again.assign(devices, state)
 
 
 def test_rl_with_a_missing_checkpoint_is_a_config_error():
@@ -350,3 +353,23 @@ def test_rl_critic_fit_is_ridge_regression_shrunk_towards_the_prior():
     assert fit(x, y, prior=np.zeros(1), ridge=1.0) == pytest.approx([10 / 6, 4.0 - 1.5 * 10 / 6])
     assert fit(x, y, prior=np.array([2.0]), ridge=1.0) == pytest.approx([2.0, 1.0])  # a right prior stays
     assert fit(x, y, prior=np.array([-1.0]), ridge=1e-12) == pytest.approx([2.0, 1.0])  # no ridge: least squares
+
+
+def test_rl_refuses_a_pickled_checkpoint_and_a_crafted_one_runs_no_code(tmp_path):
+    """A .pt file is a pickle, which can run code as it loads: refused unopened. A .safetensors file holds tensors
+    and JSON; one crafted to hold a pickle payload instead is refused with one line, and nothing runs."""
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ConfigError, match="an rl checkpoint is a .safetensors file"):
+        build("rl", context(), checkpoint=str(tmp_path / "evil.pt"))
+    (tmp_path / "evil.safetensors").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ConfigError, match="not a raysim checkpoint"):
+        build("rl", context(), checkpoint=str(tmp_path / "evil.safetensors"))
+    assert not marker.exists()

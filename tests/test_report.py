@@ -24,8 +24,8 @@ def fake_run(folder, *, policy: str, seed: int, accuracy: list[float], target=0.
             "bytes_down": 4000, "n_selected": 10, "n_oom": 1, "n_stragglers": 2, "n_dropped": 0,
             "train_loss": 1.0, "eval_loss": 2.0}))
         writer.write_round(RoundResult(row=row, devices={name: [] for name in DEVICES_SCHEMA.names}, started_s=0.0))
-    writer.close({"status": "finished", "rounds_completed": len(accuracy), "wall_time_s": 1.0,
-                  "initial": {"eval_accuracy": 0.1}, "final": {"eval_loss": 2.0, "train_loss": 1.0}})
+    writer.write_summary({"status": "finished", "rounds_completed": len(accuracy), "wall_time_s": 1.0,
+                          "initial": {"eval_accuracy": 0.1}, "final": {"eval_loss": 2.0, "train_loss": 1.0}})
     return folder
 
 
@@ -76,7 +76,7 @@ def test_report_cli_accepts_a_study_folder(tmp_path, capsys):
 def test_report_on_a_folder_that_is_no_run_is_one_clear_line(tmp_path, capsys):
     code = main(["report", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and err == [f"raysim: error: {tmp_path}: not a finished run directory (no config.yaml)"]
+    assert code == 1 and err == [f"raysim: error: {tmp_path}: not a run directory (no config.yaml)"]
 
 
 @pytest.mark.parametrize("argv", [["train-policy", "--episodes", "0"], []])

@@ -42,8 +42,8 @@ def _rounds(run_dir):
 def test_run_directory_holds_the_contract_files_and_columns(runs):
     d = runs["two"]
     assert {p.name for p in d.iterdir()} >= {"config.yaml", "rounds.parquet", "devices.parquet", "summary.json"}
-    assert ROUND_COLUMNS <= set(pq.read_schema(d / "rounds.parquet").names)
-    assert DEVICE_COLUMNS <= set(pq.read_schema(d / "devices.parquet").names)
+    assert ROUND_COLUMNS <= set(pq.read_table(d / "rounds.parquet").schema.names)
+    assert DEVICE_COLUMNS <= set(pq.read_table(d / "devices.parquet").schema.names)
     assert _rounds(d)["round"] == [1, 2, 3]
 
 
@@ -104,7 +104,7 @@ def test_a_run_without_dp_reports_infinite_epsilon_and_no_noise(runs):
     assert all(math.isnan(c) for c in rounds["clip_norm"])
 
 
-def test_a_run_that_fails_keeps_its_finished_rounds_readable(ray_session, tmp_path):
+def test_a_run_that_fails_keeps_its_finished_rounds_readable_and_says_why(ray_session, tmp_path):
     from raysim.config import load_experiment
     from raysim.policies.base import REGISTRY
     from raysim.policies.static import Uniform
@@ -127,7 +127,9 @@ def test_a_run_that_fails_keeps_its_finished_rounds_readable(ray_session, tmp_pa
         del REGISTRY["fails-in-round-two"]
     assert _rounds(tmp_path / "run")["round"] == [1]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and summary["rounds_completed"] == 1
+    assert summary["status"] == "failed" and summary["rounds_completed"] == 1
+    assert summary["cause"] == "RuntimeError: policy bug"
+    assert not (tmp_path / "run" / "final_state.pt").exists()  # only a clean stop writes a final state
 
 
 def test_stop_at_target_ends_the_run_at_the_first_evaluation_that_reaches_it(ray_session, tmp_path):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
+from raysim import checkpoint as ckpt
 from raysim.cli import main
+from raysim.policies.rl.policy import unpack
 
 
 def test_trained_rl_policy_is_saved_and_a_later_run_loads_it(ray_session, tmp_path, tiny_cfg, capsys):
@@ -15,10 +15,10 @@ def test_trained_rl_policy_is_saved_and_a_later_run_loads_it(ray_session, tmp_pa
     exp.write_text("methods: {bits: [32, 8], lora_rank: [4, 2]}\n")
     from conftest import TINY
 
-    out = tmp_path / "ckpt" / "rl.pt"
+    out = tmp_path / "ckpt" / "rl.safetensors"
     assert main(["train-policy", str(exp), *TINY, "rounds=3", f"policy={tmp_path / 'rl.yaml'}", "--episodes", "2",
                  "--out", str(out)]) == 0
-    state = torch.load(out, weights_only=False)
+    state = unpack(ckpt.load(out)["policy"])
     assert set(state) == {"net", "optimizer", "critic", "memory", "running"}
     assert state["running"]["duration"] > 0 and state["memory"]
     assert (tmp_path / "ckpt" / "rl-episodes" / "episode-1" / "summary.json").is_file()

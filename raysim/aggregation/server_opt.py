@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from raysim.checkpoint import State
 from raysim.config import AggregationConfig
 from raysim.registry import Registry
 
@@ -22,6 +23,10 @@ Tensors = dict[str, torch.Tensor]
 
 class ServerOptimizer(Protocol):
     def step(self, state: Tensors, update: Tensors) -> Tensors: ...
+
+    def checkpoint(self) -> State: ...
+
+    def restore(self, state: State) -> None: ...
 
 
 # aggregation.server_optimizer names one: a factory from the aggregation config
@@ -34,6 +39,12 @@ class FedAvg:
 
     def step(self, state: Tensors, update: Tensors) -> Tensors:
         return {k: (v.double() + self.lr * update[k]).to(v.dtype) for k, v in state.items()}
+
+    def checkpoint(self) -> State:
+        return State()
+
+    def restore(self, state: State) -> None:
+        pass
 
 
 class FedAdam:
@@ -52,6 +63,13 @@ class FedAdam:
             self.v[k] = v = self.beta2 * v + (1 - self.beta2) * d * d
             out[k] = (x.double() + self.lr * m / (v.sqrt() + self.tau)).to(x.dtype)
         return out
+
+    def checkpoint(self) -> State:
+        return State(tensors={**{f"m.{k}": t for k, t in self.m.items()}, **{f"v.{k}": t for k, t in self.v.items()}})
+
+    def restore(self, state: State) -> None:
+        self.m = {k[2:]: t for k, t in state.tensors.items() if k.startswith("m.")}
+        self.v = {k[2:]: t for k, t in state.tensors.items() if k.startswith("v.")}
 
 
 SERVER_OPTIMIZERS.register("fedavg")(lambda cfg: FedAvg(lr=cfg.server_lr))

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from raysim.checkpoint import State
 from raysim.config import MethodsConfig
 from raysim.costmodel import Measurement, device_costs
 from raysim.registry import Registry
@@ -88,6 +89,13 @@ class Policy(ABC):
 
     def observe(self, result: RoundResult) -> None:  # noqa: B027 (a hook: policies that do not learn ignore it)
         """The round's row and device records, after its evaluation."""
+
+    def checkpoint(self) -> State:
+        """What the policy has learnt so far, for a run's checkpoint (nothing, unless it learns)."""
+        return State()
+
+    def restore(self, state: State) -> None:  # noqa: B027 (a hook, as above)
+        """Continue from a checkpoint's state."""
 
 
 PolicyFactory = Callable[..., Policy]

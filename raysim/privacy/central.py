@@ -20,6 +20,7 @@ import torch
 
 from raysim import rng
 from raysim.aggregation.rules import PartialSum, Tensors, global_norm
+from raysim.checkpoint import State
 from raysim.privacy import accounting
 from raysim.processors import DeviceContext, DeviceUpdate, ServerContext, UpdateProcessor
 
@@ -133,3 +134,12 @@ class CentralDP(UpdateProcessor):
                                                   round=context.round)
         self.accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
         return noisy, stats | {"epsilon": accounting.spent(self.accountant, delta=plan.delta), "delta": plan.delta}
+
+    def checkpoint(self) -> State:
+        return State(meta={"clip_norm": self.clip_norm, "history": [list(h) for h in self.accountant.history]})
+
+    def restore(self, state: State) -> None:
+        self.clip_norm = state.meta["clip_norm"]
+        if self.adaptive is not None:
+            self.adaptive.clip_norm = self.clip_norm
+        self.accountant.history = [tuple(h) for h in state.meta["history"]]

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raysim import checkpoint as ckpt
 from raysim import rng
+from raysim.checkpoint import State
 from raysim.clock import OK
 from raysim.errors import ConfigError
 from raysim.policies.base import Policy, PolicyContext, register
@@ -84,8 +86,34 @@ def rl(*, context: PolicyContext, checkpoint: str | None = None, learn: bool = T
         path = Path(checkpoint)
         if not path.is_file():
             raise ConfigError("checkpoint not found", field="params.checkpoint")
-        policy.load_state_dict(torch.load(path, weights_only=False))
+        if path.suffix != ".safetensors":  # a pickle (.pt) could run code as it loads
+            raise ConfigError(f"{path.name}: an rl checkpoint is a .safetensors file (raysim train-policy writes one)",
+                              field="params.checkpoint")
+        policy.load_state_dict(unpack(ckpt.load(path)["policy"]))
     return policy
+
+
+def pack(state: dict) -> State:
+    """A ``Learned.state_dict()`` as tensors and JSON (what a policy file and a run checkpoint hold)."""
+    opt = ckpt.optimizer_state_dict(state["optimizer"])
+    tensors = {**{f"net.{k}": v for k, v in state["net"].items()},
+               **{f"optimizer.{k}": v for k, v in opt.tensors.items()},
+               "critic": torch.from_numpy(np.asarray(state["critic"], dtype=np.float64))}
+    for j, (features_, utilities) in enumerate(state["memory"]):
+        tensors[f"memory.{j}.features"] = torch.from_numpy(np.asarray(features_, dtype=np.float64))
+        tensors[f"memory.{j}.utilities"] = torch.from_numpy(np.asarray(utilities, dtype=np.float64))
+    return State(tensors=tensors, meta={"optimizer": opt.meta, "memory": len(state["memory"]),
+                                        "running": dict(state["running"])})
+
+
+def unpack(state: State) -> dict:
+    t = state.tensors
+    return {"net": {k[4:]: v for k, v in t.items() if k.startswith("net.")},
+            "optimizer": ckpt.optimizer_dict(ckpt.sub(state, "optimizer", sep=".")),
+            "critic": t["critic"].numpy(),
+            "memory": [(t[f"memory.{j}.features"].numpy(), t[f"memory.{j}.utilities"].numpy())
+                       for j in range(state.meta["memory"])],
+            "running": dict(state.meta["running"])}
 
 
 class Learned(Policy):
@@ -120,8 +148,19 @@ class Learned(Policy):
         self.critic.weights = np.asarray(state["critic"], dtype=np.float64)
         self.running = dict(state["running"])
 
+    def checkpoint(self) -> State:
+        packed = pack(self.state_dict())
+        packed.meta["first_loss"] = self.first_loss  # a run's, not a policy file's: a new run sets its own
+        return packed
+
+    def restore(self, state: State) -> None:
+        self.load_state_dict(unpack(state))
+        self.first_loss = state.meta["first_loss"]
+
     @single_threaded
     def assign(self, devices: DeviceDraws, state: RoundState) -> list[DeviceConfig]:
+        if len(devices) == 0:  # a Poisson cohort can be empty: nothing to choose, nothing to learn from
+            return []
         prices = self.context.oracle.price(devices, self.context.space)
         target = state.target or len(devices)
         x = self._inputs(devices, state, prices, target=target)
