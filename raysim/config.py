@@ -201,6 +201,9 @@ class RayConfig:
     # Seconds to wait for the device actors to be placed before failing; None: 30 on a private local
     # Ray, 600 on a cluster (time for its autoscaler to add nodes).
     placement_timeout_s: float | None = None
+    # A unit of work lost with its actor or node is computed again elsewhere, at most this many times;
+    # each actor restarts at most this many times.
+    max_retries: int = 3
 
 
 @dataclass
@@ -373,6 +376,7 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(r.cpus_per_actor > 0, "ray.cpus_per_actor", "must be > 0")
     c(r.gpus_per_actor >= 0, "ray.gpus_per_actor", "must be >= 0")
     c(r.work_units >= 1, "ray.work_units", "must be >= 1")
+    c(r.max_retries >= 0, "ray.max_retries", "must be >= 0")
     c(r.placement_timeout_s is None or r.placement_timeout_s > 0, "ray.placement_timeout_s", "must be > 0")
     c(r.tokens_per_pass >= 0, "ray.tokens_per_pass", "must be >= 0")
 

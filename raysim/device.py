@@ -19,6 +19,7 @@ any unit (:mod:`raysim.work`). :mod:`raysim.pool` runs workers as Ray actors.
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,6 +50,17 @@ def batch_indices(num_examples: int, *, steps: int, batch_size: int, generator: 
 
 
 UTILITY_EXAMPLES = 128  # held-out sequences the utility gradient is taken on
+
+
+@dataclass(frozen=True)
+class RoundInputs:
+    """What every unit of a round is trained from: a ref to the round's global state (fetched once per worker
+    and round) and the round's parameters (:meth:`DeviceWorker.begin_round`)."""
+
+    state: object  # ray.ObjectRef, left unresolved: a worker fetches it at its first unit of the round
+    round: int
+    params: list[object] | None
+    utility: bool
 
 
 class DeviceWorker:
@@ -178,8 +190,16 @@ class DeviceWorker:
         grads, loss = self._gradient
         return -sum(float((grads[k] * update[k]).sum()) for k in grads if k in update) / loss
 
-    def train(self, unit: WorkUnit) -> tuple[DeviceRecords, PartialSum]:
-        """Train the unit's groups in order; return their devices' records (unit order) and the unit's partial sum."""
+    def train(self, unit: WorkUnit, inputs: RoundInputs | None = None) -> tuple[DeviceRecords, PartialSum]:
+        """Train the unit's groups in order; return their devices' records (unit order) and the unit's partial sum.
+
+        ``inputs`` start the round on this worker if it has not started it (a worker that joins a round late,
+        or restarted, needs nothing else); without them, :meth:`begin_round` must have been called.
+        """
+        if inputs is not None and inputs.round != self._round:
+            import ray
+
+            self.begin_round(ray.get(inputs.state), inputs.round, inputs.params, inputs.utility)
         partial = PartialSum.zeros_like(self._state)
         records = DeviceRecords.concat([self._train_group(group, partial) for group in unit.groups])
         return records, partial.to("cpu")

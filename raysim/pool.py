@@ -3,26 +3,30 @@
 The pool knows nothing of training; it places work. Its actors are reserved
 as one placement group (:func:`raysim.cluster.reserve`), so a request the
 cluster cannot hold fails in bounded time instead of hanging. Each round it
-hands the global-state ref to every actor once, plans the round's units of
-work from the cohort alone (:mod:`raysim.work`), gives each idle actor the
-next unit, and returns one partial-sum ref per unit, in unit order, for the
-aggregator. Which actor computed a unit changes nothing in its result.
+plans the round's units of work from the cohort alone (:mod:`raysim.work`),
+gives each idle actor the next unit with a ref to the round's state, and
+returns one partial-sum ref per unit, in unit order, for the aggregator.
+Which actor computed a unit changes nothing in its result, so a unit lost
+with its actor or node is computed again elsewhere, and the round comes out
+the same (:mod:`raysim.dispatch`); actors restart up to ``ray.max_retries``
+times.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import numpy as np
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raysim import cluster, work
+from raysim.aggregation.rules import Tensors
 from raysim.caches import Caches
 from raysim.config import ExperimentConfig, frozen
 from raysim.costmodel import Measurement
-from raysim.device import DeviceWorker
+from raysim.device import DeviceWorker, RoundInputs
+from raysim.dispatch import dispatch
 from raysim.processors import UpdateProcessor
 from raysim.records import DeviceRecords
 from raysim.types import DeviceConfig
@@ -56,6 +60,7 @@ class DevicePool:
         actor_cls = ray.remote(DeviceWorker)
         self.actors = [
             actor_cls.options(num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor,
+                              max_restarts=cfg.ray.max_retries, max_task_retries=0,  # dispatch() re-sends work
                               scheduling_strategy=PlacementGroupSchedulingStrategy(
                                   placement_group=self.group, placement_group_bundle_index=i))
             .remote(cfg=cfg, base=base, dataset=dataset, num_threads=threads_per_actor(cfg), processors=processors)
@@ -72,24 +77,32 @@ class DevicePool:
         """The node id of each actor."""
         return ray.get([a.node_id.remote() for a in self.actors])
 
+    def _map(self, items: list, call, *, what: str, in_flight: int = 1) -> list[tuple[object, tuple]]:
+        return dispatch(self.actors, items, call, in_flight=in_flight, max_retries=self.cfg.ray.max_retries,
+                        wait_s=cluster.placement_timeout_s(self.cfg.ray.placement_timeout_s), what=what)
+
+    def _ask(self, method: str, *args) -> object:
+        """One answer from any live actor (``measure``, ``pass_limit``, ...)."""
+        [(value, _)] = self._map([args], lambda a, item: (getattr(a, method).remote(*item),), what=method)
+        return value
+
     def close(self) -> None:
         """End the actors and release their reservation (their CPUs return to Ray)."""
         for actor in self.actors:
             ray.kill(actor)
         ray.util.remove_placement_group(self.group)
 
-    def initial_state(self) -> ray.ObjectRef:
-        return self.actors[0].initial_state.remote()
+    def initial_state(self) -> Tensors:
+        return self._ask("initial_state")
 
     def measure(self, config: DeviceConfig) -> Measurement:
         """Measured costs of ``config``, once per ``caches`` (:func:`measurement_key`)."""
-        return Caches.get(self.caches.measurements, (self._key, config),
-                          lambda: ray.get(self.actors[0].measure.remote(config)))
+        return Caches.get(self.caches.measurements, (self._key, config), lambda: self._ask("measure", config))
 
     def pass_limit(self, config: DeviceConfig) -> int:
         """Devices of ``config`` that may share one pass (``DeviceWorker.pass_limit``), asked once per config."""
         if config not in self._limits:
-            self._limits[config] = ray.get(self.actors[0].pass_limit.remote(config))
+            self._limits[config] = self._ask("pass_limit", config)
         return self._limits[config]
 
     def train(
@@ -112,28 +125,10 @@ class DevicePool:
         units = work.plan(device_ids, configs, flops, pass_limit=self.pass_limit, max_units=self.cfg.ray.work_units)
         if not units:
             return DeviceRecords.concat([]), []
-        for actor in self.actors:
-            actor.begin_round.remote(state, round, params, utility)
-        records: list[DeviceRecords | None] = [None] * len(units)
-        partials: list[ray.ObjectRef | None] = [None] * len(units)
-        queue, pending = deque(units), {}
-
-        def submit(actor) -> None:
-            unit = queue.popleft()
-            done, partials[unit.index] = actor.train.options(num_returns=2).remote(unit)
-            pending[done] = (unit.index, actor)
-
-        for _ in range(IN_FLIGHT_PER_ACTOR):
-            for actor in self.actors:
-                if queue:
-                    submit(actor)
-        while pending:
-            [done], _ = ray.wait(list(pending), num_returns=1)
-            index, actor = pending.pop(done)
-            records[index] = ray.get(done)
-            if queue:
-                submit(actor)
-        return DeviceRecords.concat(records).by_device_id(), partials
+        inputs = RoundInputs(state=state, round=round, params=params, utility=utility)
+        done = self._map(units, lambda a, unit: tuple(a.train.options(num_returns=2).remote(unit, inputs)),
+                         what=f"round {round}", in_flight=IN_FLIGHT_PER_ACTOR)
+        return DeviceRecords.concat([records for records, _ in done]).by_device_id(), [refs[0] for _, refs in done]
 
     def evaluate(self, state: ray.ObjectRef) -> dict[str, float]:
         """Held-out loss per token, perplexity, top-1 and top-3 accuracy.
@@ -141,11 +136,12 @@ class DevicePool:
         Each actor evaluates every n-th batch; the per-batch sums are added in batch order.
         """
         if self._eval_batches is None:
-            self._eval_batches = ray.get(self.actors[0].num_eval_batches.remote())
+            self._eval_batches = self._ask("num_eval_batches")
         n = len(self.actors)
         shards = [list(range(i, self._eval_batches, n)) for i in range(n)]
         per_batch = np.zeros((self._eval_batches, 4), dtype=np.float64)
-        for batches, totals in zip(shards, ray.get([a.evaluate.remote(state, s) for a, s in zip(self.actors, shards)])):
+        done = self._map(shards, lambda a, batches: (a.evaluate.remote(state, batches),), what="evaluation")
+        for batches, (totals, _) in zip(shards, done):
             per_batch[batches] = totals
         loss, tokens, top1, top3 = per_batch.sum(axis=0)
         return {"eval_loss": loss / tokens, "eval_perplexity": math.exp(loss / tokens),

@@ -165,7 +165,7 @@ def test_heterogeneous_configs_aggregate_to_the_same_bits_on_one_or_two_actors(r
     means = []
     for n in (1, 2):
         pool = DevicePool(cfg=cfg, base=base, dataset=dataset, num_actors=n)
-        _, partials = pool.train(pool.initial_state(), round=1, device_ids=np.arange(10, 15), configs=configs,
+        _, partials = pool.train(ray.put(pool.initial_state()), round=1, device_ids=np.arange(10, 15), configs=configs,
                                  flops=np.ones(5))
         means.append(weighted_mean(combine(ray.get(partials))))
         pool.close()

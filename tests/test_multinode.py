@@ -122,3 +122,48 @@ def test_a_parallel_study_with_a_relative_output_dir_runs_on_two_nodes(on_two_no
         summary = json.loads((study_dir / "runs" / f"seed-{seed}" / "summary.json").read_text())
         assert summary["status"] == "finished" and summary["num_actors"] == 1  # its share: half the cluster
     assert not any((work / "raylets").rglob("summary.json"))
+
+
+NODE_LOSS_SCRIPT = """
+import json, os, subprocess, sys, time
+from pathlib import Path
+from ray.cluster_utils import Cluster
+
+run_dir = Path(sys.argv[2])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+worker = cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+driver = subprocess.Popen([sys.executable, "-m", "raysim.cli", "run", sys.argv[1], f"output_dir={run_dir}",
+                           "ray.num_actors=2"], env={**os.environ, "RAY_ADDRESS": cluster.address},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+while len(list((run_dir / "rounds.parquet").glob("round-*.parquet"))) < 2 and driver.poll() is None:
+    time.sleep(0.05)
+cluster.remove_node(worker, allow_graceful=False)  # the worker node dies mid-run: its actor and its work with it
+_, err = driver.communicate(timeout=400)
+cluster.shutdown()
+print(json.dumps({"rc": driver.returncode, "stderr": err[-4000:]}))
+"""
+
+
+@pytest.mark.slow
+def test_a_run_that_loses_a_node_mid_run_finishes_with_the_results_of_a_local_run(tmp_path, ray_session):
+    from raysim.config import load_experiment
+    from raysim.run import run_experiment
+
+    (tmp_path / "raylets").mkdir()
+    (tmp_path / "tiny.yaml").write_text(_as_yaml([*SPREAD, "rounds=8"]))
+    env = cluster_env("")
+    with tempfile.TemporaryDirectory(prefix="rs", dir="/tmp") as ray_tmp:
+        env["RAY_TMPDIR"] = ray_tmp
+        env["RAY_health_check_period_ms"] = "500"  # notice the dead node within seconds
+        env["RAY_health_check_failure_threshold"] = "4"
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(NODE_LOSS_SCRIPT), str(tmp_path / "tiny.yaml"),
+                               str(tmp_path / "run")], cwd=tmp_path / "raylets", env=env, capture_output=True,
+                              text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["rc"] == 0, result["stderr"]
+    assert "a device actor was lost" in result["stderr"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "finished"
+    cfg = load_experiment(tmp_path / "tiny.yaml", [f"output_dir={tmp_path / 'local'}", "ray.num_actors=1"])
+    assert_same_results(tmp_path / "run", run_experiment(cfg))

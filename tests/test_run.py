@@ -145,3 +145,36 @@ def test_stop_at_target_ends_the_run_at_the_first_evaluation_that_reaches_it(ray
     assert rounds["round"] == [1, 2]  # round 1 is not evaluated; round 2 is, and reaches 0.0
     assert summary["status"] == "target_reached" and summary["rounds_completed"] == 2
     assert summary["time_to_target_s"] == pytest.approx(rounds["sim_time_s"][-1])
+
+
+def test_a_device_actor_killed_mid_round_costs_no_round_and_changes_no_result(runs, tmp_path, monkeypatch, capsys):
+    """Round 2's second unit is handed to an actor, which is then killed: the unit is computed again (by the other
+    actor, or the killed one once Ray restarted it) and the run's files are the bytes of the run never killed."""
+    import ray
+
+    import raysim.pool
+    from raysim.config import load_experiment
+
+    from conftest import TINY
+
+    real = raysim.pool.dispatch
+    killed = []
+
+    def killing(actors, items, call, *, what, **kw):
+        def call_then_kill(actor, item):
+            refs = call(actor, item)
+            if what == "round 2" and not killed and getattr(item, "index", None) == 1:
+                ray.kill(actor, no_restart=False)
+                killed.append(item.index)
+            return refs
+
+        return real(actors, items, call_then_kill, what=what, **kw)
+
+    monkeypatch.setattr(raysim.pool, "dispatch", killing)
+    spread = ["policy=random", "methods.lora_rank=[4,2]", "methods.bits=[32,8]", "ray.tokens_per_pass=128",
+              "eval.batch_size=8", "ray.cpus_per_actor=0.5", "ray.num_actors=2"]
+    cfg = load_experiment(None, [*TINY, f"output_dir={tmp_path / 'run'}", "cohort.deadline_s=0.12", *spread])
+    run_dir = run_experiment(cfg)
+    assert killed == [1] and "round 2: a device actor was lost" in capsys.readouterr().err
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    assert_same_results(run_dir, runs["two"])
