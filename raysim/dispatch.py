@@ -1,11 +1,18 @@
 """Work on actors that can be lost: every item is done once, on whichever actor is alive.
 
 A call that fails because its actor died, its node went away or its result was
-lost with the node is sent again, to another live actor, or to the same one
-once Ray has restarted it; an item is tried at most ``1 + max_retries``
-times. An actor whose call failed is set aside until it answers again (a
-restarted actor does; one whose node is gone may never). Items are the
-cohort's units of work, so where one is computed changes none of its bits.
+lost with the node is sent again, to another live actor; an item is tried at
+most ``1 + max_retries`` times. The lost actor is replaced by a new one (at
+most ``max_retries`` times per slot), which takes work once it answers: at
+once where its placement group bundle still has room, or once Ray has placed
+the bundle on a live node. :class:`Actors` remembers across calls which
+actors answer, so a replacement that cannot be placed is never given work.
+Items are the cohort's units of work, so where one is computed changes none
+of its bits.
+
+The pool replaces actors itself rather than through Ray's ``max_restarts``:
+a restarted actor reruns its constructor from refs that Ray does not keep
+for it (ray-project/ray#53727, which Ray warns of on every such actor).
 """
 
 from __future__ import annotations
@@ -27,44 +34,88 @@ class WorkLost(RuntimeError):
     """Work that no actor could finish: too many failures, or no actor left."""
 
 
-def dispatch(actors: Sequence, items: Sequence, call: Callable[[object, object], tuple[ray.ObjectRef, ...]], *,
-             in_flight: int, max_retries: int, wait_s: float, what: str) -> list[tuple[object, tuple]]:
+class Actors:
+    """A pool's actor slots: the current actor of each, which slots take work, and replacements for lost ones.
+
+    ``spawn(i)`` makes the actor of slot ``i``; ``wait_s`` bounds the wait for a replacement to answer when
+    no other actor is left.
+    """
+
+    def __init__(self, spawn: Callable[[int], object], n: int, *, max_retries: int, wait_s: float):
+        self.spawn, self.max_retries, self.wait_s = spawn, max_retries, wait_s
+        self.handles = [spawn(i) for i in range(n)]
+        self.live = list(range(n))  # slots whose actor takes work
+        self.resting: dict[ray.ObjectRef, int] = {}  # the ping of a replacement not yet answered -> its slot
+        self.spawned = [0] * n  # replacements made per slot
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def __iter__(self):
+        return iter(self.handles)
+
+    def __getitem__(self, slot: int):
+        return self.handles[slot]
+
+    def lost(self, slot: int) -> None:
+        """Slot ``slot``'s actor was lost: it takes no more work; a replacement rests until it answers."""
+        if slot in self.live:
+            self.live.remove(slot)
+        ray.kill(self.handles[slot])  # what is left of it, if anything
+        if self.spawned[slot] < self.max_retries:
+            self.spawned[slot] += 1
+            self.handles[slot] = self.spawn(slot)
+            self.resting[self.handles[slot].node_id.remote()] = slot
+
+    def answered(self, ping: ray.ObjectRef) -> None:
+        """A resting replacement's ping came back: it takes work, or, if it too was lost, is replaced."""
+        slot = self.resting.pop(ping)
+        try:
+            ray.get(ping)
+            self.live.append(slot)
+        except LOST:
+            self.lost(slot)
+
+    def wake(self) -> None:
+        """Let every replacement that has answered since the last call take work (without waiting)."""
+        if self.resting:
+            ready, _ = ray.wait(list(self.resting), num_returns=len(self.resting), timeout=0)
+            for ping in ready:
+                self.answered(ping)
+
+
+def dispatch(actors: Actors, items: Sequence, call: Callable[[object, object], tuple[ray.ObjectRef, ...]], *,
+             in_flight: int, what: str) -> list[tuple[object, tuple]]:
     """``call(actor, item)`` for every item; per item, in order: the value of its first ref and its other refs.
 
     The other refs (a unit's partial sum) are copied to this node's object store before an item counts as
-    done, so losing the node that made them loses nothing. ``wait_s`` bounds the wait for a set-aside actor
-    when no other is left.
+    done, so losing the node that made them loses nothing.
     """
-    live, resting = list(range(len(actors))), {}  # resting: ping ref -> actor index
+    actors.wake()
     load = [0] * len(actors)
-    queue, pending = deque(range(len(items))), {}  # pending: first ref -> (item, actor, refs)
+    queue, pending = deque(range(len(items))), {}  # pending: first ref -> (item, slot, actor, refs)
     tries, results = [0] * len(items), [None] * len(items)
 
     def fill() -> None:
-        for a in list(live):
+        for a in list(actors.live):
             while load[a] < in_flight and queue:
                 i = queue.popleft()
                 refs = call(actors[a], items[i])
-                pending[refs[0]] = (i, a, refs)
+                pending[refs[0]] = (i, a, actors[a], refs)
                 load[a] += 1
 
     fill()
     while pending or queue:
-        if not pending and not resting:
+        if not pending and not actors.resting:
             raise WorkLost(f"{what}: no device actor is left (every one was lost)")
-        ready, _ = ray.wait([*pending, *resting], num_returns=1, timeout=None if pending else wait_s)
+        ready, _ = ray.wait([*pending, *actors.resting], num_returns=1, timeout=None if pending else actors.wait_s)
         if not ready:
-            raise WorkLost(f"{what}: no device actor came back within {wait_s:g} s (ray.placement_timeout_s)")
+            raise WorkLost(f"{what}: no device actor came back within {actors.wait_s:g} s (ray.placement_timeout_s)")
         ref = ready[0]
-        if ref in resting:
-            a = resting.pop(ref)
-            try:
-                ray.get(ref)
-                live.append(a)  # restarted: it takes work again
-            except LOST:
-                pass  # gone for good
+        if ref in actors.resting:
+            actors.answered(ref)
         else:
-            i, a, refs = pending.pop(ref)
+            i, a, actor, refs = pending.pop(ref)
             load[a] -= 1
             try:
                 value = ray.get(ref)
@@ -73,14 +124,13 @@ def dispatch(actors: Sequence, items: Sequence, call: Callable[[object, object],
                 results[i] = (value, refs[1:])
             except LOST as err:
                 tries[i] += 1
-                if tries[i] > max_retries:
-                    raise WorkLost(f"{what}: item {i} was lost {tries[i]} times (ray.max_retries={max_retries}); "
-                                   f"last: {describe_error(err)}") from None
+                if tries[i] > actors.max_retries:
+                    raise WorkLost(f"{what}: item {i} was lost {tries[i]} times (ray.max_retries="
+                                   f"{actors.max_retries}); last: {describe_error(err)}") from None
                 queue.appendleft(i)
                 print(f"raysim: {what}: a device actor was lost ({describe_error(err)}); its work is sent again "
-                      f"(try {tries[i] + 1} of {max_retries + 1})", file=sys.stderr)
-                if a in live:
-                    live.remove(a)
-                    resting[actors[a].node_id.remote()] = a
+                      f"(try {tries[i] + 1} of {actors.max_retries + 1})", file=sys.stderr)
+                if actors[a] is actor:  # not replaced yet (by another item's failure on it)
+                    actors.lost(a)
         fill()
     return results

@@ -8,8 +8,8 @@ gives each idle actor the next unit with a ref to the round's state, and
 returns one partial-sum ref per unit, in unit order, for the aggregator.
 Which actor computed a unit changes nothing in its result, so a unit lost
 with its actor or node is computed again elsewhere, and the round comes out
-the same (:mod:`raysim.dispatch`); actors restart up to ``ray.max_retries``
-times.
+the same (:mod:`raysim.dispatch`); a lost actor is replaced by a new one, up
+to ``ray.max_retries`` times per actor.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from raysim.caches import Caches
 from raysim.config import ExperimentConfig, frozen
 from raysim.costmodel import Measurement
 from raysim.device import DeviceWorker, RoundInputs
-from raysim.dispatch import dispatch
+from raysim.dispatch import Actors, dispatch
 from raysim.processors import UpdateProcessor
 from raysim.records import DeviceRecords
 from raysim.types import DeviceConfig
@@ -58,14 +58,13 @@ class DevicePool:
         self.group = cluster.reserve(num_actors=n, cpus_per_actor=cfg.ray.cpus_per_actor,
                                      gpus_per_actor=cfg.ray.gpus_per_actor, timeout_s=cfg.ray.placement_timeout_s)
         actor_cls = ray.remote(DeviceWorker)
-        self.actors = [
-            actor_cls.options(num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor,
-                              max_restarts=cfg.ray.max_retries, max_task_retries=0,  # dispatch() re-sends work
-                              scheduling_strategy=PlacementGroupSchedulingStrategy(
-                                  placement_group=self.group, placement_group_bundle_index=i))
-            .remote(cfg=cfg, base=base, dataset=dataset, num_threads=threads_per_actor(cfg), processors=processors)
-            for i in range(n)
-        ]
+        spawn = lambda i: actor_cls.options(  # noqa: E731  (actor i, in bundle i; again if it is lost)
+            num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=self.group,
+                                                                 placement_group_bundle_index=i),
+        ).remote(cfg=cfg, base=base, dataset=dataset, num_threads=threads_per_actor(cfg), processors=processors)
+        self.actors = Actors(spawn, n, max_retries=cfg.ray.max_retries,
+                             wait_s=cluster.placement_timeout_s(cfg.ray.placement_timeout_s))
         self._key = measurement_key(cfg)
         self._limits: dict[DeviceConfig, int] = {}
         self._eval_batches: int | None = None
@@ -78,8 +77,7 @@ class DevicePool:
         return ray.get([a.node_id.remote() for a in self.actors])
 
     def _map(self, items: list, call, *, what: str, in_flight: int = 1) -> list[tuple[object, tuple]]:
-        return dispatch(self.actors, items, call, in_flight=in_flight, max_retries=self.cfg.ray.max_retries,
-                        wait_s=cluster.placement_timeout_s(self.cfg.ray.placement_timeout_s), what=what)
+        return dispatch(self.actors, items, call, in_flight=in_flight, what=what)
 
     def _ask(self, method: str, *args) -> object:
         """One answer from any live actor (``measure``, ``pass_limit``, ...)."""

@@ -139,9 +139,10 @@ driver = subprocess.Popen([sys.executable, "-m", "raysim.cli", "run", sys.argv[1
 while len(list((run_dir / "rounds.parquet").glob("round-*.parquet"))) < 2 and driver.poll() is None:
     time.sleep(0.05)
 cluster.remove_node(worker, allow_graceful=False)  # the worker node dies mid-run: its actor and its work with it
+at_removal = len(list((run_dir / "rounds.parquet").glob("round-*.parquet")))
 _, err = driver.communicate(timeout=400)
 cluster.shutdown()
-print(json.dumps({"rc": driver.returncode, "stderr": err[-4000:]}))
+print(json.dumps({"rc": driver.returncode, "stderr": err[-4000:], "at_removal": at_removal}))
 """
 
 
@@ -151,7 +152,7 @@ def test_a_run_that_loses_a_node_mid_run_finishes_with_the_results_of_a_local_ru
     from raysim.run import run_experiment
 
     (tmp_path / "raylets").mkdir()
-    (tmp_path / "tiny.yaml").write_text(_as_yaml([*SPREAD, "rounds=8"]))
+    (tmp_path / "tiny.yaml").write_text(_as_yaml([*SPREAD, "rounds=30"]))
     env = cluster_env("")
     with tempfile.TemporaryDirectory(prefix="rs", dir="/tmp") as ray_tmp:
         env["RAY_TMPDIR"] = ray_tmp
@@ -163,6 +164,7 @@ def test_a_run_that_loses_a_node_mid_run_finishes_with_the_results_of_a_local_ru
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["rc"] == 0, result["stderr"]
+    assert result["at_removal"] < 20  # the node died with most rounds still to run
     assert "a device actor was lost" in result["stderr"]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "finished"
     cfg = load_experiment(tmp_path / "tiny.yaml", [f"output_dir={tmp_path / 'local'}", "ray.num_actors=1"])

@@ -149,7 +149,7 @@ def test_stop_at_target_ends_the_run_at_the_first_evaluation_that_reaches_it(ray
 
 def test_a_device_actor_killed_mid_round_costs_no_round_and_changes_no_result(runs, tmp_path, monkeypatch, capsys):
     """Round 2's second unit is handed to an actor, which is then killed: the unit is computed again (by the other
-    actor, or the killed one once Ray restarted it) and the run's files are the bytes of the run never killed."""
+    actor, or the one that replaced the killed one) and the run's files are the bytes of the run never killed."""
     import ray
 
     import raysim.pool
@@ -164,7 +164,7 @@ def test_a_device_actor_killed_mid_round_costs_no_round_and_changes_no_result(ru
         def call_then_kill(actor, item):
             refs = call(actor, item)
             if what == "round 2" and not killed and getattr(item, "index", None) == 1:
-                ray.kill(actor, no_restart=False)
+                ray.kill(actor)
                 killed.append(item.index)
             return refs
 
