@@ -26,6 +26,19 @@ from raysim.methods.submodel import Space
 from raysim.processors import ServerContext, UpdateProcessor, run_on_server
 
 
+class NonFiniteUpdate(ArithmeticError):
+    """A round whose aggregate is inf or NaN: the aggregator keeps the state before it, the driver raises this
+    and the run fails (a run never finishes on non-finite numbers)."""
+
+
+def _first_bad(tensors: Tensors) -> str:
+    """The first tensor holding inf or NaN, as 'name: k of n elements'; '' if all are finite."""
+    for name, t in tensors.items():
+        if not (finite := torch.isfinite(t)).all():
+            return f"{name}: {int((~finite).sum())} of {t.numel()} elements"
+    return ""
+
+
 class Aggregator:
     def __init__(self, *, state: Tensors, cfg: AggregationConfig, seed: int,
                  processors: list[UpdateProcessor] = (), space: Space | None = None, truncation_rank: int = 0):
@@ -62,8 +75,15 @@ class Aggregator:
         update_norm = 0.0
         if any(bool((w > 0).any()) for w in total.weights.values()):
             update = weighted_mean(total)
-            self.state = self.optimizer.step(self.state, update)
             update_norm = math.sqrt(sum(float(u.pow(2).sum()) for u in update.values()))
+            failure = f"the aggregated update is not finite ({bad})" if (bad := _first_bad(update)) else ""
+            if not failure:
+                state = self.optimizer.step(self.state, update)
+                if bad := _first_bad(state):
+                    failure = f"the server step made the global state non-finite ({bad})"
+            if failure:  # the state stays that of the round before; the driver fails the run (NonFiniteUpdate)
+                return self.state, {"non_finite": f"round {round}: {failure}"}
+            self.state = state
         return self.state, {**stats, "update_norm": update_norm, "num_aggregated": total.num_devices,
                             "round_params": self.round_params(), **self._truncation()}
 

@@ -58,7 +58,9 @@ def _report(args: argparse.Namespace) -> int:
     for given in map(Path, args.run_dirs):
         nested = sorted(p.parent for p in given.glob("runs/*/summary.json"))  # a study folder: its runs
         dirs += nested or [given]
-    print(f"report: {write_report(dirs, out_dir=Path(args.out), target=args.target)}")
+    report = write_report(dirs, out_dir=Path(args.out), target=args.target,
+                          unfinished="mark" if args.include_unfinished else "leave-out")
+    print(f"report: {report}")
     return 0
 
 
@@ -81,6 +83,8 @@ def _profiles(args: argparse.Namespace) -> int:
 
 def _privacy(args: argparse.Namespace) -> int:
     """ε for (z, q, T, δ), or the z that reaches a target ε: the accounting a run does."""
+    import math
+
     from raysim.privacy import accounting
 
     if (args.noise_multiplier is None) == (args.target_epsilon is None):
@@ -88,8 +92,10 @@ def _privacy(args: argparse.Namespace) -> int:
     checks = [(0 < args.sample_rate <= 1, "--sample-rate", "must be in (0, 1]"),
               (args.rounds >= 1, "--rounds", "must be >= 1"),
               (0 < args.delta < 1, "--delta", "must be in (0, 1)"),
-              (args.noise_multiplier is None or args.noise_multiplier >= 0, "--noise-multiplier", "must be >= 0"),
-              (args.target_epsilon is None or args.target_epsilon > 0, "--target-epsilon", "must be > 0"),
+              (args.noise_multiplier is None or 0 <= args.noise_multiplier < math.inf, "--noise-multiplier",
+               "must be finite and >= 0"),
+              (args.target_epsilon is None or 0 < args.target_epsilon < math.inf, "--target-epsilon",
+               "must be finite and > 0"),
               (args.accountant in accounting.ACCOUNTANTS, "--accountant",
                f"must be {accounting.ACCOUNTANTS.choices()}")]
     for ok, name, message in checks:
@@ -135,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", default="report", help="output folder (default: ./report)")
     report.add_argument("--target", type=float, help="target eval accuracy (default: each run's eval.target_accuracy)")
+    report.add_argument("--include-unfinished", action="store_true",
+                        help="average in runs that did not finish, marked (default: leave them out, listed)")
     report.set_defaults(func=_report)
     train = sub.add_parser("train-policy", help="train the rl policy over several episodes and save it")
     train.add_argument("experiment", help="experiment YAML whose policy is an rl policy file")

@@ -4,12 +4,15 @@
 the YAML file and ``key=value`` overrides, then validates ranges. Unknown keys
 and wrong types are rejected by OmegaConf's structured merge; the error is
 turned into a :class:`ConfigError` that names the file (or "override") and the
-dotted key.
+dotted key. Every float must be finite, and each key is range-checked
+(:func:`validate`); a bad value is reported against where it was last set:
+the file, "override", or a study's layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,7 +205,7 @@ class RayConfig:
     # Ray, 600 on a cluster (time for its autoscaler to add nodes).
     placement_timeout_s: float | None = None
     # A unit of work lost with its actor or node is computed again elsewhere, at most this many times;
-    # each actor restarts at most this many times.
+    # a lost actor is replaced by a new one at most this many times.
     max_retries: int = 3
 
 
@@ -288,17 +291,42 @@ def load_experiment(
     its source (``raysim compare`` layers a study's base and axis values).
     """
     cfg = OmegaConf.structured(ExperimentConfig)
-    source = "override"
+    setters: list[tuple[str, set[str]]] = []  # (source, the dotted keys it set), in merge order
     if path is not None:
-        source = str(path)
-        cfg = _merge(cfg, load_mapping(path, kind="experiment"), source=source)
+        data = load_mapping(path, kind="experiment")
+        cfg = _merge(cfg, data, source=str(path))
+        setters.append((str(path), _dotted_keys(data)))
     for item in overrides or []:
-        cfg = _merge(cfg, parse_override(item), source="override")
+        data = parse_override(item)
+        cfg = _merge(cfg, data, source="override")
+        setters.append(("override", _dotted_keys(data)))
     for layer_source, data in layers:
         cfg = _merge(cfg, data, source=layer_source)
+        setters.append((layer_source, _dotted_keys(data)))
     experiment = OmegaConf.to_object(cfg)
-    validate(experiment, source=source if path is not None or not layers else layers[0][0])
+    try:
+        validate(experiment, source=setters[0][0] if setters else "config")
+    except ConfigError as err:
+        # name whoever set the bad value last: a file's value fixed by an override is the override's fault
+        owner = next((src for src, keys in reversed(setters) if err.field and _sets(keys, err.field)), err.file)
+        raise ConfigError(err.message, file=owner, field=err.field) from None
     return experiment
+
+
+def _dotted_keys(data: Any, prefix: str = "") -> set[str]:
+    """Every dotted key a mapping sets, sections included (``privacy``, ``privacy.clip_norm``)."""
+    if not isinstance(data, (dict, DictConfig)):
+        return set()
+    keys = set()
+    for key, value in (data.items_ex(resolve=False) if isinstance(data, DictConfig) else data.items()):
+        dotted = f"{prefix}{key}"
+        keys |= {dotted, *_dotted_keys(value, f"{dotted}.")}
+    return keys
+
+
+def _sets(keys: set[str], field_name: str) -> bool:
+    """Whether ``keys`` set the value at ``field_name`` (``methods.bits[1]`` is set by ``methods.bits``)."""
+    return field_name.split("[")[0] in keys
 
 
 def parse_override(item: str) -> DictConfig:
@@ -316,12 +344,32 @@ def _check(ok: bool, field_name: str, message: str, *, source: str) -> None:
         raise ConfigError(message, file=source, field=field_name)
 
 
+def non_finite(value: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first float in a config (or section) that is inf or NaN; None if all are finite.
+
+    Every float key has a finite meaning only: an infinite clip norm or noise multiplier, learning rate or
+    deadline gives a false result or a hang, never a useful limit (None is how a key says "no limit")."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            if (found := non_finite(getattr(value, f.name), f"{prefix}.{f.name}" if prefix else f.name)) is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if (found := non_finite(item, f"{prefix}[{i}]")) is not None:
+                return found
+    elif isinstance(value, float) and not math.isfinite(value):
+        return prefix
+    return None
+
+
 def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     """Range checks the type system cannot express; names are checked against their registries."""
     from raysim.aggregation.lora import LORA_RULES
     from raysim.aggregation.server_opt import SERVER_OPTIMIZERS
 
     c = lambda ok, key, msg: _check(ok, key, msg, source=source)  # noqa: E731
+    bad = non_finite(cfg)
+    c(bad is None, bad, f"must be finite (got {_value_at(cfg, bad)})")
     c(cfg.rounds >= 1, "rounds", "must be >= 1")
     c(cfg.population_size is None or cfg.population_size >= 1, "population_size", "must be >= 1")
     c(cfg.cohort.size >= 1, "cohort.size", "must be >= 1")
@@ -331,6 +379,7 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(cfg.train.local_steps >= 1, "train.local_steps", "must be >= 1")
     c(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     c(cfg.train.lr > 0, "train.lr", "must be > 0")
+    c(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     m = cfg.model
     c(m.n_layer >= 1, "model.n_layer", "must be >= 1")
     c(m.n_head >= 1 and m.n_embd % m.n_head == 0, "model.n_head", "must divide model.n_embd")
@@ -356,7 +405,11 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     _validate_methods(cfg.methods, cfg.model, c)
     c(cfg.aggregation.server_optimizer in SERVER_OPTIMIZERS, "aggregation.server_optimizer",
       f"must be {SERVER_OPTIMIZERS.choices()}")
-    c(cfg.aggregation.server_lr > 0, "aggregation.server_lr", "must be > 0")
+    g = cfg.aggregation
+    c(g.server_lr > 0, "aggregation.server_lr", "must be > 0")
+    c(0 <= g.beta1 < 1, "aggregation.beta1", "must be in [0, 1)")
+    c(0 <= g.beta2 < 1, "aggregation.beta2", "must be in [0, 1)")
+    c(g.tau > 0, "aggregation.tau", "must be > 0")
     _validate_privacy(cfg.privacy, cfg.cohort, c)
     c(not cfg.privacy.local.enabled or (0 not in cfg.methods.lora_rank and not any(cfg.methods.partial_embeddings)),
       "privacy.local.enabled", "local DP-SGD trains LoRA adapters only: no rank 0, no partial embeddings")
@@ -368,6 +421,8 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     c(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     c(cfg.eval.max_examples >= 1, "eval.max_examples", "must be >= 1")
+    c(cfg.eval.target_accuracy is None or 0 <= cfg.eval.target_accuracy <= 1, "eval.target_accuracy",
+      "must be in [0, 1]")
     c(not cfg.eval.stop_at_target or (cfg.eval.target_accuracy is not None and cfg.eval.every > 0),
       "eval.stop_at_target", "needs eval.target_accuracy and eval.every > 0")
     c(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
@@ -379,6 +434,14 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(r.max_retries >= 0, "ray.max_retries", "must be >= 0")
     c(r.placement_timeout_s is None or r.placement_timeout_s > 0, "ray.placement_timeout_s", "must be > 0")
     c(r.tokens_per_pass >= 0, "ray.tokens_per_pass", "must be >= 0")
+
+
+def _value_at(cfg: Any, dotted: str | None) -> Any:
+    if dotted is None:
+        return None
+    for part in dotted.replace("[", ".[").split("."):
+        cfg = cfg[int(part[1:-1])] if part.startswith("[") else getattr(cfg, part)
+    return cfg
 
 
 def _validate_methods(methods: MethodsConfig, model: ModelConfig, c) -> None:

@@ -34,7 +34,7 @@ import raysim
 from raysim import callbacks as cb
 from raysim import checkpoint as ckpt
 from raysim import cluster, paths, rng
-from raysim.aggregator import Aggregator
+from raysim.aggregator import Aggregator, NonFiniteUpdate
 from raysim.caches import Caches
 from raysim.clock import OK, settle_round
 from raysim.cohort import sample_cohort
@@ -108,6 +108,8 @@ def run_round(run: Run, rnd: int) -> RoundResult:
                                        params=run.params, utility=run.policy.wants_utility)
     run.state_ref, stats_ref = run.aggregator.aggregate.options(num_returns=2).remote(rnd, partials)
     stats = ray.get(stats_ref)
+    if "non_finite" in stats:
+        raise NonFiniteUpdate(f"{stats['non_finite']}; the run stops with the state of round {rnd - 1}")
     run.params = stats["round_params"]
     devices = device_columns(rnd, draws, configs, costs, outcome.status, trained, records, cfg)
     row = round_row(rnd, sim_time_s=run.sim_time_s + outcome.duration_s, outcome=outcome, devices=devices,

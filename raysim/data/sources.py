@@ -70,14 +70,17 @@ def _column(table: pa.Table, name: str | None, *, key: str, source: str) -> list
 def partition(table: pa.Table, cfg: DataConfig, *, seed: int, source: str) -> dict[str, list[str]]:
     """Texts per user, users in a stable order, by ``data.partition``."""
     texts = _column(table, cfg.text_column, key="data.text_column", source=source)
-    if any(not isinstance(t, str) for t in texts):
-        raise ConfigError("text column must hold strings (no nulls)", file=source, field="data.text_column")
+    bad = next((row for row, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise ConfigError(f"row {bad} holds {texts[bad]!r}: the text column must hold strings (no nulls; rows "
+                          "count from 0)", file=source, field="data.text_column")
     if cfg.partition == "natural":
         users = _column(table, cfg.user_column, key="data.user_column", source=source)
         out: dict[str, list[str]] = {}
         for row, (user, text) in enumerate(zip(users, texts)):
             if user is None or str(user).strip() == "":
-                raise ConfigError(f"row {row} has an empty user", file=source, field="data.user_column")
+                raise ConfigError(f"row {row} has an empty user (rows count from 0)", file=source,
+                                  field="data.user_column")
             out.setdefault(str(user), []).append(text)
         return out
     n_users = cfg.num_users or len(set(_column(table, cfg.user_column, key="data.user_column", source=source)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def read_policy(name_or_path: str) -> PolicySpec:
         if key not in accepted:
             raise ConfigError(f"unknown parameter (accepted: {', '.join(sorted(accepted))})",
                               file=str(path), field=f"params.{key}")
+    for key, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"must be finite (got {value})", file=str(path), field=f"params.{key}")
     checkpoint = params.get("checkpoint")
     if isinstance(checkpoint, str) and not Path(checkpoint).is_absolute() and (path.parent / checkpoint).is_file():
         params = {**params, "checkpoint": str((path.parent / checkpoint).resolve())}  # next to the policy file

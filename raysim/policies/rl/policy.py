@@ -73,11 +73,15 @@ def rl(*, context: PolicyContext, checkpoint: str | None = None, learn: bool = T
        w_time: float = 1.0, w_bytes: float = 0.01, w_failure: float = 0.1, ridge: float = 1.0,
        prior_information: float = 1.0, memory: int = 64, temperature: float = 1.0, plan: int = 3) -> Learned:
     """The ``rl`` policy from a policy file's parameters (the names YAML uses; see policies/rl.yaml)."""
-    if temperature <= 0:
-        raise ConfigError("must be > 0", field="params.temperature")
-    if plan < 0:
-        raise ConfigError("must be >= 0 (sweeps of best responses; 0: the network's sample as is)",
-                          field="params.plan")
+    checks = [(temperature > 0, "temperature", "must be > 0"), (hidden >= 1, "hidden", "must be >= 1"),
+              (lr > 0, "lr", "must be > 0"), (epochs >= 1, "epochs", "must be >= 1"),
+              (entropy >= 0, "entropy", "must be >= 0"), (0 <= decay <= 1, "decay", "must be in [0, 1]"),
+              (ridge > 0, "ridge", "must be > 0"), (prior_information >= 0, "prior_information", "must be >= 0"),
+              (memory >= 1, "memory", "must be >= 1"),
+              (plan >= 0, "plan", "must be >= 0 (sweeps of best responses; 0: the network's sample as is)")]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(message, field=f"params.{key}")
     policy = Learned(context=context, hidden=hidden, lr=lr, learn=learn, temperature=temperature, plan=plan,
                      learning=Learning(epochs=epochs, entropy=entropy, decay=decay),
                      rewards=Rewards(progress=w_progress, time=w_time, bytes=w_bytes, failure=w_failure),
