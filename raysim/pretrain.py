@@ -59,6 +59,9 @@ def pretrain(base: BaseModel, public: torch.Tensor, cfg: PretrainConfig, *, seed
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     g = rng.generator(seed, "pretrain")
+    # one line even with progress=false: minutes of work must not look like a hang
+    print(f"raysim: pre-training a base model on {len(public):,} public sequences for {cfg.steps} steps "
+          f"(cached as {path})", file=sys.stderr)
     bar = tqdm(range(cfg.steps), desc="pre-training on public text", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     for step in bar:
@@ -66,6 +69,8 @@ def pretrain(base: BaseModel, public: torch.Tensor, cfg: PretrainConfig, *, seed
             group["lr"] = lr_at(step, steps=cfg.steps, lr=cfg.lr)
         x = public[torch.randint(len(public), (cfg.batch_size,), generator=g)]
         loss = model(input_ids=x, labels=x).loss
+        if not torch.isfinite(loss):
+            raise ArithmeticError(f"pre-training diverged at step {step} (loss {loss.item()}); lower pretrain.lr")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -75,7 +80,7 @@ def pretrain(base: BaseModel, public: torch.Tensor, cfg: PretrainConfig, *, seed
     torch.set_num_threads(threads)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # runs of a study may pre-train the same model at once
     torch.save(state, tmp)
     tmp.replace(path)
     return BaseModel(config=base.config, state=state, origin=f"pretrained {key}")

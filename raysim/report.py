@@ -5,6 +5,11 @@ directory), runs grouped by policy (and population when several), and
 ``report.md`` with a mean ± std table and PNG plots of the eval metric
 against simulated time, bytes and ε, a line per group with a band of ± one
 standard deviation over seeds.
+
+A run that did not finish (``running``, ``interrupted``, ``failed``) is left
+out of the means and the plots by default and listed as left out; with
+``unfinished="mark"`` it is averaged in and its group is marked with the
+count of such runs. A report never averages a partial run unannounced.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from raysim.errors import ConfigError
-from raysim.results import ROUNDS_SCHEMA, read_parts
+from raysim.results import COMPLETE, ROUNDS_SCHEMA, read_parts
 
 METRIC = "eval_accuracy"
 PLOTS = {  # file: (x column, x label, x scale)
@@ -118,12 +123,18 @@ def mean_std(values: list[float], *, scale: float, digits: int) -> str:
     return text if len(finite) == len(v) else f"{text} ({len(finite)}/{len(v)})"
 
 
+UNFINISHED = ("leave-out", "mark")  # what a report does with a run that did not finish
+
+
 def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim report",
-                 target: float | None = None) -> Path:
+                 target: float | None = None, unfinished: str = "leave-out") -> Path:
     """Write report.md and the PNG plots for ``run_dirs`` into ``out_dir``; return report.md.
 
-    ``target`` replaces the runs' own ``eval.target_accuracy`` for time- and bytes-to-target.
+    ``target`` replaces the runs' own ``eval.target_accuracy`` for time- and bytes-to-target;
+    ``unfinished`` says whether runs that did not finish are left out of the groups or averaged in and marked.
     """
+    if unfinished not in UNFINISHED:
+        raise ValueError(f"unfinished must be one of {UNFINISHED}, not {unfinished!r}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,9 +145,14 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
         config, summary, rounds = read_run(d)
         runs.append({"dir": d, "label": run_label(config), "metrics": run_metrics(d, target=target),
                      "curve": curve(summary, rounds)})
+    for r in runs:
+        r["complete"] = r["metrics"]["status"] in COMPLETE
+    left_out = [r for r in runs if not r["complete"] and unfinished == "leave-out"]
     populations = len({r["label"]["population"] for r in runs})
     groups: dict[str, list[dict]] = {}
     for r in runs:
+        if r in left_out:
+            continue
         groups.setdefault(group_name(r["label"], populations=populations), []).append(r)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -176,12 +192,20 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
         plt.close(fig)
 
     header = ["group", "runs", *(h for _, h, _, _ in TABLE)]
-    lines = [f"# {title}", "", f"{len(runs)} runs; mean ± std over seeds; "
-             "a count (k/n) marks a column only k of n runs reached.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    averaged = len(runs) - len(left_out)
+    lines = [f"# {title}", "", f"{averaged} runs; mean ± std over seeds; "
+             "a count (k/n) marks a column only k of n runs reached."]
+    if left_out:
+        lines.append(f"{len(left_out)} run{'s' * (len(left_out) > 1)} that did not finish "
+                     f"{'are' if len(left_out) > 1 else 'is'} left out (listed below as left out).")
+    if unfinished == "mark" and any(not r["complete"] for r in runs):
+        lines.append("A group marked † averages in runs that did not finish (their count follows the mark).")
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, members in groups.items():
         cells = [mean_std([m["metrics"][key] for m in members], scale=s, digits=d) for key, _, s, d in TABLE]
-        lines.append(f"| {name} | {len(members)} | " + " | ".join(cells) + " |")
+        partial = sum(not m["complete"] for m in members)
+        mark = f" † {partial}" if partial else ""
+        lines.append(f"| {name}{mark} | {len(members)} | " + " | ".join(cells) + " |")
     targets = sorted({r["metrics"]["target_accuracy"] for r in runs if math.isfinite(r["metrics"]["target_accuracy"])})
     lines += ["", f"Target {METRIC}: {', '.join(map(str, targets)) or 'none set (eval.target_accuracy)'}.", ""]
     lines += [f"![{METRIC} vs {label}]({file})" for file, (_, label, _) in PLOTS.items()]
@@ -189,7 +213,9 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
               "|---|---|---|---|---|---|"]
     for r in runs:
         lab, met = r["label"], r["metrics"]
-        lines.append(f"| {r['dir']} | {lab['policy']} | {lab['seed']} | {lab['population']} | {met['status']} "
+        status = met["status"] if r["complete"] else (
+            f"{met['status']} after {met['rounds_completed']} rounds" + (", left out" if r in left_out else ""))
+        lines.append(f"| {r['dir']} | {lab['policy']} | {lab['seed']} | {lab['population']} | {status} "
                      f"| {met['final_eval_accuracy']:.4f} |")
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")

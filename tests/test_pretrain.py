@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from raysim.config import PretrainConfig, load_experiment
@@ -39,3 +40,23 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert lrs[0] < lrs[4] == 1.0
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
     assert abs(lrs[-1] - 0.1) < 0.01
+
+
+def test_pretraining_says_one_line_when_it_starts_even_without_progress_bars(tmp_path, capsys):
+    cfg = load_experiment(None, TINY)
+    base = initial_base_model(cfg.model, seed=0)
+    settings = PretrainConfig(steps=2, batch_size=4, cache_dir=str(tmp_path))
+    pretrain(base, build_dataset(cfg).public_examples(), settings, seed=0, progress=False)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("raysim: pre-training a base model on ") and "for 2 steps" in err[0]
+    pretrain(base, build_dataset(cfg).public_examples(), settings, seed=0, progress=False)
+    assert capsys.readouterr().err == ""  # cached: nothing to wait for
+
+
+def test_pretraining_that_diverges_stops_and_caches_nothing(tmp_path):
+    cfg = load_experiment(None, TINY)
+    base = initial_base_model(cfg.model, seed=0)
+    settings = PretrainConfig(steps=20, batch_size=4, lr=1e30, cache_dir=str(tmp_path))
+    with pytest.raises(ArithmeticError, match="pre-training diverged at step"):
+        pretrain(base, build_dataset(cfg).public_examples(), settings, seed=0, progress=False)
+    assert not list(tmp_path.rglob("*.pt"))

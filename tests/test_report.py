@@ -14,8 +14,9 @@ from raysim.results import DEVICES_SCHEMA, ROUNDS_SCHEMA, RoundResult, RoundRow,
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_run(folder, *, policy: str, seed: int, accuracy: list[float], target=0.3, epsilon=math.inf):
-    """A finished run with evaluations every round, 100 s and 1000 + 4000 bytes per round."""
+def fake_run(folder, *, policy: str, seed: int, accuracy: list[float], target=0.3, epsilon=math.inf,
+             status="finished"):
+    """A run (finished unless told) with evaluations every round, 100 s and 1000 + 4000 bytes per round."""
     cfg = load_experiment(None, [f"policy={policy}", f"seed={seed}", f"eval.target_accuracy={target}"])
     writer = RunWriter(folder, config_yaml=to_yaml(cfg))
     for i, acc in enumerate(accuracy, 1):
@@ -24,7 +25,7 @@ def fake_run(folder, *, policy: str, seed: int, accuracy: list[float], target=0.
             "bytes_down": 4000, "n_selected": 10, "n_oom": 1, "n_stragglers": 2, "n_dropped": 0,
             "train_loss": 1.0, "eval_loss": 2.0}))
         writer.write_round(RoundResult(row=row, devices={name: [] for name in DEVICES_SCHEMA.names}, started_s=0.0))
-    writer.write_summary({"status": "finished", "rounds_completed": len(accuracy), "wall_time_s": 1.0,
+    writer.write_summary({"status": status, "rounds_completed": len(accuracy), "wall_time_s": 1.0,
                           "initial": {"eval_accuracy": 0.1}, "final": {"eval_loss": 2.0, "train_loss": 1.0}})
     return folder
 
@@ -86,3 +87,23 @@ def test_train_policy_rejects_a_policy_that_does_not_learn(tmp_path, capsys, arg
     code = main(["train-policy", str(exp)] + (argv[1:] if argv else []))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "train-policy trains an rl policy, not 'uniform'" in err[0]
+
+
+def test_a_run_that_did_not_finish_is_left_out_of_the_means_and_listed(tmp_path, capsys):
+    """A 1-round interrupted run must not drag its group's mean (0.4 of the finished seeds) down unannounced."""
+    runs = [fake_run(tmp_path / f"r{s}", policy="uniform", seed=s, accuracy=[0.3, 0.4]) for s in (0, 1)]
+    runs.append(fake_run(tmp_path / "r2", policy="uniform", seed=2, accuracy=[0.1], status="interrupted"))
+    text = write_report(runs, out_dir=tmp_path / "out").read_text()
+    assert "| uniform | 2 | 0.4000 ± 0.0000 |" in text
+    assert "1 run that did not finish is left out" in text
+    assert f"| {runs[2]} | uniform | 2 | gboard | interrupted after 1 rounds, left out | 0.1000 |" in text
+
+
+def test_a_flag_averages_unfinished_runs_in_and_marks_their_group(tmp_path, capsys):
+    runs = [fake_run(tmp_path / "a", policy="uniform", seed=0, accuracy=[0.3, 0.4]),
+            fake_run(tmp_path / "b", policy="uniform", seed=1, accuracy=[0.2], status="failed")]
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out"),
+                 "--include-unfinished"]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| uniform † 1 | 2 | 0.3000 ± 0.1000 |" in text and "left out" not in text
+    assert f"| {runs[1]} | uniform | 1 | gboard | failed after 1 rounds | 0.2000 |" in text
