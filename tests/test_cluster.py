@@ -252,3 +252,18 @@ def test_constraints_pin_every_installed_requirement_at_its_version():
     pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
                 if line and not line.startswith("#"))
     assert installed == pins
+
+
+def test_no_node_gets_the_launchers_world_open_ssh_group():
+    """Ray's AWS launcher creates a group admitting SSH from 0.0.0.0/0 for any node type without
+    SecurityGroupIds; with them on every type its security-group step returns the config untouched
+    (and calls no AWS API), so nodes get only the group cluster.yaml documents."""
+    from ray.autoscaler._private.aws import config as aws_config
+
+    config = prepare_config(load_cluster_yaml())
+    before = copy.deepcopy(config)
+    assert aws_config._configure_security_group(config) == before
+    groups = {tuple(t["node_config"]["SecurityGroupIds"]) for t in config["available_node_types"].values()}
+    assert groups == {("sg-REPLACE-ME",)}  # one group, the placeholder the documented commands replace
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "--cidr $MY_CIDR" in text and "--source-group $SG" in text and 's/sg-REPLACE-ME/$SG/' in text
