@@ -78,7 +78,7 @@ class Evaluation(Callback):
         self.initial: dict[str, float] = {}
 
     def on_start(self, run: Run) -> None:
-        if self.every > 0:
+        if self.every > 0 and run.completed == 0:  # a resumed run has its initial metrics from the checkpoint
             self.initial = run.pool.evaluate(run.state_ref)
 
     def after_round(self, run: Run, result: RoundResult) -> Step:
@@ -89,6 +89,12 @@ class Evaluation(Callback):
 
     def summary(self, run: Run) -> dict:
         return {"initial": self.initial}
+
+    def state(self) -> dict:
+        return {"initial": self.initial}
+
+    def load_state(self, state: dict) -> None:
+        self.initial = state.get("initial", {})
 
 
 class TargetAccuracy(Callback):

@@ -181,8 +181,13 @@ class Run:
         return stop is not None
 
     def __enter__(self) -> Run:
-        for callback in self.callbacks:
-            callback.on_start(self)
+        self.writer.write_summary(self.summary())  # status: running, before anything that can take time or fail
+        try:
+            for callback in self.callbacks:
+                callback.on_start(self)  # the initial evaluation among them
+        except BaseException:
+            self.__exit__(*sys.exc_info())  # failed or interrupted before round 1: said so, actors freed
+            raise
         return self
 
     def __exit__(self, kind, error, traceback) -> None:

@@ -32,9 +32,15 @@ TINY = [
 ]
 
 
+MACHINE_KEYS = ("wall_time_s", "versions", "num_actors", "actor_nodes", "checkpoint")  # summary.json: the machine's
+
+
 def assert_same_results(a, b) -> None:
-    """Two run directories hold the same results: byte-identical devices.parquet parts and final state, and
-    rounds.parquet equal in every column but wall time (the one that measures the machine, not the run)."""
+    """Two run directories hold the same results: byte-identical devices.parquet parts and final state,
+    rounds.parquet equal in every column but wall time (the one that measures the machine, not the run), and
+    summary.json equal but for what measures the machine or the session (MACHINE_KEYS)."""
+    import json
+
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -50,6 +56,9 @@ def assert_same_results(a, b) -> None:
     for name in rounds_a.column_names:  # bit for bit (Arrow's equals calls NaN unequal to NaN)
         x, y = (np.asarray(t[name].to_numpy()) for t in (rounds_a, rounds_b))
         assert x.tobytes() == y.tobytes(), name
+    summary_a, summary_b = ({k: v for k, v in json.loads((d / "summary.json").read_text()).items()
+                             if k not in MACHINE_KEYS} for d in (a, b))
+    assert json.dumps(summary_a, sort_keys=True) == json.dumps(summary_b, sort_keys=True)
 
 
 def make_worker(cfg):

@@ -162,3 +162,18 @@ def test_a_crafted_checkpoint_is_refused_and_runs_no_code(tmp_path, ray_session)
     with pytest.raises(ConfigError, match="checkpoint.safetensors: not a raysim checkpoint"):
         run_experiment(load_experiment(run_dir / "config.yaml", []), resume=True)
     assert not marker.exists()
+
+
+class FailAtStart(Callback):
+    def on_start(self, run):
+        raise RuntimeError("broken before round 1")
+
+
+def test_a_run_that_fails_before_round_1_says_so_in_its_summary(tiny_cfg, ray_session):
+    """Before, a failure during the initial evaluation left no summary.json at all."""
+    cfg = tiny_cfg()
+    with pytest.raises(RuntimeError, match="broken before round 1"):
+        run_experiment(cfg, callbacks=[FailAtStart()])
+    summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rounds_completed"] == 0
+    assert summary["cause"] == "RuntimeError: broken before round 1" and summary["initial"]  # evaluated first
