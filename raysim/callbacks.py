@@ -59,8 +59,12 @@ class Callback:
         """This callback's part of ``summary.json``."""
         return {}
 
+    def before_end(self, run: Run) -> None:
+        """The run is stopping (after the last round, or failed or interrupted): last work on its state, before
+        the final summary is taken (the last checkpoint)."""
+
     def on_end(self, run: Run, summary: dict) -> None:
-        """After the last round, or on the way out of a failed or interrupted one."""
+        """After the last round, or on the way out of a failed or interrupted one, with the final summary."""
 
     def state(self) -> dict:
         """What this callback carries from round to round (JSON), for checkpoints."""
@@ -178,7 +182,7 @@ class Checkpoints(Callback):
         if self.every > 0 and run.completed % self.every == 0:
             self._save(run)
 
-    def on_end(self, run: Run, summary: dict) -> None:
+    def before_end(self, run: Run) -> None:
         if run.completed > self.saved:
             self._save(run)
 

@@ -23,8 +23,10 @@ import logging
 import math
 import os
 import secrets
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 
 import ray
@@ -164,9 +166,23 @@ def _have() -> str:
     return text + f", {total.get('GPU', 0.0):g} GPUs ({free.get('GPU', 0.0):g} free)"
 
 
+@contextlib.contextmanager
+def _keep_sigterm():
+    """Keep this process's SIGTERM handler through ``ray.init``, which replaces it twice: with its own
+    ``sys.exit`` and then with the core worker's crash handler, which prints a native stack and aborts
+    (exit 134). ``raysim run`` turns SIGTERM into a clean stop: the state saved, one line, exit 130."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _start_local(*, num_cpus: int | None, num_gpus: int | None, include_dashboard: bool) -> str:
     _private_token()
-    with _single_machine_mode(), _token_notice_silenced():
+    with _single_machine_mode(), _token_notice_silenced(), _keep_sigterm():
         context = ray.init(
             address="local",  # never attach to a Ray found on the machine
             num_cpus=num_cpus,
@@ -195,7 +211,7 @@ def _join(*, target: str, timeout_s: float) -> str:
             raise ConfigError(f"no Ray cluster found for {target!r}: {err}", field=FIELD) from err
     _probe(address=rest, given=target, timeout_s=timeout_s)
     # One GCS handshake (~40 s at most) instead of Ray's 20 if the port is not a GCS.
-    with _env(RAY_gcs_server_port_wait_time_s="1"):
+    with _env(RAY_gcs_server_port_wait_time_s="1"), _keep_sigterm():
         try:
             ray.init(address=target, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError) as err:

@@ -195,6 +195,8 @@ class Run:
             self.status = "interrupted" if issubclass(kind, KeyboardInterrupt) else "failed"
             self.cause = None if self.status == "interrupted" else describe_error(error)
         try:
+            for callback in self.callbacks:
+                callback.before_end(self)
             summary = self.summary()
             for callback in self.callbacks:
                 callback.on_end(self, summary)

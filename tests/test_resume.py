@@ -177,3 +177,33 @@ def test_a_run_that_fails_before_round_1_says_so_in_its_summary(tiny_cfg, ray_se
     summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["rounds_completed"] == 0
     assert summary["cause"] == "RuntimeError: broken before round 1" and summary["initial"]  # evaluated first
+
+
+def test_sigterm_stops_cleanly_saves_the_state_and_the_run_resumes_to_the_same_results(ray_session, tmp_path):
+    """SIGTERM (what a scheduler or `kill` sends) stops the driver like Ctrl-C: exit 130, one line, no traceback,
+    status interrupted with a checkpoint at its last round; resumed, it ends as the run never stopped."""
+    overrides = [*TINY, "rounds=12", "eval.every=3"]
+    run_dir = tmp_path / "run"
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(_nested(overrides)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    proc = subprocess.Popen([sys.executable, "-m", "raysim.cli", "run", str(tmp_path / "tiny.yaml"),
+                             f"output_dir={run_dir}"], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list((run_dir / "rounds.parquet").glob("round-*.parquet"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and err.rstrip().splitlines()[-1] == "raysim: interrupted"
+    assert "Traceback" not in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    done = len(list((run_dir / "rounds.parquet").glob("round-*.parquet")))
+    assert summary["status"] == "interrupted" and summary["rounds_completed"] == done < 12
+    assert summary["checkpoint"]["round"] == done and not (run_dir / "final_state.pt").exists()
+    whole = run_experiment(load_experiment(None, [*overrides, f"output_dir={tmp_path / 'whole'}"]))
+    assert_same_results(_resume(run_dir), whole)
