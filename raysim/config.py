@@ -344,8 +344,9 @@ def _check(ok: bool, field_name: str, message: str, *, source: str) -> None:
         raise ConfigError(message, file=source, field=field_name)
 
 
-def non_finite(value: Any, prefix: str = "") -> str | None:
-    """The dotted key of the first float in a config (or section) that is inf or NaN; None if all are finite.
+def non_finite(value: Any, prefix: str = "") -> tuple[str, float] | None:
+    """The dotted key and value of the first float in a config (or section) that is inf or NaN; None if all
+    are finite.
 
     Every float key has a finite meaning only: an infinite clip norm or noise multiplier, learning rate or
     deadline gives a false result or a hang, never a useful limit (None is how a key says "no limit")."""
@@ -358,7 +359,7 @@ def non_finite(value: Any, prefix: str = "") -> str | None:
             if (found := non_finite(item, f"{prefix}[{i}]")) is not None:
                 return found
     elif isinstance(value, float) and not math.isfinite(value):
-        return prefix
+        return prefix, value
     return None
 
 
@@ -368,8 +369,8 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     from raysim.aggregation.server_opt import SERVER_OPTIMIZERS
 
     c = lambda ok, key, msg: _check(ok, key, msg, source=source)  # noqa: E731
-    bad = non_finite(cfg)
-    c(bad is None, bad, f"must be finite (got {_value_at(cfg, bad)})")
+    if (bad := non_finite(cfg)) is not None:
+        c(False, bad[0], f"must be finite (got {bad[1]})")
     c(cfg.rounds >= 1, "rounds", "must be >= 1")
     c(cfg.population_size is None or cfg.population_size >= 1, "population_size", "must be >= 1")
     c(cfg.cohort.size >= 1, "cohort.size", "must be >= 1")
@@ -434,14 +435,6 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(r.max_retries >= 0, "ray.max_retries", "must be >= 0")
     c(r.placement_timeout_s is None or r.placement_timeout_s > 0, "ray.placement_timeout_s", "must be > 0")
     c(r.tokens_per_pass >= 0, "ray.tokens_per_pass", "must be >= 0")
-
-
-def _value_at(cfg: Any, dotted: str | None) -> Any:
-    if dotted is None:
-        return None
-    for part in dotted.replace("[", ".[").split("."):
-        cfg = cfg[int(part[1:-1])] if part.startswith("[") else getattr(cfg, part)
-    return cfg
 
 
 def _validate_methods(methods: MethodsConfig, model: ModelConfig, c) -> None:

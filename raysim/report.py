@@ -147,11 +147,12 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
                      "curve": curve(summary, rounds)})
     for r in runs:
         r["complete"] = r["metrics"]["status"] in COMPLETE
-    left_out = [r for r in runs if not r["complete"] and unfinished == "leave-out"]
+        r["left_out"] = not r["complete"] and unfinished == "leave-out"
+    left_out = sum(r["left_out"] for r in runs)
     populations = len({r["label"]["population"] for r in runs})
     groups: dict[str, list[dict]] = {}
     for r in runs:
-        if r in left_out:
+        if r["left_out"]:
             continue
         groups.setdefault(group_name(r["label"], populations=populations), []).append(r)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -192,12 +193,12 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
         plt.close(fig)
 
     header = ["group", "runs", *(h for _, h, _, _ in TABLE)]
-    averaged = len(runs) - len(left_out)
+    averaged = len(runs) - left_out
     lines = [f"# {title}", "", f"{averaged} runs; mean ± std over seeds; "
              "a count (k/n) marks a column only k of n runs reached."]
     if left_out:
-        lines.append(f"{len(left_out)} run{'s' * (len(left_out) > 1)} that did not finish "
-                     f"{'are' if len(left_out) > 1 else 'is'} left out (listed below as left out).")
+        lines.append(f"{left_out} run{'s' * (left_out > 1)} that did not finish "
+                     f"{'are' if left_out > 1 else 'is'} left out (listed below as left out).")
     if unfinished == "mark" and any(not r["complete"] for r in runs):
         lines.append("A group marked † averages in runs that did not finish (their count follows the mark).")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -214,7 +215,7 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
     for r in runs:
         lab, met = r["label"], r["metrics"]
         status = met["status"] if r["complete"] else (
-            f"{met['status']} after {met['rounds_completed']} rounds" + (", left out" if r in left_out else ""))
+            f"{met['status']} after {met['rounds_completed']} rounds" + (", left out" if r["left_out"] else ""))
         lines.append(f"| {r['dir']} | {lab['policy']} | {lab['seed']} | {lab['population']} | {status} "
                      f"| {met['final_eval_accuracy']:.4f} |")
     report = out_dir / "report.md"

@@ -146,7 +146,6 @@ class Run:
     actor_nodes: int
     sim_time_s: float = 0.0
     epsilon: float = math.inf  # spent so far: 0 before round 1 under central DP, inf without it
-    initial: dict[str, float] = field(default_factory=dict)  # held-out metrics before round 1
     last: dict[str, float] = field(default_factory=dict)  # the latest finite train and eval metrics
     totals: dict[str, int] = field(default_factory=lambda: {"bytes_up": 0, "bytes_down": 0, "devices_trained": 0})
     completed: int = 0
@@ -157,7 +156,7 @@ class Run:
 
     def round_state(self, rnd: int, *, target: int) -> RoundState:
         return RoundState(round=rnd, sim_time_s=self.sim_time_s, last_train_loss=self.last.get("train_loss"),
-                          last_eval_loss=self.last.get("eval_loss", self.initial.get("eval_loss")),
+                          last_eval_loss=self.last.get("eval_loss"),
                           epsilon=self.epsilon, target=target)
 
     def after_round(self, result: RoundResult) -> bool:
@@ -215,7 +214,7 @@ class Run:
         if aggregator is None:
             return False
         progress = {"completed": self.completed, "sim_time_s": self.sim_time_s, "epsilon": self.epsilon,
-                    "initial": self.initial, "last": self.last, "totals": self.totals, "params": self.params,
+                    "last": self.last, "totals": self.totals, "params": self.params,
                     "wall_time_s": self.wall_time_s(), "config": self.result_config}
         ckpt.save(self.dir / ckpt.FILE, {
             "run": ckpt.State(meta=progress), "aggregator": aggregator, "policy": self.policy.checkpoint(),
@@ -232,7 +231,7 @@ class Run:
         for callback in self.callbacks:
             callback.load_state(parts["callbacks"].meta.get(type(callback).__name__, {}))
         self.completed, self.sim_time_s = progress["completed"], progress["sim_time_s"]
-        self.epsilon, self.initial, self.last = progress["epsilon"], progress["initial"], progress["last"]
+        self.epsilon, self.last = progress["epsilon"], progress["last"]
         self.totals, self.params, self.wall_before_s = progress["totals"], progress["params"], progress["wall_time_s"]
         self.writer.forget_after(self.completed)  # rounds past the checkpoint are redone
 
@@ -253,7 +252,7 @@ class Run:
             "data": {"source": cfg.data.source, "fingerprint": self.dataset.fingerprint(),
                      "users": self.dataset.num_users},
             "num_actors": len(self.pool), "actor_nodes": self.actor_nodes, "sim_time_s": self.sim_time_s,
-            "wall_time_s": self.wall_time_s(), "initial": self.initial, "final": self.last,
+            "wall_time_s": self.wall_time_s(), "final": self.last,
             "epsilon": self.epsilon, "delta": self.privacy.delta if self.privacy else 0.0,
             "privacy": _privacy_summary(self.privacy, cfg), "totals": self.totals,
             "policy": policy_identity(self.spec), "versions": _versions(),

@@ -46,11 +46,18 @@ def test_missing_experiment_file_is_a_config_error(tmp_path):
     ("methods.lora_rank=[4096]", "methods.lora_rank[0]"),
     ("data.seq_len=1000", "data.seq_len"),
     ("ray.num_actors=0", "ray.num_actors"),
+    ("aggregation.beta1=1.0", "aggregation.beta1"),
+    ("aggregation.beta2=-0.1", "aggregation.beta2"),
+    ("aggregation.tau=0", "aggregation.tau"),
+    ("train.weight_decay=-0.01", "train.weight_decay"),
+    ("eval.target_accuracy=1.5", "eval.target_accuracy"),
+    ("eval.target_accuracy=-0.1", "eval.target_accuracy"),
+    ("ray.max_retries=-1", "ray.max_retries"),
 ])
 def test_out_of_range_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_experiment(None, [override])
-    assert err.value.field == key
+    assert err.value.field == key and err.value.file == "override"
 
 
 @pytest.mark.parametrize("extra", [[], ["eval.target_accuracy=0.1", "eval.every=0"]])
