@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from raysim import costmodel, rng
+from raysim import costmodel, fastops, rng
 from raysim.aggregation.rules import PartialSum, Tensors, global_norm
 from raysim.config import ExperimentConfig
 from raysim.data import FederatedDataset
@@ -76,6 +76,7 @@ class DeviceWorker:
         processors: list[UpdateProcessor] = (),
     ):
         torch.set_num_threads(num_threads)
+        fastops.keep_freed_memory()
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.ray.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
         self.dataset = dataset
