@@ -9,10 +9,13 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from raysim import rng
 from raysim.config import DataConfig, load_experiment
 from raysim.data.corpus import PUBLIC_USER, SHIPPED
 from raysim.data.sources import partition, read_table
+from raysim.data.synthetic import SyntheticTokens
 from raysim.data.text import build_text_dataset
 from raysim.data.tokenizer import train_tokenizer
 from raysim.errors import ConfigError
@@ -183,3 +186,27 @@ def test_runs_that_share_caches_share_a_dataset_only_when_it_would_come_out_the_
             is build_dataset(replace(other_policy, seed=cfg.seed + 1), caches=caches))  # split fixed
     assert build_dataset(replace(cfg, seed=cfg.seed + 1), caches=caches) is not built  # the split follows the seed
     assert build_dataset(replace(cfg, data=replace(cfg.data, seq_len=16)), caches=caches).blocks.shape[1] == 16
+
+
+def _walk_in_torch(data, user_id, n):
+    """The generator's first form, one torch indexing op per position: the reference its numpy walk keeps."""
+    g = rng.generator(data.seed, "data", "user", user_id)
+    styles = data.cfg.num_styles
+    own = int(torch.randint(0, styles, (1,), generator=g))
+    seq_style = torch.where(torch.rand(n, generator=g) < 0.8, own, torch.randint(0, styles, (n,), generator=g))
+    prefs = torch.softmax(2.0 * torch.randn(data.successors, generator=g), dim=0)
+    choice = torch.multinomial(prefs, n * (data.cfg.seq_len - 1), replacement=True, generator=g)
+    choice = choice.view(n, data.cfg.seq_len - 1)
+    tokens = torch.empty(n, data.cfg.seq_len, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, data.vocab_size, (n,), generator=g)
+    for t in range(1, data.cfg.seq_len):
+        tokens[:, t] = data.tables[seq_style, tokens[:, t - 1], choice[:, t - 1]]
+    return tokens
+
+
+def test_synthetic_users_are_the_same_sequences_as_the_torch_walk_made():
+    data = SyntheticTokens(DataConfig(examples_per_user=6, seq_len=17, num_styles=5), vocab_size=300, seed=4)
+    for user in (0, 1, 7, 99_999, 1 << 40):
+        got = data._generate(user, 6)
+        assert got.dtype == torch.long
+        assert torch.equal(got, _walk_in_torch(data, user, 6))
