@@ -39,10 +39,11 @@ class DropoutKeys:
     def dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         if not training or p == 0.0 or self.generators is None:
             return F.dropout(x, p, training)
-        chunks = x.chunk(len(self.generators))
-        keep = torch.cat([torch.empty_like(c).bernoulli_(1.0 - p, generator=g)
-                          for c, g in zip(chunks, self.generators)])
-        return x * keep / (1.0 - p)
+        keep = torch.empty_like(x)
+        for rows, g in zip(keep.chunk(len(self.generators)), self.generators):
+            rows.uniform_(generator=g)  # in place, row block by row block: no per-device tensors to join
+        q = 1.0 - p
+        return x * keep.lt_(q).div_(q)  # keep with probability q, scaled by 1/q (as F.dropout)
 
 
 KEYS = DropoutKeys()  # one worker per process: the process's model uses these

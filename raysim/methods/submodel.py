@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from raysim import rng
 from raysim.aggregation.lora import LORA_RULES, LoraRule
 from raysim.config import ExperimentConfig
+from raysim.fastops import fuse_activations
 from raysim.grouped import install_keyed_dropout, stackable
 from raysim.methods import layers, quantize, width
 from raysim.methods.lora import Target, lora_init
@@ -171,6 +172,7 @@ class Submodel:
         if structure.embeddings:
             model.get_parameter(EMBEDDING).requires_grad_(True)
         install_keyed_dropout(model)
+        fuse_activations(model)
         self.lm = model.to(device)
         self.device = device
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
