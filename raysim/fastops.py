@@ -12,7 +12,10 @@ import platform
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GPT2LMHeadModel
 from transformers.activations import FastGELUActivation, NewGELUActivation
+
+from raysim.grouped import per_device_loss
 
 
 class TanhGELU(nn.Module):
@@ -34,6 +37,60 @@ def fuse_activations(model: nn.Module) -> None:
         for name, child in module.named_children():
             if type(child) in (NewGELUActivation, FastGELUActivation):
                 setattr(module, name, TanhGELU())
+
+
+# Models whose logits are exactly ``lm_head(base_model(...).last_hidden_state)``: no scaling, capping or bias.
+HEAD_LOSS_MODELS = (GPT2LMHeadModel,)
+CHUNK_ROWS = 512  # positions per chunk: a W2 chunk's logits (512 x 1024 floats, 2 MiB) stay in cache
+
+
+class _NextTokenHeadLoss(torch.autograd.Function):
+    """Each device's mean next-token loss through a frozen output head, and its gradient, chunk by chunk.
+
+    The loss is the last node of the graph and its gradient is known in the forward pass (one per device,
+    scaled in backward by the caller's), so the gradient with respect to the hidden states is taken right
+    there, a chunk of positions at a time: logits, log-softmax, the loss, the log-softmax gradient (the
+    kernels ``F.cross_entropy`` runs backward) and its product with the head, while the chunk is in cache.
+    The full (positions, vocab) logits, their log-softmax and their gradient never exist; the last position
+    of each sequence, which predicts nothing, gets no logits at all.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, devices: int) -> torch.Tensor:
+        rows, length, width = hidden.shape
+        count = rows // devices * (length - 1)  # positions with a next token, per device
+        nll = torch.empty(rows, length - 1, dtype=torch.float32, device=hidden.device)
+        grad = torch.zeros_like(hidden)
+        step = max(1, CHUNK_ROWS // (length - 1))  # whole sequences per chunk
+        for start in range(0, rows, step):
+            end = min(rows, start + step)
+            h = hidden[start:end, :-1].reshape(-1, width)
+            target = tokens[start:end, 1:].reshape(-1, 1)
+            log_probs = torch.log_softmax((h @ weight.T).float(), dim=-1)
+            nll[start:end] = -log_probs.gather(1, target).view(end - start, length - 1)
+            grad_out = torch.zeros_like(log_probs).scatter_(1, target, -1.0 / count)
+            grad_logits = torch._log_softmax_backward_data(grad_out, log_probs, 1, log_probs.dtype)
+            grad[start:end, :-1] = (grad_logits.to(weight.dtype) @ weight).view(end - start, length - 1, width)
+        ctx.save_for_backward(grad)
+        ctx.devices = devices
+        return nll.view(devices, -1).sum(1) / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        per_row = grad_loss.to(grad.dtype).repeat_interleave(grad.shape[0] // ctx.devices)
+        return grad * per_row.view(-1, 1, 1), None, None, None
+
+
+def device_losses(model: nn.Module, tokens: torch.Tensor, *, devices: int) -> torch.Tensor:
+    """Each device's mean next-token loss over its rows of ``tokens`` (``devices`` equal row blocks), as
+    transformers' causal-LM loss; through :class:`_NextTokenHeadLoss` where the model's head allows."""
+    head = model.get_output_embeddings() if isinstance(model, HEAD_LOSS_MODELS) else None
+    if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
+        return per_device_loss(model(input_ids=tokens).logits, tokens, devices=devices)
+    hidden = model.base_model(input_ids=tokens).last_hidden_state
+    return _NextTokenHeadLoss.apply(hidden, head.weight, tokens, devices)
 
 
 def keep_freed_memory() -> bool:

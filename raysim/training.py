@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from raysim.grouped import keyed, per_device_loss, stacked
+from raysim.fastops import device_losses
+from raysim.grouped import keyed, stacked
 from raysim.methods.submodel import EMBEDDING, Submodel
 from raysim.privacy.local import LocalDPSGD
 
@@ -61,7 +62,7 @@ def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, s
         else:
             for step in range(steps):
                 x = torch.cat([rows[b[step]] for rows, b in zip(data.examples, data.batches)]).to(device)
-                losses = per_device_loss(sub.lm(input_ids=x).logits, x, devices=k)
+                losses = device_losses(sub.lm, x, devices=k)
                 losses.sum().backward()
                 if data.keep is not None:
                     sub.params[EMBEDDING].grad.mul_(data.keep)

@@ -7,8 +7,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.activations import NewGELUActivation
 
-from raysim.fastops import TanhGELU, fuse_activations
-from raysim.grouped import KeyedDropout, keyed
+from raysim import fastops
+from raysim.fastops import TanhGELU, device_losses, fuse_activations
+from raysim.grouped import KeyedDropout, keyed, per_device_loss
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -67,3 +68,42 @@ def test_kept_memory_serves_a_freed_large_tensor_again_without_page_faults():
     if out[0] == "False":
         pytest.skip("not glibc")
     assert int(out[1]) < 1000  # 64 MiB is 16,384 pages of 4 KiB
+
+
+def _tiny_gpt2(**kw) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=12, bos_token_id=0,
+                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)).eval()
+
+
+def _reference(model, tokens, devices):
+    return per_device_loss(model(input_ids=tokens).logits, tokens, devices=devices)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [3, 512])  # chunks that cut a device's rows, and one chunk
+def test_head_loss_is_the_causal_lm_loss_and_its_gradient(monkeypatch, rows_per_chunk):
+    """Same kernels per position as ``F.cross_entropy`` on the full logits, so loss and gradients agree to
+    float32 rounding of sums taken in another order (relative 1e-6, a few ε times the terms' count)."""
+    monkeypatch.setattr(fastops, "CHUNK_ROWS", rows_per_chunk)
+    model = _tiny_gpt2()
+    model.lm_head.weight.requires_grad_(False)  # tied to the input embedding: frozen, as under LoRA
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    tokens = torch.randint(0, 40, (6, 12), generator=torch.Generator().manual_seed(1))
+    weights = torch.tensor([1.0, -2.0, 0.5])  # an upstream gradient other than ones reaches each device
+    ours = device_losses(model, tokens, devices=3)
+    g_ours = torch.autograd.grad((ours * weights).sum(), trainable)
+    theirs = _reference(model, tokens, 3)
+    g_theirs = torch.autograd.grad((theirs * weights).sum(), trainable)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_trainable_head_takes_the_plain_loss():
+    model = _tiny_gpt2()  # the tied embedding trains (partial embeddings): the head's gradient is needed
+    tokens = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(2))
+    loss = device_losses(model, tokens, devices=1)
+    assert loss.grad_fn.name() != "_NextTokenHeadLossBackward"
+    loss.sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(loss, _reference(model, tokens, 1))
