@@ -22,6 +22,7 @@ import gc
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 import torch
 
 from raysim import costmodel, fastops, rng
@@ -102,8 +103,6 @@ class DeviceWorker:
         gc.freeze()
 
     def node_id(self) -> str:
-        import ray
-
         return ray.get_runtime_context().get_node_id()
 
     def initial_state(self) -> Tensors:
@@ -191,6 +190,7 @@ class DeviceWorker:
         grads, loss = self._gradient
         return -sum(float((grads[k] * update[k]).sum()) for k in grads if k in update) / loss
 
+    @ray.method(num_returns=2)  # the records, and the partial sum as its own object (left where it is)
     def train(self, unit: WorkUnit, inputs: RoundInputs | None = None) -> tuple[DeviceRecords, PartialSum]:
         """Train the unit's groups in order; return their devices' records (unit order) and the unit's partial sum.
 
@@ -198,8 +198,6 @@ class DeviceWorker:
         or restarted, needs nothing else); without them, :meth:`begin_round` must have been called.
         """
         if inputs is not None and inputs.round != self._round:
-            import ray
-
             self.begin_round(ray.get(inputs.state), inputs.round, inputs.params, inputs.utility)
         partial = PartialSum.zeros_like(self._state)
         records = DeviceRecords.concat([self._train_group(group, partial) for group in unit.groups])

@@ -124,7 +124,7 @@ class DevicePool:
         if not units:
             return DeviceRecords.concat([]), []
         inputs = RoundInputs(state=state, round=round, params=params, utility=utility)
-        done = self._map(units, lambda a, unit: tuple(a.train.options(num_returns=2).remote(unit, inputs)),
+        done = self._map(units, lambda a, unit: tuple(a.train.remote(unit, inputs)),
                          what=f"round {round}", in_flight=IN_FLIGHT_PER_ACTOR)
         return DeviceRecords.concat([records for records, _ in done]).by_device_id(), [refs[0] for _, refs in done]
 
