@@ -1,7 +1,9 @@
 """Where a W2 round's time goes: the driver's phases, then one actor's share of a round, op by op.
 
 Driver: a W2 run (2 actors, 6 rounds) with every phase of ``run_round`` and the round's callbacks timed; prints
-the median ms per round of each (rounds 2 on) and what the phases leave of the round (Ray and waiting). Actor:
+the median ms per round of each (rounds 2 on) and what the phases leave of the round (Ray and waiting). Ray: the
+same rounds from Ray's timeline, the actors' side (training, Ray's per-unit work, waiting for the slower actor
+and for the driver). Actor:
 a DeviceWorker in this process trains one actor's share of a W2 cohort (250 devices, as the pool cuts it)
 under ``torch.profiler``; prints its wall time, the ops that take the most of it, and the share of the
 language-model head (the vocab x width matmuls, log-softmax and its gradient).
@@ -22,8 +24,10 @@ from common import W2
 
 def driver_phases(rounds: int = 6) -> None:
     import raysim.callbacks as callbacks
+    import raysim.profiles as profiles
     import raysim.run as run_module
     from raysim.config import load_experiment
+    from raysim.policies import static
 
     spent: dict[str, list[float]] = defaultdict(list)
 
@@ -39,6 +43,10 @@ def driver_phases(rounds: int = 6) -> None:
     for name in ("sample_cohort", "device_costs", "settle_round", "device_columns", "round_row"):
         setattr(run_module, name, timed(name, getattr(run_module, name)))
     run_module.run_round = timed("round (all of run_round)", run_module.run_round)
+    profiles.Population.draw = timed("profile draws", profiles.Population.draw)
+    for policy in vars(static).values():
+        if isinstance(policy, type) and "assign" in vars(policy):
+            policy.assign = timed("policy", policy.assign)
     pool_train = run_module.DevicePool.train
     run_module.DevicePool.train = timed("actors: train units (wait)", pool_train)
     for cls in (callbacks.Files, callbacks.Checkpoints, callbacks.PolicyFeedback, callbacks.Progress):
@@ -48,13 +56,48 @@ def driver_phases(rounds: int = 6) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_experiment(None, [*W2.overrides(num_actors=None), f"output_dir={tmp}/run", f"rounds={rounds}"])
         run_module.run_experiment(cfg)
+    import ray
+
+    events = ray.timeline()  # Ray's own task events: the actors' side of the same rounds
     print(f"driver, W2 (cohort {W2.cohort}, 2 actors), median ms per round over rounds 2-{rounds}:")
     median = {name: statistics.median(times[1:]) * 1e3 for name, times in spent.items()}
     for name, ms in median.items():
         print(f"  {name:<38} {ms:9.1f}")
     inside = sum(ms for name, ms in median.items() if not name.startswith(("round", "callback")))
     rest = median["round (all of run_round)"] - inside
-    print(f"  {'rest: draws, policy, aggregator, Ray':<38} {rest:9.1f}")
+    print(f"  {'rest: the server step, Ray':<38} {rest:9.1f}")
+    ray_phases(events)
+
+
+def ray_phases(events: list[dict]) -> None:
+    """From Ray's timeline (microseconds): per round, how the actors' time splits between training and the rest.
+
+    A round's units run between the aggregate of the round before and its own, so rounds 2 on are timed.
+    """
+    spans = [e for e in events if e.get("ph") == "X"]
+    aggregates = sorted(e["ts"] for e in spans if e["name"] == "aggregate")
+    ms: dict[str, list[float]] = defaultdict(list)
+    for start, end in zip(aggregates, aggregates[1:]):
+        trains = [e for e in spans if e["name"] == "train" and start <= e["ts"] < end]
+        if not trains:
+            continue
+        actors = {e["tid"] for e in trains}
+        ray_side = [e for e in spans if e["tid"] in actors and start <= e["ts"] < end
+                    and e["name"] in ("task:deserialize_arguments", "task:store_outputs")]
+        ends = [max(e["ts"] + e["dur"] for e in trains if e["tid"] == a) for a in actors]
+        ms["round, aggregate to aggregate"].append((end - start) / 1e3)
+        ms["until the first unit starts"].append((min(e["ts"] for e in trains) - start) / 1e3)
+        ms["units trained, per actor"].append(sum(e["dur"] for e in trains) / len(actors) / 1e3)
+        ms["Ray per unit: arguments in, results out"].append(sum(e["dur"] for e in ray_side) / len(trains) / 1e3)
+        ms["first actor done to last actor done"].append((max(ends) - min(ends)) / 1e3)
+        ms["last unit done to the aggregate"].append((end - max(ends)) / 1e3)
+        ms["units per actor (count)"].append(len(trains) / len(actors))
+    if not ms:
+        print("actors: Ray's timeline holds no task events")
+        return
+    print(f"actors, from Ray's timeline, medians over rounds 2-{len(aggregates)} (ms):")
+    for name, values in ms.items():
+        print(f"  {name:<42} {statistics.median(values):9.1f}")
 
 
 def actor_ops() -> None:

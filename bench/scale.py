@@ -29,7 +29,8 @@ def sample():
     while not stop.is_set():
         for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
             cmd = " ".join(p.info["cmdline"] or [])
-            if "DeviceWorker" in cmd and p.info["memory_info"]:
+            # Ray names an actor's process after its class (ray::DeviceWorker, ray::DeviceWorker.train, ...)
+            if cmd.startswith("ray::DeviceWorker") and p.info["memory_info"]:
                 peaks[p.info["pid"]] = max(peaks.get(p.info["pid"], 0), p.info["memory_info"].rss)
         time.sleep(0.2)  # polling interval of the sampler, not emulated time
 
