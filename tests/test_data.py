@@ -210,3 +210,15 @@ def test_synthetic_users_are_the_same_sequences_as_the_torch_walk_made():
         got = data._generate(user, 6)
         assert got.dtype == torch.long
         assert torch.equal(got, _walk_in_torch(data, user, 6))
+
+
+def test_a_tokenizer_that_cannot_reach_the_vocabulary_stops_the_run_with_one_line(tmp_path):
+    cfg = load_experiment(None, ["model.vocab_size=32768", f"pretrain.cache_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as err:
+        build_text_dataset(cfg)
+    message = str(err.value)
+    assert message.startswith("model.vocab_size: the public text of ")
+    built = int(message.split("BPE vocabulary of ")[1].split(" tokens")[0].replace(",", ""))
+    assert 2048 < built < 32768  # what the shipped corpus's public split yields (9,194 with tokenizers 0.22)
+    assert "model.vocab_size=32,768" in message and "data.tokenizer.path" in message and "synthetic" in message
+    assert "\n" not in message

@@ -98,6 +98,12 @@ def build_text_dataset(cfg: ExperimentConfig) -> TextDataset:
         tok = load_tokenizer(d.tokenizer.path)
     elif public_texts:
         tok = train_tokenizer(public_texts, vocab_size=cfg.model.vocab_size, cache_dir=Path(cfg.pretrain.cache_dir))
+        if tok.get_vocab_size() < cfg.model.vocab_size:  # BPE ran out of pairs to merge: the text is too small
+            raise ConfigError(
+                f"the public text of {Path(source).name} yields a BPE vocabulary of {tok.get_vocab_size():,} "
+                f"tokens, fewer than model.vocab_size={cfg.model.vocab_size:,}; lower it, give more public text "
+                f"(data.public_fraction, more users), a tokenizer (data.tokenizer.path), or use "
+                f"data.source=synthetic (any vocabulary size)", field="model.vocab_size")
     else:
         raise ConfigError("no public text to train a tokenizer on: set data.public_fraction > 0 "
                           "or give data.tokenizer.path", file=source, field="data.tokenizer.path")
