@@ -22,7 +22,7 @@ from raysim.aggregation.rules import PartialSum, Tensors, combine, weighted_mean
 from raysim.aggregation.server_opt import make_server_optimizer
 from raysim.checkpoint import State, nest, sub
 from raysim.config import AggregationConfig
-from raysim.methods.submodel import Space
+from raysim.methods.submodel import Space, Support
 from raysim.processors import ServerContext, UpdateProcessor, run_on_server
 
 
@@ -41,7 +41,8 @@ def _first_bad(tensors: Tensors) -> str:
 
 class Aggregator:
     def __init__(self, *, state: Tensors, cfg: AggregationConfig, seed: int,
-                 processors: list[UpdateProcessor] = (), space: Space | None = None, truncation_rank: int = 0):
+                 processors: list[UpdateProcessor] = (), space: Space | None = None, truncation_rank: int = 0,
+                 support: Support | None = None):
         # The aggregator takes no CPU slot from the device actors; with torch's default
         # thread pool its idle OpenMP threads would spin on their cores after every step.
         torch.set_num_threads(1)
@@ -51,6 +52,7 @@ class Aggregator:
         self.seed = seed
         self.space = space
         self.truncation_rank = truncation_rank
+        self.support = support
         self.round = 0  # the last round aggregated
 
     def get_state(self) -> Tensors:
@@ -70,8 +72,9 @@ class Aggregator:
         self.round = round
         fetched = (ray.get(p) if isinstance(p, ray.ObjectRef) else p for p in partials)
         total = combine(fetched) if partials else PartialSum.zeros_like(self.state)
-        total, stats = run_on_server(self.processors, total,
-                                     context=ServerContext(seed=self.seed, round=round, num_devices=total.num_devices))
+        support = None if self.support is None else self.support.masks(self.state, round=round)
+        total, stats = run_on_server(self.processors, total, context=ServerContext(
+            seed=self.seed, round=round, num_devices=total.num_devices, support=support))
         update_norm = 0.0
         if any(bool((w > 0).any()) for w in total.weights.values()):
             update = weighted_mean(total)

@@ -49,6 +49,7 @@ class ServerContext:
     seed: int
     round: int
     num_devices: int
+    support: dict[str, torch.Tensor] | None = None  # per state entry, what some config can change (None: all)
 
 
 class UpdateProcessor:

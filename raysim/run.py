@@ -44,7 +44,7 @@ from raysim.costmodel import device_costs
 from raysim.data import FederatedDataset, build_dataset
 from raysim.errors import ConfigError, describe_error
 from raysim.methods import method_space
-from raysim.methods.submodel import Space
+from raysim.methods.submodel import Space, Support
 from raysim.models import BaseModel, base_seed, initial_base_model
 from raysim.policies import CostOracle, Policy, PolicyContext, PolicySpec, build_policy, policy_identity, read_policy
 from raysim.pool import DevicePool
@@ -144,6 +144,7 @@ class Run:
     state_ref: ray.ObjectRef
     params: list[object]  # the update processors' parameters for the next round
     actor_nodes: int
+    noised_dims: int = 0  # coordinates central DP noises each round (0 without it)
     sim_time_s: float = 0.0
     epsilon: float = math.inf  # spent so far: 0 before round 1 under central DP, inf without it
     last: dict[str, float] = field(default_factory=dict)  # the latest finite train and eval metrics
@@ -254,7 +255,7 @@ class Run:
             "num_actors": len(self.pool), "actor_nodes": self.actor_nodes, "sim_time_s": self.sim_time_s,
             "wall_time_s": self.wall_time_s(), "final": self.last,
             "epsilon": self.epsilon, "delta": self.privacy.delta if self.privacy else 0.0,
-            "privacy": _privacy_summary(self.privacy, cfg), "totals": self.totals,
+            "privacy": _privacy_summary(self.privacy, cfg, noised_dims=self.noised_dims), "totals": self.totals,
             "policy": policy_identity(self.spec), "versions": _versions(),
         }
         if self.cause is not None:
@@ -290,8 +291,12 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
     pool = DevicePool(cfg=cfg, base=ray.put(base), dataset=ray.put(dataset), processors=processors, caches=caches)
     try:
         policy = _policy(cfg, spec, pool, make_policy)
+        space, initial = Space.build(cfg, base), pool.initial_state()
+        # central DP noises what some config of the method space can change, and nothing else
+        support = Support(space=space, configs=tuple(method_space(cfg.methods)),
+                          pruning=cfg.methods.pruning) if privacy else None
         aggregator = ray.remote(Aggregator).options(num_cpus=0, scheduling_strategy=cluster.on_this_node()).remote(
-            state=pool.initial_state(), cfg=cfg.aggregation, seed=cfg.seed, space=Space.build(cfg, base),
+            state=initial, cfg=cfg.aggregation, seed=cfg.seed, space=space, support=support,
             truncation_rank=min((r for r in cfg.methods.lora_rank if r > 0), default=0), processors=processors)
         params = ray.get(aggregator.round_params.remote())
         nodes = len(set(pool.nodes()))
@@ -307,7 +312,8 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
         run = Run(cfg=cfg, dir=run_dir, population=population, dataset=dataset, base=base, privacy=privacy,
                   spec=spec, pool=pool, policy=policy, aggregator=aggregator, writer=writer,
                   callbacks=[*own, *callbacks], state_ref=aggregator.get_state.remote(), params=params,
-                  actor_nodes=nodes, epsilon=0.0 if privacy else math.inf)
+                  actor_nodes=nodes, epsilon=0.0 if privacy else math.inf,
+                  noised_dims=support.count(initial) if support else 0)
         if restored is not None:
             run.restore(restored)
     except BaseException:
@@ -391,7 +397,7 @@ def _describe(plan: CentralPlan, cfg: ExperimentConfig) -> str:
     return text
 
 
-def _privacy_summary(plan: CentralPlan | None, cfg: ExperimentConfig) -> dict:
+def _privacy_summary(plan: CentralPlan | None, cfg: ExperimentConfig, *, noised_dims: int) -> dict:
     summary = {"local_dp": cfg.privacy.local.enabled}
     if plan is None:
         return {"central_dp": False, **summary}
@@ -399,7 +405,8 @@ def _privacy_summary(plan: CentralPlan | None, cfg: ExperimentConfig) -> dict:
             "update_noise_multiplier": plan.update_noise_multiplier, "clip_norm": plan.clip_norm,
             "sample_rate": plan.sample_rate, "expected_devices": plan.expected_devices,
             "accountant": plan.accountant, "max_epsilon": cfg.privacy.max_epsilon,
-            "target_epsilon": cfg.privacy.target_epsilon, "rounds_within_budget": plan.rounds}
+            "target_epsilon": cfg.privacy.target_epsilon, "rounds_within_budget": plan.rounds,
+            "noised_dims": noised_dims}
 
 
 def _versions() -> dict[str, str]:

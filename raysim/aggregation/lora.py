@@ -55,6 +55,12 @@ class LoraRule(ABC):
         """A device's trained change of the factors (``delta``, from ``start``) as pieces of the global state."""
 
 
+    @abstractmethod
+    def support(self, target: Target, *, rank: int, rows: Index, cols: Index) -> list[tuple[str, Index, Index]]:
+        """The state entries, and their (rows, columns), that a rank-``rank`` device holding ``rows`` x ``cols``
+        of ``target`` can change (None: all of that axis)."""
+
+
 LORA_RULES: Registry[LoraRule] = Registry("LoRA aggregation rule")
 
 
@@ -84,6 +90,9 @@ class FlexLoRA(LoraRule):
         local = lora.product(lora_A=start[0] + delta[0], lora_B=start[1] + delta[1], scale=scale)
         current = width.extract(state[f"{target.name}.delta"], rows=rows, cols=cols)
         return [(f"{target.name}.delta", local - current, rows, cols)]
+
+    def support(self, target: Target, *, rank: int, rows: Index, cols: Index) -> list[tuple[str, Index, Index]]:
+        return [(f"{target.name}.delta", rows, cols)]  # a product B A of any rank reaches every element
 
 
 class HetLoRA(LoraRule):
@@ -117,6 +126,10 @@ class HetLoRA(LoraRule):
                scale: float, max_rank: int) -> list[Piece]:
         da, db = lora.zero_pad(lora_A=delta[0], lora_B=delta[1], rank=max_rank)  # padded components: held zeros
         return [(f"{target.name}.lora_A", da, None, cols), (f"{target.name}.lora_B", db, rows, None)]
+
+    def support(self, target: Target, *, rank: int, rows: Index, cols: Index) -> list[tuple[str, Index, Index]]:
+        components = torch.arange(rank)  # the zero-padded ones above ``rank`` never change
+        return [(f"{target.name}.lora_A", components, cols), (f"{target.name}.lora_B", rows, components)]
 
 
 LORA_RULES.register("flexlora")(FlexLoRA())

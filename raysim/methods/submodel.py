@@ -15,7 +15,7 @@ back to full coordinates with the mask of what it held.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -101,6 +101,32 @@ class Space:
         """Relative error ``‖ΔW - ΔW_r‖_F / ‖ΔW‖_F`` of the start a rank-``rank`` device gets."""
         return self.rule.truncation_error(state, self.targets, rank=rank, scale=self.scale)
 
+    def support(self, configs: list[DeviceConfig], state: Tensors, *, pruning: str, round: int) -> Tensors:
+        """Per state entry, a bool mask of the coordinates that some device of ``configs`` can change in ``round``.
+
+        The union of what the configs' submodels hold: their trained blocks, their width (the pruning window of
+        the round; federated dropout keeps a random part of it, so the whole window), their LoRA rank in the
+        rule's coordinates, and the whole embedding for partial embeddings (any row may be one a device saw).
+        Entries no config reaches are all False: an update never touches them.
+        """
+        masks = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in state.items()}
+        for config in dict.fromkeys(configs):
+            structure = self.structure(config)
+            slices = self.slices(replace(config, dropout_rate=0.0), pruning=pruning, seed=0, round=round, device_id=0)
+            for t in self.targets:
+                if t.layer not in structure.blocks:
+                    continue
+                out_idx, in_idx = self.index(t.kind, slices, t.layer)
+                pieces = ([(f"{t.name}.delta", out_idx, in_idx)] if config.lora_rank == 0 else
+                          self.rule.support(t, rank=config.lora_rank, rows=out_idx, cols=in_idx))
+                for key, rows, cols in pieces:
+                    mask = masks[key]
+                    mask[(slice(None) if rows is None else rows.unsqueeze(1),
+                          slice(None) if cols is None else cols)] = True
+            if config.partial_embeddings:
+                masks[EMBEDDING][:] = True
+        return masks
+
     def structure(self, config: DeviceConfig) -> Structure:
         heads = width.kept(width.kept(self.n_head, config.prune_ratio), config.dropout_rate)
         mlp = width.kept(width.kept(self.inner, config.prune_ratio), config.dropout_rate)
@@ -137,6 +163,27 @@ class Space:
         if kind == "mlp.c_fc":
             return mlp, None
         return None, mlp
+
+
+@dataclass
+class Support:
+    """What some config of a run's method space can change, round by round (:meth:`Space.support`): where central
+    DP's noise goes. Computed once unless a pruning window rolls."""
+
+    space: Space
+    configs: tuple[DeviceConfig, ...]
+    pruning: str
+    _cached: Tensors | None = None
+
+    def masks(self, state: Tensors, *, round: int) -> Tensors:
+        rolls = PRUNING[self.pruning].rolls and any(c.prune_ratio > 0 for c in self.configs)
+        if self._cached is None or rolls:
+            self._cached = self.space.support(list(self.configs), state, pruning=self.pruning, round=round)
+        return self._cached
+
+    def count(self, state: Tensors, *, round: int = 1) -> int:
+        """How many coordinates that is (the same every round: a rolling window keeps its size)."""
+        return sum(int(m.sum()) for m in self.masks(state, round=round).values())
 
 
 def _slices_key(slices: Slices) -> tuple | None:

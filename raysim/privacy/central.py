@@ -43,7 +43,7 @@ def gaussian_noise(like: Tensors, *, std: float, seed: int, round: int) -> Tenso
 
 
 def noisy_sum(total: PartialSum, *, noise_std: float, expected_devices: float, seed: int,
-              round: int) -> tuple[PartialSum, float]:
+              round: int, support: Tensors | None = None) -> tuple[PartialSum, float]:
     """The sum of clipped updates plus noise, to be divided by the expected cohort size; and its
     signal-to-noise ratio.
 
@@ -53,8 +53,14 @@ def noisy_sum(total: PartialSum, *, noise_std: float, expected_devices: float, s
     held an element would reveal it. ``signal_to_noise`` is ||sum of clipped
     updates|| / ||noise added to it|| (inf without noise): below 1 the
     aggregate is mostly noise.
+
+    ``support`` (per entry, a bool mask) limits the noise to the coordinates some device could change: the
+    others hold every device's zero, so their sensitivity is zero and they keep their value. The draws are
+    the same either way (drawn in full, then masked), so a full support gives the unmasked noise exactly.
     """
     noise = gaussian_noise(total.sums, std=noise_std, seed=seed, round=round)
+    if support is not None:
+        noise = {k: n * support[k] for k, n in noise.items()}
     signal, noise_norm = global_norm(total.sums), global_norm(noise)
     denominator = torch.tensor(expected_devices, dtype=torch.float64)
     noisy = replace(total, sums={k: s.cpu() + noise[k] for k, s in total.sums.items()},
@@ -126,8 +132,10 @@ class CentralDP(UpdateProcessor):
         plan = self.plan
         noise_std = plan.update_noise_multiplier * self.clip_norm
         noisy, snr = noisy_sum(total, noise_std=noise_std, expected_devices=plan.expected_devices, seed=context.seed,
-                               round=context.round)
-        stats = {"clip_norm": self.clip_norm, "noise_std": noise_std, "signal_to_noise": snr}
+                               round=context.round, support=context.support)
+        noised = (sum(int(m.sum()) for m in context.support.values()) if context.support is not None
+                  else sum(s.numel() for s in total.sums.values()))
+        stats = {"clip_norm": self.clip_norm, "noise_std": noise_std, "signal_to_noise": snr, "noised_dims": noised}
         if self.adaptive is not None:
             self.clip_norm = self.adaptive.update(num_unclipped=int(total.counts.get("unclipped", 0)),
                                                   expected_devices=plan.expected_devices, seed=context.seed,

@@ -1,0 +1,69 @@
+"""Central DP noises exactly the coordinates some config of the method space can change (golden counts).
+
+The model: GPT-2 with 2 blocks of width 16, 2 heads of 8, vocabulary 32; LoRA on ``c_attn`` (16 in, 48 out).
+Its ΔW per block is 48 x 16 = 768 coordinates; the embedding is 32 x 16 = 512.
+"""
+
+import pytest
+import torch
+
+from raysim.aggregation.rules import PartialSum
+from raysim.config import load_experiment
+from raysim.methods import method_space
+from raysim.methods.submodel import Space, Support
+from raysim.models import initial_base_model
+from raysim.privacy.central import gaussian_noise, noisy_sum
+
+TINY = ["model.n_layer=2", "model.n_embd=16", "model.n_head=2", "model.vocab_size=32", "model.n_positions=16",
+        "data.seq_len=16",
+        "methods.lora_target_modules=[c_attn]"]
+
+
+def _support(*overrides):
+    cfg = load_experiment(None, [*TINY, *overrides])
+    base = initial_base_model(cfg.model, seed=0)
+    space = Space.build(cfg, base)
+    support = Support(space=space, configs=tuple(method_space(cfg.methods)), pruning=cfg.methods.pruning)
+    return support, space.initial_state(base, seed=0)
+
+
+@pytest.mark.parametrize("overrides, count", [
+    (["methods.lora_rank=[4]"], 2 * 768),  # every block's ΔW
+    (["methods.lora_rank=[4]", "methods.trainable_layers=[1]"], 768),  # the top block only; block 0 never changes
+    (["methods.lora_rank=[4]", "methods.trainable_layers=[1,null]"], 2 * 768),  # some config trains both
+    (["methods.lora_rank=[0]"], 2 * 768),  # full fine-tuning of the targets: the same ΔW
+    (["methods.lora_rank=[4]", "methods.partial_embeddings=[false,true]"], 2 * 768 + 512),
+    (["methods.lora_rank=[4]", "methods.prune_ratio=[0.5]"], 2 * 24 * 16),  # 1 of 2 heads: 3 x 8 of 48 outputs
+    (["methods.lora_rank=[4]", "methods.prune_ratio=[0.5,0.0]"], 2 * 768),
+    (["methods.lora_rank=[4]", "methods.prune_ratio=[0.5]", "methods.pruning=fedrolex"], 2 * 24 * 16),
+    (["methods.lora_rank=[4]", "methods.dropout_rate=[0.5]"], 2 * 768),  # random heads: any of them
+    (["methods.lora_rank=[2]", "aggregation.lora=hetlora"], 2 * (2 * 16 + 48 * 2)),  # factors A 2x16, B 48x2
+    (["methods.lora_rank=[4,2]", "aggregation.lora=hetlora"], 2 * (4 * 16 + 48 * 4)),
+    (["methods.lora_rank=[4]", "aggregation.lora=hetlora", "methods.prune_ratio=[0.5]"], 2 * (4 * 16 + 24 * 4)),
+])
+def test_noised_dimensions_are_the_union_of_the_method_spaces_supports(overrides, count):
+    support, state = _support(*overrides)
+    assert support.count(state) == count
+
+
+def test_a_rolling_window_moves_the_support_and_keeps_its_size():
+    support, state = _support("methods.lora_rank=[4]", "methods.prune_ratio=[0.5]", "methods.pruning=fedrolex")
+    one = {k: m.clone() for k, m in support.masks(state, round=1).items()}
+    two = support.masks(state, round=2)
+    assert sum(int(m.sum()) for m in two.values()) == sum(int(m.sum()) for m in one.values())
+    assert any(not torch.equal(one[k], two[k]) for k in one)
+
+
+def test_noise_lands_only_on_the_support_with_the_keyed_draws_there():
+    """Off the support the noisy sum is exactly the sum (nobody could change it); on it the noise is the same
+    keyed N(0, std²) draw as without a support, so the std per coordinate is z·C wherever noise goes."""
+    support, state = _support("methods.lora_rank=[4]", "methods.trainable_layers=[1]")
+    masks = support.masks(state, round=3)
+    total = PartialSum.zeros_like(state)
+    total.sums = {k: torch.full_like(v, 0.5) * masks[k] for k, v in total.sums.items()}
+    noisy, _ = noisy_sum(total, noise_std=2.0, expected_devices=10.0, seed=7, round=3, support=masks)
+    full = gaussian_noise(total.sums, std=2.0, seed=7, round=3)
+    for k, m in masks.items():
+        assert torch.equal(noisy.sums[k][~m], total.sums[k][~m])
+        assert torch.equal(noisy.sums[k][m], total.sums[k][m] + full[k][m])
+    assert not masks["transformer.h.0.attn.c_attn.delta"].any() and masks["transformer.h.1.attn.c_attn.delta"].all()
