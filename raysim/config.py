@@ -159,6 +159,9 @@ class PrivacyConfig:
     max_epsilon: float | None = None  # stop the run at the last round within this budget
     delta: float = 1e-6  # must be below 1 / population size
     accountant: str = "rdp"  # rdp | prv (Opacus)
+    # where LoRA updates are clipped and noised: dense (ΔW, aggregation.lora=flexlora) or factors (ffa, hetlora);
+    # null: wherever aggregation.lora aggregates
+    noise_space: str | None = None
     adaptive_clipping: AdaptiveClippingConfig = field(default_factory=AdaptiveClippingConfig)
     local: LocalPrivacyConfig = field(default_factory=LocalPrivacyConfig)
 
@@ -419,6 +422,14 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(LORA_RULES[cfg.aggregation.lora].dense or 0 not in cfg.methods.lora_rank, "methods.lora_rank",
       f"rank 0 (full weights) needs a LoRA rule that holds ΔW (aggregation.lora={' or '.join(dense)}): "
       f"{cfg.aggregation.lora} aggregates factors")
+    space = cfg.privacy.noise_space
+    c(space in (None, "dense", "factors"), "privacy.noise_space", "must be dense or factors (or null)")
+    if space in ("dense", "factors") and cfg.aggregation.lora in LORA_RULES:
+        factors = [name for name, rule in LORA_RULES.items() if not rule.dense]
+        c((space == "dense") == LORA_RULES[cfg.aggregation.lora].dense, "privacy.noise_space",
+          f"{space} needs aggregation.lora=" + (" or ".join(dense) if space == "dense" else
+                                               " or ".join(factors) + " (ffa: exact, A frozen)")
+          + f", not {cfg.aggregation.lora}")
     c(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     c(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     c(cfg.eval.max_examples >= 1, "eval.max_examples", "must be >= 1")

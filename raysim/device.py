@@ -251,6 +251,7 @@ class DeviceWorker:
         slices = self._slices(config, round=round, device_id=device_ids[0])
         sub.load_frozen(self._state, slices, version=round)
         initial = sub.initial(self._state, slices, self._factors)
+        sub.load_fixed(initial)
         starts = [initial[n] for n in sub.params]
         data = [self.dataset.device_examples(d) for d in device_ids]
         batches = [

@@ -35,6 +35,7 @@ import raysim
 from raysim import callbacks as cb
 from raysim import checkpoint as ckpt
 from raysim import cluster, paths, rng
+from raysim.aggregation.lora import LORA_RULES
 from raysim.aggregator import Aggregator, NonFiniteUpdate
 from raysim.caches import Caches
 from raysim.clock import OK, settle_round
@@ -406,6 +407,7 @@ def _privacy_summary(plan: CentralPlan | None, cfg: ExperimentConfig, *, noised_
             "sample_rate": plan.sample_rate, "expected_devices": plan.expected_devices,
             "accountant": plan.accountant, "max_epsilon": cfg.privacy.max_epsilon,
             "target_epsilon": cfg.privacy.target_epsilon, "rounds_within_budget": plan.rounds,
+            "noise_space": "dense" if LORA_RULES[cfg.aggregation.lora].dense else "factors",
             "noised_dims": noised_dims}
 
 

@@ -164,3 +164,16 @@ def test_a_run_whose_aggregate_turns_non_finite_fails_and_keeps_its_state(tiny_c
     assert summary["status"] == "failed" and summary["rounds_completed"] == 0
     assert summary["cause"].startswith("NonFiniteUpdate: round 1: the aggregated update is not finite")
     assert not (run_dir / "final_state.pt").exists() and not list((run_dir / "rounds.parquet").glob("*.parquet"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["privacy.noise_space=sparse"], "must be dense or factors (or null)"),
+    (["privacy.noise_space=factors"], "factors needs aggregation.lora=hetlora or ffa (ffa: exact, A frozen), "
+                                      "not flexlora"),
+    (["privacy.noise_space=dense", "aggregation.lora=ffa"], "dense needs aggregation.lora=flexlora, not ffa"),
+])
+def test_a_noise_space_the_lora_rule_does_not_aggregate_in_is_refused(overrides, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli(["run", "experiments/dp_fedavg.yaml", *overrides, f"output_dir={out}"], capsys)
+    assert code == 1 and err == [f"raysim: error: override: privacy.noise_space: {message}"]
+    assert not out.exists()

@@ -190,3 +190,26 @@ def test_fedrolex_windows_roll_between_rounds_and_are_shared_within_one():
     one = worker._slices(config, round=1, device_id=1)
     assert torch.equal(one[0][1], worker._slices(config, round=1, device_id=2)[0][1])
     assert not torch.equal(one[0][1], worker._slices(config, round=2, device_id=1)[0][1])
+
+
+def test_ffa_devices_train_b_only_and_the_new_state_is_the_mean_of_their_products():
+    """Real training on the tiny model at mixed ranks: A stays the state's (shared, frozen), only B travels, and
+    the new state's product is the examples-weighted mean of the devices' products."""
+    worker = _worker("methods.lora_rank=[4,2]", "aggregation.lora=ffa")
+    state = worker.initial_state()
+    configs = {1: DeviceConfig(lora_rank=4), 2: DeviceConfig(lora_rank=2), 6: DeviceConfig(lora_rank=4)}
+    alone = {d: _trained_alone(worker, state, d, c) for d, c in configs.items()}
+    for params, _ in alone.values():
+        assert not any("lora_A" in name for name in params)  # nothing of A trains or is sent
+    for rank in (4, 2):  # each submodel trained on the state's A, its first r rows
+        held = worker.submodel(DeviceConfig(lora_rank=rank)).lm.get_parameter(f"{C_ATTN}.lora_A.default.weight")
+        assert torch.equal(held, state[f"{C_ATTN}.lora_A"][:rank])
+    _, partial = _round(worker, state, list(configs), list(configs.values()))
+    new = _new_state(state, partial)
+    a = state[f"{C_ATTN}.lora_A"].double()
+    torch.testing.assert_close(new[f"{C_ATTN}.lora_A"], a)
+    total = sum(n for _, n in alone.values())
+    want = sum(n / total * 2.0 * (p[f"{C_ATTN}.lora_B.default.weight"].double() @ a[:c.lora_rank])
+               for (p, n), c in zip(alone.values(), configs.values()))
+    got = 2.0 * new[f"{C_ATTN}.lora_B"] @ a
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)

@@ -67,3 +67,32 @@ def test_noise_lands_only_on_the_support_with_the_keyed_draws_there():
         assert torch.equal(noisy.sums[k][~m], total.sums[k][~m])
         assert torch.equal(noisy.sums[k][m], total.sums[k][m] + full[k][m])
     assert not masks["transformer.h.0.attn.c_attn.delta"].any() and masks["transformer.h.1.attn.c_attn.delta"].all()
+
+
+@pytest.mark.parametrize("ranks, count", [("[4]", 2 * 48 * 4), ("[4,2]", 2 * 48 * 4), ("[2]", 2 * 48 * 2)])
+def test_ffa_noises_b_alone(ranks, count):
+    support, state = _support(f"methods.lora_rank={ranks}", "aggregation.lora=ffa")
+    assert support.count(state) == count
+    assert not any(m.any() for k, m in support.masks(state, round=1).items() if k.endswith("lora_A"))
+
+
+def test_ffa_averages_the_products_exactly_across_ranks():
+    """With A shared, averaging B (zero-padded above each device's rank) gives the mean of the devices' ΔW."""
+    from raysim.aggregation.lora import LORA_RULES
+    from raysim.methods import width
+
+    rule, (target, *_) = LORA_RULES["ffa"], _support("methods.lora_rank=[4]", "aggregation.lora=ffa")[0].space.targets
+    state = rule.initial_state(target, max_rank=4, seed=0)
+    a = state[f"{target.name}.lora_A"]
+    g = torch.Generator().manual_seed(3)
+    devices = [(4, torch.randn(48, 4, generator=g)), (2, torch.randn(48, 2, generator=g))]
+    summed = torch.zeros(48, 4, dtype=torch.float64)
+    for rank, b in devices:
+        [(key, piece, rows, cols)] = rule.update(target, start=(a[:rank], torch.zeros(48, rank)),
+                                                 delta=(None, b), state=state, rows=None, cols=None, scale=2.0,
+                                                 max_rank=4)
+        full, _ = width.scatter(piece, shape=(48, 4), rows=rows, cols=cols)
+        summed += full.double()
+    state[f"{target.name}.lora_B"] = (summed / 2).float()
+    expected = sum(2.0 * b @ a[:rank] for rank, b in devices) / 2
+    torch.testing.assert_close(rule.merged(state, target, scale=2.0), expected, rtol=1e-5, atol=1e-6)

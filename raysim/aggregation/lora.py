@@ -28,6 +28,7 @@ class LoraRule(ABC):
     """How the global state holds the LoRA-targeted weights (see the module docstring)."""
 
     dense: bool  # the state holds every target's ΔW: full fine-tuning (rank 0) and the utility gradient need it
+    frozen: tuple[str, ...] = ()  # factor names ("lora_A") devices hold fixed at the state's value
 
     @abstractmethod
     def initial_state(self, target: Target, *, max_rank: int, seed: int) -> Tensors:
@@ -132,8 +133,41 @@ class HetLoRA(LoraRule):
         return [(f"{target.name}.lora_A", components, cols), (f"{target.name}.lora_B", rows, components)]
 
 
+class FFALoRA(LoraRule):
+    """LoRA with A frozen at its shared random start, B trained and averaged (FFA-LoRA, Sun et al. 2024): the mean
+    of the products is the product of the mean, exactly, at every rank (a rank-r device uses A's first r rows);
+    under central DP the noise goes on B alone (out x max rank per target): the factor space."""
+
+    dense = False
+    frozen = ("lora_A",)  # factors devices never change: the submodel holds them fixed
+
+    def initial_state(self, target: Target, *, max_rank: int, seed: int) -> Tensors:
+        return {f"{target.name}.lora_A": lora_init(target, rank=max_rank, seed=seed),
+                f"{target.name}.lora_B": torch.zeros(target.out_features, max_rank)}
+
+    def merged(self, state: Tensors, target: Target, *, scale: float) -> torch.Tensor:
+        return lora.product(lora_A=state[f"{target.name}.lora_A"], lora_B=state[f"{target.name}.lora_B"], scale=scale)
+
+    def start(self, state: Tensors, target: Target, *, rank: int, rows: Index, cols: Index, fallback_A: torch.Tensor,
+              cache: dict, scale: float) -> Factors:
+        return (width.extract(state[f"{target.name}.lora_A"][:rank], cols=cols),
+                width.extract(state[f"{target.name}.lora_B"][:, :rank], rows=rows))
+
+    def update(self, target: Target, *, start: Factors, delta: Factors, state: Tensors, rows: Index, cols: Index,
+               scale: float, max_rank: int) -> list[Piece]:
+        # B's columns above the device's rank are held zeros: B's mean over every device that held the rows is
+        # then the mean of the products, whatever the ranks (as A is shared)
+        db = delta[1]
+        padded = torch.cat([db, db.new_zeros(db.shape[0], max_rank - db.shape[1])], dim=1)
+        return [(f"{target.name}.lora_B", padded, rows, None)]
+
+    def support(self, target: Target, *, rank: int, rows: Index, cols: Index) -> list[tuple[str, Index, Index]]:
+        return [(f"{target.name}.lora_B", rows, torch.arange(rank))]
+
+
 LORA_RULES.register("flexlora")(FlexLoRA())
 LORA_RULES.register("hetlora")(HetLoRA())
+LORA_RULES.register("ffa")(FFALoRA())
 
 
 def _index_key(index: Index) -> tuple | None:

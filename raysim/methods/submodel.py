@@ -216,6 +216,9 @@ class Submodel:
             model.requires_grad_(False)
             for t in self.trained:
                 model.get_submodule(t.name).weight.requires_grad_(True)
+        for name, p in model.named_parameters():  # factors the LoRA rule holds fixed (ffa's A) do not train
+            if any(f".{factor}." in name for factor in space.rule.frozen):
+                p.requires_grad_(False)
         if structure.embeddings:
             model.get_parameter(EMBEDDING).requires_grad_(True)
         install_keyed_dropout(model)
@@ -287,6 +290,13 @@ class Submodel:
             out[EMBEDDING] = state[EMBEDDING]
         return out
 
+    def load_fixed(self, initial: Tensors) -> None:
+        """The starting tensors that do not train (a rule's frozen factors), copied into the model."""
+        with torch.no_grad():
+            for name, value in initial.items():
+                if name not in self.params:
+                    self.lm.get_parameter(name).copy_(value)
+
     def encode(self, update: Tensors, *, rows: torch.Tensor | None, encoding: Encoding,
                generator: torch.Generator) -> tuple[Tensors, int]:
         """The update as the device sends it, decoded, and the payload's bytes.
@@ -325,7 +335,7 @@ class Submodel:
                 put(f"{t.name}.delta", update[f"{t.name}.weight"].T, r=out_idx, c=in_idx)
                 continue
             na, nb = f"{t.name}.lora_A.default.weight", f"{t.name}.lora_B.default.weight"
-            pieces = self.space.rule.update(t, start=(initial[na], initial[nb]), delta=(update[na], update[nb]),
+            pieces = self.space.rule.update(t, start=(initial[na], initial[nb]), delta=(update.get(na), update[nb]),
                                             state=state, rows=out_idx, cols=in_idx, scale=self.space.scale,
                                             max_rank=self.space.max_rank)
             for key, sub, r, c in pieces:
