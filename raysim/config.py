@@ -95,6 +95,9 @@ class PretrainConfig:
     cache_dir: str = "~/.cache/raysim"
 
 
+EMBEDDING_SELECTIONS = ("device_seen", "server_frequent", "server_random")  # raysim/methods/embeddings.py
+
+
 @dataclass
 class MethodsConfig:
     """The per-device method space a policy chooses from: every list is one axis.
@@ -115,6 +118,11 @@ class MethodsConfig:
     pruning: str = "heterofl"  # heterofl (static prefix) | fedrolex (rolling window)
     quantization: str = "tensor"  # tensor | row: one scale pair per tensor or per row
     embedding_rows: int | None = None  # partial embeddings: send exactly this many rows (hides which)
+    # partial embeddings: which rows a device trains: device_seen (its tokens, sent with their indices: the
+    # server learns each user's token set), server_frequent or server_random (the server's m = embedding_rows
+    # rows of the round, no index travels; under central DP only they are noised). null: device_seen, except
+    # under central DP, where a choice must be written
+    embedding_selection: str | None = None
 
 
 @dataclass
@@ -415,6 +423,10 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(0 <= g.beta2 < 1, "aggregation.beta2", "must be in [0, 1)")
     c(g.tau > 0, "aggregation.tau", "must be > 0")
     _validate_privacy(cfg.privacy, cfg.cohort, c)
+    c(cfg.privacy.clip_norm is None or not any(cfg.methods.partial_embeddings)
+      or cfg.methods.embedding_selection is not None, "methods.embedding_selection",
+      "partial embeddings under central DP: choose server_frequent or server_random (with methods.embedding_rows),"
+      " or write device_seen, whose indices give the server each user's token set")
     c(not cfg.privacy.local.enabled or (0 not in cfg.methods.lora_rank and not any(cfg.methods.partial_embeddings)),
       "privacy.local.enabled", "local DP-SGD trains LoRA adapters only: no rank 0, no partial embeddings")
     c(cfg.aggregation.lora in LORA_RULES, "aggregation.lora", f"must be {LORA_RULES.choices()}")
@@ -468,6 +480,11 @@ def _validate_methods(methods: MethodsConfig, model: ModelConfig, c) -> None:
     c(methods.pruning in PRUNING, "methods.pruning", f"must be {PRUNING.choices()}")
     c(methods.quantization in GRANULARITY, "methods.quantization", f"must be {GRANULARITY.choices()}")
     c(methods.embedding_rows is None or methods.embedding_rows >= 1, "methods.embedding_rows", "must be >= 1")
+    selection = methods.embedding_selection
+    c(selection is None or selection in EMBEDDING_SELECTIONS, "methods.embedding_selection",
+      f"must be {' | '.join(EMBEDDING_SELECTIONS)} (or null)")
+    c(selection not in ("server_frequent", "server_random") or methods.embedding_rows is not None,
+      "methods.embedding_selection", f"{selection} needs methods.embedding_rows (the rows the server picks)")
 
 
 def _validate_privacy(p: PrivacyConfig, cohort: CohortConfig, c) -> None:

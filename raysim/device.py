@@ -94,6 +94,7 @@ class DeviceWorker:
         self._params: list[object] = [None] * len(self.processors)
         self._local_dp: dict[Structure, local.LocalDPSGD] = {}
         self._eval: torch.Tensor | None = None
+        self._unigram: torch.Tensor | None = None  # public unigram counts (server_frequent embedding rows)
         self._utility_wanted = False
         self._gradient: tuple[Tensors, float] | None = None
         self._eval_model = Submodel(space=self.space, base=base, cfg=cfg, device=self.device, structure=Structure(
@@ -119,7 +120,8 @@ class DeviceWorker:
 
     def _encoding(self, config: DeviceConfig) -> Encoding:
         m = self.cfg.methods
-        return Encoding(bits=config.bits, per_row=GRANULARITY[m.quantization], embedding_rows=m.embedding_rows)
+        return Encoding(bits=config.bits, per_row=GRANULARITY[m.quantization], embedding_rows=m.embedding_rows,
+                        row_indices=(m.embedding_selection or "device_seen") == "device_seen")
 
     def _slices(self, config: DeviceConfig, *, round: int, device_id: int):
         return self.space.slices(config, pruning=self.cfg.methods.pruning, seed=self.cfg.seed, round=round,
@@ -263,7 +265,11 @@ class DeviceWorker:
         generators = [torch.Generator(self.device).manual_seed(rng.torch_seed(seed, "train", round, d))
                       for d in device_ids]
         rows = keep = None
-        if config.partial_embeddings:  # only the rows of tokens the device saw may change (k is 1)
+        if config.partial_embeddings and (self.cfg.methods.embedding_selection or "device_seen") != "device_seen":
+            rows = self.server_rows(round)  # the server's rows of the round: trained and sent, with no index
+            keep = torch.zeros(self.vocab_size, 1, device=self.device)
+            keep[rows.to(self.device)] = 1.0
+        elif config.partial_embeddings:  # only the rows of tokens the device saw may change (k is 1)
             rows = seen = embeddings.seen_rows(data[0][batches[0].flatten()])
             keep = torch.zeros(self.vocab_size, 1, device=self.device)
             keep[seen.to(self.device)] = 1.0
@@ -295,6 +301,14 @@ class DeviceWorker:
                              train_loss=losses.cpu().double().numpy(),
                              num_examples=np.array([len(x) for x in data], dtype=np.int64),
                              update_norm=np.array(norms), utility=np.array(utilities))
+
+    def server_rows(self, round: int) -> torch.Tensor:
+        """The embedding rows the server picked for ``round`` (``methods.embedding_selection: server_*``)."""
+        m = self.cfg.methods
+        if self._unigram is None and m.embedding_selection == "server_frequent":
+            self._unigram = embeddings.unigram_counts(self.dataset.public_examples(), vocab_size=self.vocab_size)
+        return embeddings.server_rows(m.embedding_selection, count=m.embedding_rows, vocab_size=self.vocab_size,
+                                      unigram=self._unigram, seed=self.cfg.seed, round=round)
 
     def _dp_sgd(self, sub: Submodel) -> local.LocalDPSGD:
         """The submodel wrapped for local DP-SGD (Opacus), once per structure."""

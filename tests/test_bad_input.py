@@ -177,3 +177,22 @@ def test_a_noise_space_the_lora_rule_does_not_aggregate_in_is_refused(overrides,
     code, err = run_cli(["run", "experiments/dp_fedavg.yaml", *overrides, f"output_dir={out}"], capsys)
     assert code == 1 and err == [f"raysim: error: override: privacy.noise_space: {message}"]
     assert not out.exists()
+
+
+DP_PEU = ("partial embeddings under central DP: choose server_frequent or server_random (with "
+          "methods.embedding_rows), or write device_seen, whose indices give the server each user's token set")
+
+
+@pytest.mark.parametrize("overrides, source, message", [
+    (["methods.partial_embeddings=[false,true]"], "experiments/dp_fedavg.yaml", DP_PEU),
+    (["methods.embedding_selection=server_random"], "override",
+     "server_random needs methods.embedding_rows (the rows the server picks)"),
+    (["methods.embedding_selection=everything"], "override",
+     "must be device_seen | server_frequent | server_random (or null)"),
+])
+def test_embedding_selection_under_dp_must_be_chosen(overrides, source, message, tmp_path, capsys):
+    """The experiment file is blamed where it enables partial embeddings under DP without choosing rows."""
+    out = tmp_path / "run"
+    code, err = run_cli(["run", "experiments/dp_fedavg.yaml", *overrides, f"output_dir={out}"], capsys)
+    assert code == 1 and err == [f"raysim: error: {source}: methods.embedding_selection: {message}"]
+    assert not out.exists()

@@ -213,3 +213,41 @@ def test_ffa_devices_train_b_only_and_the_new_state_is_the_mean_of_their_product
                for (p, n), c in zip(alone.values(), configs.values()))
     got = 2.0 * new[f"{C_ATTN}.lora_B"] @ a
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("selection, index_bytes", [("device_seen", 4), ("server_random", 0),
+                                                    ("server_frequent", 0)])
+def test_partial_embedding_payload_is_m_rows_and_indices_only_when_the_device_chose_them(selection, index_bytes):
+    m, width = 16, 32  # TINY's width
+    worker = _worker("methods.partial_embeddings=[true]", "methods.embedding_rows=16",
+                     f"methods.embedding_selection={selection}")
+    lora_only = _worker().measure(DeviceConfig(lora_rank=4)).bytes_up
+    peu = worker.measure(DeviceConfig(lora_rank=4, partial_embeddings=True)).bytes_up
+    assert peu - lora_only == m * width * 4 + m * index_bytes
+
+
+def test_server_rows_train_alone_and_are_the_rounds_on_every_worker():
+    worker = _worker("methods.partial_embeddings=[true]", "methods.embedding_rows=16",
+                     "methods.embedding_selection=server_random")
+    state = worker.initial_state()
+    config = DeviceConfig(lora_rank=4, partial_embeddings=True)
+    _, partial = train_unit(worker, state, [5], [config], round=3)
+    rows = worker.server_rows(3)
+    assert len(rows) == 16 and torch.equal(rows, _worker("methods.partial_embeddings=[true]",
+                                                          "methods.embedding_rows=16",
+                                                          "methods.embedding_selection=server_random").server_rows(3))
+    assert not torch.equal(rows, worker.server_rows(4))  # drawn per round
+    changed = partial.sums[EMBEDDING].abs().sum(1).nonzero().squeeze(1)
+    assert len(changed) > 0 and set(changed.tolist()) <= set(rows.tolist())
+
+
+def test_server_frequent_rows_follow_the_public_unigram_counts():
+    from raysim.methods.embeddings import server_rows
+
+    counts = torch.zeros(1000, dtype=torch.long)
+    counts[:10] = 10**6  # ten tokens hold nearly all the public text
+    for rnd in range(1, 21):
+        rows = server_rows("server_frequent", count=12, vocab_size=1000, unigram=counts, seed=0, round=rnd)
+        assert set(range(10)) <= set(rows.tolist())
+    assert torch.equal(rows, server_rows("server_frequent", count=12, vocab_size=1000, unigram=counts, seed=0,
+                                         round=20))

@@ -96,3 +96,16 @@ def test_ffa_averages_the_products_exactly_across_ranks():
     state[f"{target.name}.lora_B"] = (summed / 2).float()
     expected = sum(2.0 * b @ a[:rank] for rank, b in devices) / 2
     torch.testing.assert_close(rule.merged(state, target, scale=2.0), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_server_chosen_embedding_rows_are_all_the_embedding_noise():
+    from functools import partial
+
+    from raysim.methods.embeddings import server_rows
+
+    support, state = _support("methods.lora_rank=[4]", "methods.partial_embeddings=[false,true]")
+    support.embedding_rows = partial(server_rows, "server_random", count=5, vocab_size=32, unigram=None, seed=0)
+    masks = support.masks(state, round=2)
+    assert support.count(state, round=2) == 2 * 768 + 5 * 16
+    assert torch.equal(masks["transformer.wte.weight"].any(1).nonzero().squeeze(1),
+                       server_rows("server_random", count=5, vocab_size=32, unigram=None, seed=0, round=2))

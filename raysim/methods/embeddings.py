@@ -1,15 +1,25 @@
 """Partial Embedding Updates (Xu et al., arXiv 2207.08988).
 
-A device trains and sends only the embedding rows of tokens it saw, so its
-payload shrinks with the share of the vocabulary it uses. With a fixed row
-count the payload size reveals nothing: a device that saw more tokens sends a
-random subset of them, one that saw fewer pads with rows it did not see (their
-update is zero).
+Which rows a device trains and sends (``methods.embedding_selection``):
+
+- ``device_seen``: the rows of tokens it saw, sent with their int32 indices.
+  The payload shrinks with the share of the vocabulary it uses, but the
+  indices tell the server the user's token set. With a fixed row count the
+  payload size reveals nothing more: a device that saw more tokens sends a
+  random subset of them, one that saw fewer pads with rows it did not see.
+- ``server_random`` / ``server_frequent``: the server picks the round's
+  ``embedding_rows`` rows, keyed by (seed, round), uniformly or with
+  probability proportional to public-data unigram counts (plus one); every
+  device of the round trains and sends those rows, with no index, and under
+  central DP only they are noised. This is the paper's setting: the payload,
+  and with it the noise, shrink with m.
 """
 
 from __future__ import annotations
 
 import torch
+
+from raysim import rng
 
 
 def seen_rows(tokens: torch.Tensor) -> torch.Tensor:
@@ -27,3 +37,24 @@ def fixed_rows(seen: torch.Tensor, *, count: int, vocab_size: int, generator: to
     others = unseen.nonzero().squeeze(1)
     pad = others[torch.randperm(len(others), generator=generator)[: count - len(seen)]]
     return torch.cat([seen, pad]).sort().values
+
+
+def server_rows(selection: str, *, count: int, vocab_size: int, unigram: torch.Tensor | None, seed: int,
+                round: int) -> torch.Tensor:
+    """The round's ``count`` sorted rows, the same on every actor and at the aggregator.
+
+    ``server_frequent`` draws without replacement with probability proportional to ``unigram + 1`` (Gumbel
+    top-k); ``server_random`` uniformly.
+    """
+    count = min(count, vocab_size)
+    g = rng.generator(seed, "embedding-rows-server", round)
+    if selection == "server_random":
+        return torch.randperm(vocab_size, generator=g)[:count].sort().values
+    weights = (unigram.double() + 1.0).log()
+    gumbel = -torch.log(-torch.log(torch.rand(vocab_size, generator=g, dtype=torch.float64)))
+    return (weights + gumbel).topk(count).indices.sort().values
+
+
+def unigram_counts(tokens: torch.Tensor, *, vocab_size: int) -> torch.Tensor:
+    """How often each token id occurs in ``tokens`` (public data)."""
+    return torch.bincount(tokens.reshape(-1).long(), minlength=vocab_size)[:vocab_size]

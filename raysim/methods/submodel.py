@@ -15,6 +15,7 @@ back to full coordinates with the mask of what it held.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -101,12 +102,14 @@ class Space:
         """Relative error ``‖ΔW - ΔW_r‖_F / ‖ΔW‖_F`` of the start a rank-``rank`` device gets."""
         return self.rule.truncation_error(state, self.targets, rank=rank, scale=self.scale)
 
-    def support(self, configs: list[DeviceConfig], state: Tensors, *, pruning: str, round: int) -> Tensors:
+    def support(self, configs: list[DeviceConfig], state: Tensors, *, pruning: str, round: int,
+                embedding_rows: torch.Tensor | None = None) -> Tensors:
         """Per state entry, a bool mask of the coordinates that some device of ``configs`` can change in ``round``.
 
         The union of what the configs' submodels hold: their trained blocks, their width (the pruning window of
         the round; federated dropout keeps a random part of it, so the whole window), their LoRA rank in the
-        rule's coordinates, and the whole embedding for partial embeddings (any row may be one a device saw).
+        rule's coordinates, and for partial embeddings the server's ``embedding_rows`` of the round, or else the
+        whole embedding (any row may be one a device saw).
         Entries no config reaches are all False: an update never touches them.
         """
         masks = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in state.items()}
@@ -124,7 +127,7 @@ class Space:
                     mask[(slice(None) if rows is None else rows.unsqueeze(1),
                           slice(None) if cols is None else cols)] = True
             if config.partial_embeddings:
-                masks[EMBEDDING][:] = True
+                masks[EMBEDDING][slice(None) if embedding_rows is None else embedding_rows] = True
         return masks
 
     def structure(self, config: DeviceConfig) -> Structure:
@@ -173,12 +176,15 @@ class Support:
     space: Space
     configs: tuple[DeviceConfig, ...]
     pruning: str
+    embedding_rows: Callable[..., torch.Tensor] | None = None  # (round=) the server's rows, if it picks them
     _cached: Tensors | None = None
 
     def masks(self, state: Tensors, *, round: int) -> Tensors:
         rolls = PRUNING[self.pruning].rolls and any(c.prune_ratio > 0 for c in self.configs)
-        if self._cached is None or rolls:
-            self._cached = self.space.support(list(self.configs), state, pruning=self.pruning, round=round)
+        if self._cached is None or rolls or self.embedding_rows is not None:
+            rows = None if self.embedding_rows is None else self.embedding_rows(round=round)
+            self._cached = self.space.support(list(self.configs), state, pruning=self.pruning, round=round,
+                                              embedding_rows=rows)
         return self._cached
 
     def count(self, state: Tensors, *, round: int = 1) -> int:
@@ -197,6 +203,7 @@ class Encoding:
     bits: int
     per_row: bool
     embedding_rows: int | None
+    row_indices: bool = True  # embedding rows travel with their int32 indices (device_seen); the server's do not
 
 
 class Submodel:
@@ -301,11 +308,11 @@ class Submodel:
                generator: torch.Generator) -> tuple[Tensors, int]:
         """The update as the device sends it, decoded, and the payload's bytes.
 
-        Embedding updates travel as the ``rows`` sent plus their int32 indices.
+        Embedding updates travel as the ``rows`` sent, plus their int32 indices unless the server chose them.
         """
         if rows is not None:
             update = {**update, EMBEDDING: update[EMBEDDING].index_select(0, rows.to(update[EMBEDDING].device))}
-        nbytes = 0 if rows is None else 4 * len(rows)
+        nbytes = 0 if rows is None or not encoding.row_indices else 4 * len(rows)
         if encoding.bits == quantize.UNQUANTIZED:
             return update, nbytes + sum(4 * u.numel() for u in update.values())
         decoded = {}
