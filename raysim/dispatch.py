@@ -123,6 +123,8 @@ def dispatch(actors: Actors, items: Sequence, call: Callable[[object, object], t
                     ray.wait(list(refs[1:]), num_returns=len(refs) - 1, fetch_local=True)
                 results[i] = (value, refs[1:])
             except LOST as err:
+                if getattr(err, "_actor_init_failed", False):  # its constructor raised: every replacement would too
+                    raise WorkLost(f"{what}: a device actor failed to start: {_creation_error(err)}") from None
                 tries[i] += 1
                 if tries[i] > actors.max_retries:
                     raise WorkLost(f"{what}: item {i} was lost {tries[i]} times (ray.max_retries="
@@ -134,3 +136,9 @@ def dispatch(actors: Actors, items: Sequence, call: Callable[[object, object], t
                     actors.lost(a)
         fill()
     return results
+
+
+def _creation_error(err: BaseException) -> str:
+    """The exception an actor's constructor raised, in one line (the last of Ray's remote traceback)."""
+    lines = [line.strip() for line in str(getattr(err, "error_msg", err)).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__

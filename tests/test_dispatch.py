@@ -91,3 +91,28 @@ def test_an_item_lost_more_often_than_allowed_fails_naming_the_limit(ray_session
 
     with pytest.raises(WorkLost, match=r"test: item 0 was lost 2 times \(ray.max_retries=1\)"):
         dispatch(actors, [0], call, in_flight=1, what="test")
+
+
+def test_an_actor_whose_constructor_raises_fails_the_work_at_once_with_the_cause(ray_session):
+    """A constructor error is the code's, not the node's: no replacement would start either, so the work
+    fails at the first try, naming the error instead of Ray's 'died in its creation task'."""
+
+    class Broken:
+        def __init__(self):
+            raise ModuleNotFoundError("No module named 'missing_dependency'")
+
+        def square(self, x: int) -> int:
+            return x * x
+
+    cls = ray.remote(num_cpus=0)(Broken)
+    spawned = []
+
+    def spawn(slot: int):
+        spawned.append(slot)
+        return cls.remote()
+
+    actors = Actors(spawn, 2, max_retries=3, wait_s=5.0)
+    with pytest.raises(WorkLost, match=r"test: a device actor failed to start: ModuleNotFoundError: No module "
+                                       r"named 'missing_dependency'$"):
+        dispatch(actors, [1, 2, 3], lambda a, x: (a.square.remote(x),), in_flight=1, what="test")
+    assert len(spawned) == 2  # no replacement was made
