@@ -96,6 +96,7 @@ class PretrainConfig:
 
 
 EMBEDDING_SELECTIONS = ("device_seen", "server_frequent", "server_random")  # raysim/methods/embeddings.py
+SERVER_SELECTIONS = EMBEDDING_SELECTIONS[1:]  # the server picks the round's rows
 
 
 @dataclass
@@ -483,7 +484,7 @@ def _validate_methods(methods: MethodsConfig, model: ModelConfig, c) -> None:
     selection = methods.embedding_selection
     c(selection is None or selection in EMBEDDING_SELECTIONS, "methods.embedding_selection",
       f"must be {' | '.join(EMBEDDING_SELECTIONS)} (or null)")
-    c(selection not in ("server_frequent", "server_random") or methods.embedding_rows is not None,
+    c(selection not in SERVER_SELECTIONS or methods.embedding_rows is not None,
       "methods.embedding_selection", f"{selection} needs methods.embedding_rows (the rows the server picks)")
 
 

@@ -27,7 +27,7 @@ import torch
 
 from raysim import costmodel, fastops, rng
 from raysim.aggregation.rules import PartialSum, Tensors, global_norm
-from raysim.config import ExperimentConfig
+from raysim.config import SERVER_SELECTIONS, ExperimentConfig
 from raysim.data import FederatedDataset
 from raysim.methods import embeddings
 from raysim.methods.quantize import GRANULARITY
@@ -94,7 +94,8 @@ class DeviceWorker:
         self._params: list[object] = [None] * len(self.processors)
         self._local_dp: dict[Structure, local.LocalDPSGD] = {}
         self._eval: torch.Tensor | None = None
-        self._unigram: torch.Tensor | None = None  # public unigram counts (server_frequent embedding rows)
+        self._rows_of = None  # the server's embedding rows of a round (embeddings.server_selection), built on use
+        self._server_rows: tuple[int, torch.Tensor] | None = None  # (round, those rows)
         self._utility_wanted = False
         self._gradient: tuple[Tensors, float] | None = None
         self._eval_model = Submodel(space=self.space, base=base, cfg=cfg, device=self.device, structure=Structure(
@@ -121,7 +122,7 @@ class DeviceWorker:
     def _encoding(self, config: DeviceConfig) -> Encoding:
         m = self.cfg.methods
         return Encoding(bits=config.bits, per_row=GRANULARITY[m.quantization], embedding_rows=m.embedding_rows,
-                        row_indices=(m.embedding_selection or "device_seen") == "device_seen")
+                        row_indices=m.embedding_selection not in SERVER_SELECTIONS)
 
     def _slices(self, config: DeviceConfig, *, round: int, device_id: int):
         return self.space.slices(config, pruning=self.cfg.methods.pruning, seed=self.cfg.seed, round=round,
@@ -265,7 +266,7 @@ class DeviceWorker:
         generators = [torch.Generator(self.device).manual_seed(rng.torch_seed(seed, "train", round, d))
                       for d in device_ids]
         rows = keep = None
-        if config.partial_embeddings and (self.cfg.methods.embedding_selection or "device_seen") != "device_seen":
+        if config.partial_embeddings and self.cfg.methods.embedding_selection in SERVER_SELECTIONS:
             rows = self.server_rows(round)  # the server's rows of the round: trained and sent, with no index
             keep = torch.zeros(self.vocab_size, 1, device=self.device)
             keep[rows.to(self.device)] = 1.0
@@ -303,12 +304,14 @@ class DeviceWorker:
                              update_norm=np.array(norms), utility=np.array(utilities))
 
     def server_rows(self, round: int) -> torch.Tensor:
-        """The embedding rows the server picked for ``round`` (``methods.embedding_selection: server_*``)."""
-        m = self.cfg.methods
-        if self._unigram is None and m.embedding_selection == "server_frequent":
-            self._unigram = embeddings.unigram_counts(self.dataset.public_examples(), vocab_size=self.vocab_size)
-        return embeddings.server_rows(m.embedding_selection, count=m.embedding_rows, vocab_size=self.vocab_size,
-                                      unigram=self._unigram, seed=self.cfg.seed, round=round)
+        """The embedding rows the server picked for ``round`` (``methods.embedding_selection: server_*``), drawn
+        once per round."""
+        if self._server_rows is None or self._server_rows[0] != round:
+            if self._rows_of is None:  # the public unigram counts are taken on first use
+                self._rows_of = embeddings.server_selection(self.cfg.methods, self.dataset.public_examples,
+                                                            vocab_size=self.vocab_size, seed=self.cfg.seed)
+            self._server_rows = round, self._rows_of(round=round)
+        return self._server_rows[1]
 
     def _dp_sgd(self, sub: Submodel) -> local.LocalDPSGD:
         """The submodel wrapped for local DP-SGD (Opacus), once per structure."""

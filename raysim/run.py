@@ -293,9 +293,12 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
     try:
         policy = _policy(cfg, spec, pool, make_policy)
         space, initial = Space.build(cfg, base), pool.initial_state()
-        # central DP noises what some config of the method space can change, and nothing else
-        support = Support(space=space, configs=tuple(method_space(cfg.methods)), pruning=cfg.methods.pruning,
-                          embedding_rows=_server_rows(cfg, dataset, vocab_size=space.vocab_size)) if privacy else None
+        support = None
+        if privacy:  # central DP noises what some config of the method space can change, and nothing else
+            rows_of = embeddings.server_selection(cfg.methods, dataset.public_examples, vocab_size=space.vocab_size,
+                                                  seed=cfg.seed)
+            support = Support(space=space, configs=tuple(method_space(cfg.methods)), pruning=cfg.methods.pruning,
+                              embedding_rows=rows_of)
         aggregator = ray.remote(Aggregator).options(num_cpus=0, scheduling_strategy=cluster.on_this_node()).remote(
             state=initial, cfg=cfg.aggregation, seed=cfg.seed, space=space, support=support,
             truncation_rank=min((r for r in cfg.methods.lora_rank if r > 0), default=0), processors=processors)
@@ -396,17 +399,6 @@ def _describe(plan: CentralPlan, cfg: ExperimentConfig) -> str:
     if plan.rounds < cfg.rounds:
         text += f"; privacy.max_epsilon={cfg.privacy.max_epsilon:g} allows {plan.rounds} of {cfg.rounds} rounds"
     return text
-
-
-def _server_rows(cfg: ExperimentConfig, dataset: FederatedDataset, *, vocab_size: int):
-    """The server's embedding rows of a round, as the devices pick them (``methods.embedding_selection``)."""
-    m = cfg.methods
-    if not any(m.partial_embeddings) or m.embedding_selection not in ("server_frequent", "server_random"):
-        return None
-    unigram = (embeddings.unigram_counts(dataset.public_examples(), vocab_size=vocab_size)
-               if m.embedding_selection == "server_frequent" else None)
-    return functools.partial(embeddings.server_rows, m.embedding_selection, count=m.embedding_rows,
-                             vocab_size=vocab_size, unigram=unigram, seed=cfg.seed)
 
 
 def _privacy_summary(plan: CentralPlan | None, cfg: ExperimentConfig, *, noised_dims: int) -> dict:

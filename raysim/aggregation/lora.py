@@ -133,25 +133,13 @@ class HetLoRA(LoraRule):
         return [(f"{target.name}.lora_A", components, cols), (f"{target.name}.lora_B", rows, components)]
 
 
-class FFALoRA(LoraRule):
+class FFALoRA(HetLoRA):
     """LoRA with A frozen at its shared random start, B trained and averaged (FFA-LoRA, Sun et al. 2024): the mean
     of the products is the product of the mean, exactly, at every rank (a rank-r device uses A's first r rows);
-    under central DP the noise goes on B alone (out x max rank per target): the factor space."""
+    under central DP the noise goes on B alone (out x max rank per target): the factor space. The state, its
+    product and a device's start are HetLoRA's; only A never changes."""
 
-    dense = False
     frozen = ("lora_A",)  # factors devices never change: the submodel holds them fixed
-
-    def initial_state(self, target: Target, *, max_rank: int, seed: int) -> Tensors:
-        return {f"{target.name}.lora_A": lora_init(target, rank=max_rank, seed=seed),
-                f"{target.name}.lora_B": torch.zeros(target.out_features, max_rank)}
-
-    def merged(self, state: Tensors, target: Target, *, scale: float) -> torch.Tensor:
-        return lora.product(lora_A=state[f"{target.name}.lora_A"], lora_B=state[f"{target.name}.lora_B"], scale=scale)
-
-    def start(self, state: Tensors, target: Target, *, rank: int, rows: Index, cols: Index, fallback_A: torch.Tensor,
-              cache: dict, scale: float) -> Factors:
-        return (width.extract(state[f"{target.name}.lora_A"][:rank], cols=cols),
-                width.extract(state[f"{target.name}.lora_B"][:, :rank], rows=rows))
 
     def update(self, target: Target, *, start: Factors, delta: Factors, state: Tensors, rows: Index, cols: Index,
                scale: float, max_rank: int) -> list[Piece]:

@@ -17,9 +17,13 @@ Which rows a device trains and sends (``methods.embedding_selection``):
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from raysim import rng
+from raysim.config import SERVER_SELECTIONS, MethodsConfig
 
 
 def seen_rows(tokens: torch.Tensor) -> torch.Tensor:
@@ -53,6 +57,18 @@ def server_rows(selection: str, *, count: int, vocab_size: int, unigram: torch.T
     weights = (unigram.double() + 1.0).log()
     gumbel = -torch.log(-torch.log(torch.rand(vocab_size, generator=g, dtype=torch.float64)))
     return (weights + gumbel).topk(count).indices.sort().values
+
+
+def server_selection(methods: MethodsConfig, public: Callable[[], torch.Tensor], *, vocab_size: int,
+                     seed: int) -> Callable[..., torch.Tensor] | None:
+    """``rows(round=r)``: the server's rows of round r as every actor and the aggregator draw them; None where
+    devices pick their own (``device_seen``). ``public()`` gives the public tokens ``server_frequent`` counts."""
+    if not any(methods.partial_embeddings) or methods.embedding_selection not in SERVER_SELECTIONS:
+        return None
+    unigram = (unigram_counts(public(), vocab_size=vocab_size)
+               if methods.embedding_selection == "server_frequent" else None)
+    return functools.partial(server_rows, methods.embedding_selection, count=methods.embedding_rows,
+                             vocab_size=vocab_size, unigram=unigram, seed=seed)
 
 
 def unigram_counts(tokens: torch.Tensor, *, vocab_size: int) -> torch.Tensor:
