@@ -55,6 +55,11 @@ class ModelConfig:
     # seed of the base model's initialisation and pre-training; None: the run's seed. Fix it to
     # fine-tune one base model under many run seeds (studies, train-policy); they then share one pre-training
     seed: int | None = None
+    # GPT-2 ties its output head to the token embedding (true). false: the head is its own V x d matrix, and
+    # partial embeddings train its rows (the output embedding): their gradient needs only the last hidden
+    # state, so a device training its top blocks does not back-propagate below them. Ignored with model.path
+    # (the folder's config decides)
+    tie_embeddings: bool = True
 
 
 @dataclass
@@ -97,6 +102,7 @@ class PretrainConfig:
 
 EMBEDDING_SELECTIONS = ("device_seen", "server_frequent", "server_random")  # raysim/methods/embeddings.py
 SERVER_SELECTIONS = EMBEDDING_SELECTIONS[1:]  # the server picks the round's rows
+OUTPUT_LOSSES = ("softmax", "nce", "sampled_softmax")  # raysim/methods/output_loss.py
 
 
 @dataclass
@@ -124,6 +130,11 @@ class MethodsConfig:
     # rows of the round, no index travels; under central DP only they are noised). null: device_seen, except
     # under central DP, where a choice must be written
     embedding_selection: str | None = None
+    # the training loss at the output (raysim/methods/output_loss.py): softmax (full, over every token) | nce
+    # | sampled_softmax, which score each position's target and noise_samples tokens drawn from public
+    # unigram counts, one set per device and step. Evaluation always uses the full softmax
+    output_loss: str = "softmax"
+    noise_samples: int = 128
 
 
 @dataclass
@@ -428,6 +439,8 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
       or cfg.methods.embedding_selection is not None, "methods.embedding_selection",
       "partial embeddings under central DP: choose server_frequent or server_random (with methods.embedding_rows),"
       " or write device_seen, whose indices give the server each user's token set")
+    c(not cfg.privacy.local.enabled or cfg.methods.output_loss == "softmax", "methods.output_loss",
+      "local DP-SGD trains with the full softmax (privacy.local.enabled)")
     c(not cfg.privacy.local.enabled or (0 not in cfg.methods.lora_rank and not any(cfg.methods.partial_embeddings)),
       "privacy.local.enabled", "local DP-SGD trains LoRA adapters only: no rank 0, no partial embeddings")
     c(cfg.aggregation.lora in LORA_RULES, "aggregation.lora", f"must be {LORA_RULES.choices()}")
@@ -484,6 +497,8 @@ def _validate_methods(methods: MethodsConfig, model: ModelConfig, c) -> None:
     selection = methods.embedding_selection
     c(selection is None or selection in EMBEDDING_SELECTIONS, "methods.embedding_selection",
       f"must be {' | '.join(EMBEDDING_SELECTIONS)} (or null)")
+    c(methods.output_loss in OUTPUT_LOSSES, "methods.output_loss", f"must be {' | '.join(OUTPUT_LOSSES)}")
+    c(methods.noise_samples >= 1, "methods.noise_samples", "must be >= 1")
     c(selection not in SERVER_SELECTIONS or methods.embedding_rows is not None,
       "methods.embedding_selection", f"{selection} needs methods.embedding_rows (the rows the server picks)")
 

@@ -11,6 +11,7 @@ with array arithmetic; nothing is slept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +41,12 @@ class Measurement:
         return self.param_bytes + self.trainable_params * per_param + self.activation_bytes
 
 
-def measure(model: torch.nn.Module, *, batch: torch.Tensor, bytes_down: int, bytes_up: int) -> Measurement:
+def measure(model: torch.nn.Module, *, batch: torch.Tensor, bytes_down: int, bytes_up: int,
+            loss: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None) -> Measurement:
     """Run one forward/backward on ``batch`` and count FLOPs and saved bytes.
+
+    ``loss(model, batch)``: the training loss the device computes (a sampled output loss); None: the
+    model's own causal-LM loss (the full softmax).
 
     Leaves parameters untouched and gradients cleared.
     """
@@ -56,8 +61,8 @@ def measure(model: torch.nn.Module, *, batch: torch.Tensor, bytes_down: int, byt
 
     with FlopCounterMode(display=False) as counter:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
+            value = model(input_ids=batch, labels=batch).loss if loss is None else loss(model, batch)
+        value.backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.grad = None

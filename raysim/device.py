@@ -29,9 +29,9 @@ from raysim import costmodel, fastops, rng
 from raysim.aggregation.rules import PartialSum, Tensors, global_norm
 from raysim.config import SERVER_SELECTIONS, ExperimentConfig
 from raysim.data import FederatedDataset
-from raysim.methods import embeddings
+from raysim.methods import embeddings, output_loss
 from raysim.methods.quantize import GRANULARITY
-from raysim.methods.submodel import EMBEDDING, Encoding, Space, Structure, Submodel
+from raysim.methods.submodel import Encoding, Space, Structure, Submodel
 from raysim.methods.width import PRUNING
 from raysim.models import BaseModel
 from raysim.privacy import local
@@ -96,6 +96,7 @@ class DeviceWorker:
         self._eval: torch.Tensor | None = None
         self._rows_of = None  # the server's embedding rows of a round (embeddings.server_selection), built on use
         self._server_rows: tuple[int, torch.Tensor] | None = None  # (round, those rows)
+        self._output: output_loss.OutputLoss | None = None  # a sampled output loss, built on first use
         self._utility_wanted = False
         self._gradient: tuple[Tensors, float] | None = None
         self._eval_model = Submodel(space=self.space, base=base, cfg=cfg, device=self.device, structure=Structure(
@@ -141,7 +142,23 @@ class DeviceWorker:
         bytes_down = sum(4 * p.numel() for p in sub.params.values())
         if config.dropout_rate > 0 or (config.prune_ratio > 0 and PRUNING[self.cfg.methods.pruning].rolls):
             bytes_down += sub.width_bytes()  # the frozen slices change every round: they travel too
-        return costmodel.measure(sub.lm, batch=batch.to(self.device), bytes_down=bytes_down, bytes_up=bytes_up)
+        loss = None
+        if self.output_loss() is not None:  # the chosen loss, as a device computes it
+            def loss(model, tokens):
+                return self._output.losses(model, tokens, devices=1, samples=self._output.draw([g])).sum()
+        return costmodel.measure(sub.lm, batch=batch.to(self.device), bytes_down=bytes_down, bytes_up=bytes_up,
+                                 loss=loss)
+
+    def output_loss(self) -> output_loss.OutputLoss | None:
+        """The sampled output loss (``methods.output_loss``) with its public-unigram proposal; None: softmax."""
+        m = self.cfg.methods
+        if m.output_loss not in output_loss.SAMPLED:
+            return None
+        if self._output is None:
+            counts = embeddings.unigram_counts(self.dataset.public_examples(), vocab_size=self.vocab_size)
+            self._output = output_loss.OutputLoss(kind=m.output_loss, samples=m.noise_samples,
+                                                  q=output_loss.proposal(counts))
+        return self._output
 
     def begin_round(self, state: Tensors, round: int, params: list[object] | None = None,
                     utility: bool = False) -> None:
@@ -169,8 +186,9 @@ class DeviceWorker:
         model.load_frozen(self._state, None, version=object())
         model.lm.eval()
         params = {f"{t.name}.delta": model._conv(t.name).weight for t in self.space.targets}
-        if EMBEDDING in self._state:
-            params[EMBEDDING] = model.lm.get_parameter(EMBEDDING)
+        embedding = self.space.embedding
+        if embedding in self._state:
+            params[embedding] = model.lm.get_parameter(embedding)
         for p in params.values():
             p.requires_grad_(True)
         try:
@@ -183,7 +201,7 @@ class DeviceWorker:
             for p in params.values():
                 p.requires_grad_(False)
         # Conv1D holds (in, out); the state's ΔW is (out, in)
-        return {k: g if k == EMBEDDING else g.T for k, g in zip(params, grads)}, loss.item()
+        return {k: g if k == embedding else g.T for k, g in zip(params, grads)}, loss.item()
 
     def _utility(self, update: Tensors) -> float:
         if not self._utility_wanted:
@@ -282,10 +300,12 @@ class DeviceWorker:
             dp = DPSGD(engine=self._dp_sgd(sub), batch_size=self.cfg.train.batch_size,
                        batch_generator=rng.generator(seed, "batches", round, device_ids[0]),
                        noise_generator=rng.generator(seed, "local-dp-noise", round, device_ids[0]))
+        output = self.output_loss()
+        noise = None if output is None else [rng.generator(seed, "noise-samples", round, d) for d in device_ids]
         tensors, losses = train_group(sub, starts, LocalData(examples=data, batches=batches, generators=generators,
-                                                             keep=keep),
+                                                             keep=keep, noise=noise),
                                       steps=self.cfg.train.local_steps, lr=self.cfg.train.lr,
-                                      weight_decay=self.cfg.train.weight_decay, dp=dp)
+                                      weight_decay=self.cfg.train.weight_decay, dp=dp, output=output)
         encoding = self._encoding(config)
         norms, utilities = [], []
         with torch.no_grad():

@@ -56,6 +56,7 @@ def gpt2_config(cfg: ModelConfig) -> GPT2Config:
         attn_pdrop=cfg.dropout,
         bos_token_id=0,  # GPT-2's 50256 lies outside a small vocabulary
         eos_token_id=0,
+        tie_word_embeddings=cfg.tie_embeddings,
     )
 
 

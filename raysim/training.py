@@ -17,7 +17,8 @@ import torch
 
 from raysim.fastops import device_losses
 from raysim.grouped import keyed, stacked
-from raysim.methods.submodel import EMBEDDING, Submodel
+from raysim.methods.output_loss import OutputLoss
+from raysim.methods.submodel import Submodel
 from raysim.privacy.local import LocalDPSGD
 
 
@@ -29,6 +30,7 @@ class LocalData:
     batches: list[torch.Tensor]  # per device: (steps, batch size) indices into its sequences
     generators: list[torch.Generator]  # per device: its model-dropout masks
     keep: torch.Tensor | None = None  # (vocab, 1) 0/1: the embedding rows a partial-embeddings device may change
+    noise: list[torch.Generator] | None = None  # per device: its noise samples of a sampled output loss
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,10 @@ class DPSGD:
 
 
 def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, steps: int, lr: float,
-                weight_decay: float, dp: DPSGD | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Train the group from ``starts`` (one tensor per trainable parameter of ``sub``).
+                weight_decay: float, dp: DPSGD | None = None,
+                output: OutputLoss | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Train the group from ``starts`` (one tensor per trainable parameter of ``sub``), with the full softmax
+    or the sampled ``output`` loss (each device's samples from its ``data.noise`` generator).
 
     Returns, per trainable parameter, the trained values stacked over devices
     (row j: device j), and each device's mean loss over the steps.
@@ -62,10 +66,13 @@ def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, s
         else:
             for step in range(steps):
                 x = torch.cat([rows[b[step]] for rows, b in zip(data.examples, data.batches)]).to(device)
-                losses = device_losses(sub.lm, x, devices=k)
+                if output is None:
+                    losses = device_losses(sub.lm, x, devices=k)
+                else:
+                    losses = output.losses(sub.lm, x, devices=k, samples=output.draw(data.noise))
                 losses.sum().backward()
                 if data.keep is not None:
-                    sub.params[EMBEDDING].grad.mul_(data.keep)
+                    sub.params[sub.space.embedding].grad.mul_(data.keep)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum += losses.detach()

@@ -196,3 +196,18 @@ def test_embedding_selection_under_dp_must_be_chosen(overrides, source, message,
     code, err = run_cli(["run", "experiments/dp_fedavg.yaml", *overrides, f"output_dir={out}"], capsys)
     assert code == 1 and err == [f"raysim: error: {source}: methods.embedding_selection: {message}"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    (["methods.output_loss=hierarchical"], "methods.output_loss", "must be softmax | nce | sampled_softmax"),
+    (["methods.output_loss=nce", "methods.noise_samples=0"], "methods.noise_samples", "must be >= 1"),
+    (["methods.output_loss=nce", "privacy.local.enabled=true"], "methods.output_loss",
+     "local DP-SGD trains with the full softmax (privacy.local.enabled)"),
+    (["model.tie_embeddings=maybe"], "model.tie_embeddings", None),
+])
+def test_output_loss_and_embedding_tying_reject_bad_values_with_one_line(overrides, key, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli(["run", "experiments/quickstart.yaml", *overrides, f"output_dir={out}"], capsys)
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"raysim: error: override: {key}: "), err
+    assert message is None or err[0].endswith(message)
+    assert not out.exists()

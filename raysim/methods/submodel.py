@@ -4,7 +4,8 @@ The aggregator holds the trainable state in full coordinates (:class:`Space`):
 for every LoRA-targeted weight what the run's LoRA rule holds
 (:mod:`raysim.aggregation.lora`: the dense product ``ΔW``, which devices at
 rank 0 train directly, or the adapter factors at the largest rank), plus the
-token embedding when some device may train partial embeddings. A :class:`DeviceConfig` determines a
+token embedding when some device may train partial embeddings (the output embedding, the head, where the
+model does not tie them: ``model.tie_embeddings``). A :class:`DeviceConfig` determines a
 :class:`Structure` (the shapes: rank, kept heads and MLP units, trained
 blocks, embeddings), built once per actor and reused, and per device and
 round the :class:`Slices` of units it holds. :class:`Submodel` copies the
@@ -34,7 +35,8 @@ from raysim.types import DeviceConfig
 
 Tensors = dict[str, torch.Tensor]
 KINDS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-EMBEDDING = "transformer.wte.weight"
+EMBEDDING = "transformer.wte.weight"  # GPT-2's token embedding, tied to its output head
+OUTPUT_EMBEDDING = "lm_head.weight"  # the head, where it is its own matrix
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Space:
     width: int
     inner: int  # MLP hidden units
     vocab_size: int
+    embedding: str = EMBEDDING  # the embedding partial-embedding devices train: the tied table or the head
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, base: BaseModel) -> Space:
@@ -79,7 +82,8 @@ class Space:
         return cls(targets=tuple(targets), lora=cfg.aggregation.lora, max_rank=max(cfg.methods.lora_rank),
                    scale=cfg.methods.lora_alpha_per_rank, embeddings=any(cfg.methods.partial_embeddings),
                    n_layer=c["n_layer"], n_head=c["n_head"], width=c["n_embd"],
-                   inner=c.get("n_inner") or 4 * c["n_embd"], vocab_size=c["vocab_size"])
+                   inner=c.get("n_inner") or 4 * c["n_embd"], vocab_size=c["vocab_size"],
+                   embedding=EMBEDDING if c.get("tie_word_embeddings", True) else OUTPUT_EMBEDDING)
 
     @property
     def rule(self) -> LoraRule:
@@ -91,7 +95,7 @@ class Space:
         for t in self.targets:
             state |= self.rule.initial_state(t, max_rank=self.max_rank, seed=seed)
         if self.embeddings:
-            state[EMBEDDING] = base.state[EMBEDDING].clone()
+            state[self.embedding] = base.state[self.embedding].clone()
         return state
 
     def merged(self, state: Tensors, target: Target) -> torch.Tensor:
@@ -127,7 +131,7 @@ class Space:
                     mask[(slice(None) if rows is None else rows.unsqueeze(1),
                           slice(None) if cols is None else cols)] = True
             if config.partial_embeddings:
-                masks[EMBEDDING][slice(None) if embedding_rows is None else embedding_rows] = True
+                masks[self.embedding][slice(None) if embedding_rows is None else embedding_rows] = True
         return masks
 
     def structure(self, config: DeviceConfig) -> Structure:
@@ -227,13 +231,14 @@ class Submodel:
             if any(f".{factor}." in name for factor in space.rule.frozen):
                 p.requires_grad_(False)
         if structure.embeddings:
-            model.get_parameter(EMBEDDING).requires_grad_(True)
+            model.get_parameter(space.embedding).requires_grad_(True)
         install_keyed_dropout(model)
         fuse_activations(model)
         self.lm = model.to(device)
         self.device = device
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.stackable = bool(self.params) and stackable(model, list(self.params))  # devices can share a pass
+        # devices can share a pass; not with partial embeddings (each device's rows, one row mask per pass)
+        self.stackable = bool(self.params) and not structure.embeddings and stackable(model, list(self.params))
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay, fused=True) if self.params else None
         self._loaded: tuple | None = None
@@ -266,8 +271,8 @@ class Submodel:
                     conv.weight.copy_(w)
                     bias = self.base.state[f"{name}.bias"]
                     conv.bias.copy_(bias if out_idx is None else bias[out_idx])
-            if EMBEDDING in state:
-                self.lm.get_parameter(EMBEDDING).copy_(state[EMBEDDING])
+            if self.space.embedding in state:
+                self.lm.get_parameter(self.space.embedding).copy_(state[self.space.embedding])
         self._loaded = key
 
     def width_bytes(self) -> int:
@@ -294,7 +299,7 @@ class Submodel:
             out[f"{t.name}.lora_A.default.weight"] = a
             out[f"{t.name}.lora_B.default.weight"] = b
         if self.structure.embeddings:
-            out[EMBEDDING] = state[EMBEDDING]
+            out[self.space.embedding] = state[self.space.embedding]
         return out
 
     def load_fixed(self, initial: Tensors) -> None:
@@ -311,7 +316,8 @@ class Submodel:
         Embedding updates travel as the ``rows`` sent, plus their int32 indices unless the server chose them.
         """
         if rows is not None:
-            update = {**update, EMBEDDING: update[EMBEDDING].index_select(0, rows.to(update[EMBEDDING].device))}
+            e = self.space.embedding
+            update = {**update, e: update[e].index_select(0, rows.to(update[e].device))}
         nbytes = 0 if rows is None or not encoding.row_indices else 4 * len(rows)
         if encoding.bits == quantize.UNQUANTIZED:
             return update, nbytes + sum(4 * u.numel() for u in update.values())
@@ -348,7 +354,8 @@ class Submodel:
             for key, sub, r, c in pieces:
                 put(key, sub, r=r, c=c)
         if self.structure.embeddings:
-            put(EMBEDDING, update[EMBEDDING], r=rows.to(update[EMBEDDING].device))
+            e = self.space.embedding
+            put(e, update[e], r=rows.to(update[e].device))
         return out, held
 
 
