@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from raysim import rng
+from raysim import rng, shipped
 from raysim.errors import ConfigError
 from raysim.types import DeviceDraws
 
-SHIPPED_PROFILES = Path(__file__).resolve().parent.parent / "device_profiles"
+SHIPPED_PROFILES = shipped.folder("device_profiles")
 PROFILE_DIRS: tuple[Path, ...] = (
     Path("device_profiles"),  # relative: resolved against the working directory when used
     SHIPPED_PROFILES,

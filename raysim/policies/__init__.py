@@ -15,7 +15,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from raysim.config import REPO_ROOT, load_mapping
+from raysim import shipped
+from raysim.config import load_mapping
 from raysim.errors import ConfigError
 from raysim.policies import rl, static  # noqa: F401  (registers the shipped policies)
 from raysim.policies.base import REGISTRY, CostOracle, Policy, PolicyContext, Prices
@@ -23,7 +24,7 @@ from raysim.policies.base import REGISTRY, CostOracle, Policy, PolicyContext, Pr
 __all__ = ["CostOracle", "Policy", "PolicyContext", "PolicySpec", "Prices", "build_policy", "policy_identity",
            "read_policy"]
 
-SHIPPED_POLICIES = REPO_ROOT / "policies"
+SHIPPED_POLICIES = shipped.folder("policies")
 POLICY_DIRS = (Path("policies"), SHIPPED_POLICIES)  # the first relative: the working directory's
 
 
