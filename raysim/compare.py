@@ -7,8 +7,10 @@ seed share their device draws, cohorts' randomness, data and model, since all
 of these are keyed by the seed, so policies meet identical conditions.
 
 The study folder holds ``runs/<run id>/`` and, once all runs are done,
-``comparison.parquet`` (one row per run) and ``report.md`` with plots. A
-study started again skips every run whose summary says it stopped cleanly under the
+``comparison.parquet`` (one row per run) and ``report.md`` with plots. Every
+row of a run's tables carries its axis values (``axis.<key>``, see
+:class:`raysim.results.RunIdentity`), so the runs' parts read as one labelled
+table. A study started again skips every run whose summary says it stopped cleanly under the
 same resolved config. With ``parallel: N > 1`` up to N runs share the Ray
 cluster at once, each with its share of the CPUs as device actors.
 """
@@ -34,7 +36,7 @@ from raysim.errors import ConfigError
 from raysim.paths import absolute
 from raysim.policies import policy_identity, read_policy
 from raysim.report import run_label, run_metrics, write_report
-from raysim.results import COMPLETE
+from raysim.results import COMPLETE, RunIdentity, label_parts
 
 STUDY_KEYS = ("name", "description", "output_dir", "parallel", "experiment", "axes")
 LABELS = ("policy", "seed", "population")
@@ -113,7 +115,8 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         axis_layer = OmegaConf.create()
         for key, value in values.items():
             OmegaConf.update(axis_layer, key, value)
-        run_layer = OmegaConf.create({"name": f"{name}-{rid}", "output_dir": str(output_dir / "runs" / rid)})
+        run_layer = OmegaConf.create({"name": f"{name}-{rid}", "output_dir": str(output_dir / "runs" / rid),
+                                      "study_axes": axis_labels(values)})
         cfg = load_experiment(base_path, None, layers=[*layers, (f"{path}: axes", axis_layer), ("compare", run_layer)])
         cfg = absolute(cfg)  # runs may execute as Ray tasks in another working directory
         read_policy(cfg.policy)  # a bad policy fails before any run starts
@@ -121,6 +124,11 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     if len({r.run_id for r in runs}) != len(runs):
         raise ConfigError("two combinations of axis values share a run folder name", file=str(path), field="axes")
     return Study(name=name, output_dir=output_dir, parallel=parallel, axes=plain_axes, runs=runs)
+
+
+def axis_labels(values: dict[str, Any]) -> dict[str, str]:
+    """A run's axis values as text, as its rows (``axis.<key>``) and comparison.parquet give them."""
+    return {key: str(value) for key, value in values.items()}
 
 
 def _flatten(mapping: DictConfig, prefix: str = "") -> dict[str, Any]:
@@ -168,7 +176,7 @@ def comparison_table(study: Study) -> pa.Table:
     rows = []
     for run in study.runs:
         config = OmegaConf.to_container(OmegaConf.structured(run.cfg))
-        extra = {k: str(v) for k, v in run.values.items() if k not in LABELS}
+        extra = {k: v for k, v in axis_labels(run.values).items() if k not in LABELS}
         rows.append({"run_id": run.run_id, **run_label(config), **extra, **run_metrics(Path(run.cfg.output_dir))})
     return pa.Table.from_pylist(rows)
 
@@ -178,7 +186,13 @@ def run_study(study: Study) -> Path:
     from raysim import cluster
     from raysim.run import run_experiment
 
-    todo = [r for r in study.runs if not is_finished(r)]
+    todo = []
+    for run in study.runs:
+        if not is_finished(run):
+            todo.append(run)
+        else:  # perhaps finished before raysim labelled rows: labelled now, the study's runs read as one table
+            run_dir = Path(run.cfg.output_dir)
+            label_parts(run_dir, RunIdentity.of(run.cfg, run_dir=run_dir, policy=read_policy(run.cfg.policy).name))
     caches = Caches()  # the study's runs share measurements and built datasets
     print(f"raysim compare: {study.name}: {len(study.runs)} runs, {len(study.runs) - len(todo)} already finished "
           f"-> {study.output_dir}", file=sys.stderr)

@@ -12,19 +12,21 @@ the file, "override", or a study's layer.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from raysim import shipped
 from raysim.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-QUICKSTART = REPO_ROOT / "experiments" / "quickstart.yaml"
+QUICKSTART = shipped.folder("experiments") / "quickstart.yaml"
 
 
 @dataclass
@@ -242,6 +244,9 @@ class ExperimentConfig:
     population_size: int | None = None  # None: the population file's size
     policy: str = "uniform"  # a name from policies/ or a path
     progress: bool = True
+    # set by raysim compare: the run's axis values (key -> value as text). They label every row of its tables
+    # (columns axis.<key>) and change no result
+    study_axes: dict[str, str] = field(default_factory=dict)
     cohort: CohortConfig = field(default_factory=CohortConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -272,11 +277,21 @@ def load_mapping(path: str | Path, *, kind: str) -> DictConfig:
 def _explain(err: OmegaConfBaseException, *, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or None
     if isinstance(err, ConfigKeyError):
-        return ConfigError("unknown key", file=source, field=key)
+        return ConfigError("unknown key" + _did_you_mean(err), file=source, field=key)
     msg = str(err).splitlines()[0]
     if "is not a subclass of" in msg:
         msg = "expected a mapping of keys"
     return ConfigError(msg, file=source, field=key)
+
+
+def _did_you_mean(err: ConfigKeyError) -> str:
+    """`` (did you mean cohort.deadline_s?)`` for a key close to one of its section's, else nothing."""
+    section = err.object_type
+    if not dataclasses.is_dataclass(section) or err.key is None:
+        return ""
+    close = difflib.get_close_matches(str(err.key), [f.name for f in dataclasses.fields(section)], n=1)
+    prefix = (err.full_key or "").removesuffix(str(err.key))
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
 def _merge(base: DictConfig, extra: Any, *, source: str) -> DictConfig:
@@ -360,6 +375,10 @@ def parse_override(item: str) -> DictConfig:
         return OmegaConf.from_dotlist([item])
     except OmegaConfBaseException as err:
         raise _explain(err, source="override") from None
+    except yaml.YAMLError as err:  # the value is YAML; its errors span lines and point into a one-line string
+        key, value = item.split("=", 1)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"cannot parse value {value!r}: {problem}", file="override", field=key) from None
 
 
 def _check(ok: bool, field_name: str, message: str, *, source: str) -> None:
@@ -534,8 +553,9 @@ def to_yaml(cfg: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-# Keys that cannot change a run's results: where it runs and writes, how often it checkpoints, progress bars.
-NOT_RESULTS = ("ray", "progress", "output_dir", "checkpoint")
+# Keys that cannot change a run's results: where it runs and writes, how often it checkpoints, progress bars,
+# a study's labels.
+NOT_RESULTS = ("ray", "progress", "output_dir", "checkpoint", "study_axes")
 
 
 def result_keys(config: dict) -> dict:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from raysim import rng
 from raysim.config import PretrainConfig

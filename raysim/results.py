@@ -3,7 +3,9 @@
 Parquet files are written a part per round as the run goes, each atomically,
 so a run stopped at any moment (kill -9 included) keeps every finished round. Schemas are fixed here (a round's
 row is the typed :class:`RoundRow`); the column names are a contract
-(DESIGN.md) that users script against.
+(DESIGN.md) that users script against. Every row also carries its run's
+:class:`RunIdentity` (run id, name, seed, policy, a study's axis values), so
+that the parts of many runs read as one labelled table.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ import os
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from raysim.config import ExperimentConfig
 
 # summary.json statuses of a run that stopped cleanly (a study skips them; their final state is written)
 COMPLETE = ("finished", "target_reached", "privacy_budget_spent")
@@ -105,6 +111,39 @@ DEVICES_SCHEMA = pa.schema([
 ])
 
 
+IDENTITY_SCHEMA = pa.schema([("run_id", pa.string()), ("name", pa.string()), ("seed", pa.int64()),
+                             ("policy", pa.string())])
+AXIS_PREFIX = "axis."  # a study's axis values: one string column per axis key, ``axis.<key>``
+TABLES = ("rounds.parquet", "devices.parquet")
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What every row of a run's tables says about the run: constant columns appended after the data's."""
+
+    run_id: str  # the run directory's name (a study's run id)
+    name: str
+    seed: int
+    policy: str  # the policy's name, as summary.json records it
+    axes: dict[str, str] = field(default_factory=dict)  # a study's axis key -> value (as text)
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig, *, run_dir: Path, policy: str) -> RunIdentity:
+        return cls(run_id=run_dir.name, name=cfg.name, seed=cfg.seed, policy=policy, axes=dict(cfg.study_axes))
+
+    def schema(self) -> pa.Schema:
+        return pa.schema([*IDENTITY_SCHEMA, *((f"{AXIS_PREFIX}{k}", pa.string()) for k in self.axes)])
+
+    def label(self, table: pa.Table) -> pa.Table:
+        """``table`` less any identity columns it had, with this run's appended."""
+        values = [self.run_id, self.name, self.seed, self.policy, *self.axes.values()]
+        table = table.drop_columns([n for n in table.column_names if n in IDENTITY_SCHEMA.names
+                                    or n.startswith(AXIS_PREFIX)])
+        for column, value in zip(self.schema(), values):
+            table = table.append_column(column, pa.array([value] * table.num_rows, column.type))
+        return table
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write`` to a file of the same name in a hidden folder beside ``path``, then rename it over ``path``: a
     kill at any moment leaves the old file or the new one, never a part of either (readers skip names that
@@ -119,6 +158,23 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def part_name(rnd: int) -> str:
     return f"round-{rnd:06d}.parquet"
+
+
+def part_files(run_dir: Path, table: str) -> list[Path]:
+    """The finished rounds' files of ``table`` (one of :data:`TABLES`), in round order."""
+    return sorted((run_dir / table).glob("round-*.parquet"))
+
+
+def label_parts(run_dir: Path, identity: RunIdentity) -> None:
+    """Give every part of the run's tables ``identity``'s columns, rewriting (atomically) only those without
+    them: parts written before raysim labelled its rows, or in a run folder since renamed. The rewritten
+    files are the ones this raysim would have written."""
+    names = identity.schema().names
+    for part in (part for name in TABLES for part in part_files(run_dir, name)):
+        table = pq.read_table(part)
+        labelled = identity.label(table)
+        if table.schema != labelled.schema or not table.select(names).equals(labelled.select(names)):
+            atomic_write(part, lambda tmp, labelled=labelled: pq.write_table(labelled, tmp))
 
 
 def read_parts(path: Path, schema: pa.Schema) -> pa.Table:
@@ -139,28 +195,36 @@ class RunWriter:
     way whenever it changes.
     """
 
-    def __init__(self, run_dir: Path, *, config_yaml: str | None):
-        """``config_yaml``: the resolved config of a new run (None: a resumed run keeps its own)."""
-        self.dir = run_dir
+    def __init__(self, run_dir: Path, *, config_yaml: str | None, identity: RunIdentity | None = None):
+        """``config_yaml``: the resolved config of a new run (None: a resumed run keeps its own); ``identity``
+        labels every row (None: rows without identity columns, as a hand-made run's)."""
+        self.dir, self.identity = run_dir, identity
         self.dir.mkdir(parents=True, exist_ok=True)
-        for folder in ("rounds.parquet", "devices.parquet"):
+        for folder in TABLES:
             (self.dir / folder).mkdir(exist_ok=True)
         if config_yaml is not None:
             atomic_write(self.dir / "config.yaml", lambda tmp: tmp.write_text(config_yaml))
 
     def write_round(self, result: RoundResult) -> None:
         name = part_name(result.row.round)
-        rows = pa.Table.from_pylist([asdict(result.row)], schema=ROUNDS_SCHEMA)
-        devices = pa.Table.from_pydict(result.devices, schema=DEVICES_SCHEMA)
+        rows = self._label(pa.Table.from_pylist([asdict(result.row)], schema=ROUNDS_SCHEMA))
+        devices = self._label(pa.Table.from_pydict(result.devices, schema=DEVICES_SCHEMA))
         atomic_write(self.dir / "devices.parquet" / name, lambda tmp: pq.write_table(devices, tmp))
         atomic_write(self.dir / "rounds.parquet" / name, lambda tmp: pq.write_table(rows, tmp))
 
-    def forget_after(self, rnd: int) -> None:
-        """Remove the parts of rounds after ``rnd`` (a resumed run redoes them)."""
-        for folder in ("rounds.parquet", "devices.parquet"):
-            for part in (self.dir / folder).glob("round-*.parquet"):
+    def resume_after(self, rnd: int) -> None:
+        """Remove the parts of rounds after ``rnd`` (a resumed run redoes them); label the others as this
+        run's (those written before raysim labelled rows get the columns, so that the folder reads as one
+        table)."""
+        for folder in TABLES:
+            for part in part_files(self.dir, folder):
                 if int(part.stem.split("-")[1]) > rnd:
                     part.unlink()
+        if self.identity is not None:
+            label_parts(self.dir, self.identity)
+
+    def _label(self, table: pa.Table) -> pa.Table:
+        return table if self.identity is None else self.identity.label(table)
 
     def write_summary(self, summary: dict) -> None:
         text = json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n"

@@ -22,6 +22,7 @@ import platform
 import shutil
 import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,9 +33,9 @@ import ray
 import torch
 
 import raysim
+from raysim import api, cluster, paths, rng
 from raysim import callbacks as cb
 from raysim import checkpoint as ckpt
-from raysim import cluster, paths, rng
 from raysim.aggregation.lora import LORA_RULES
 from raysim.aggregator import Aggregator, NonFiniteUpdate
 from raysim.caches import Caches
@@ -55,7 +56,7 @@ from raysim.privacy.plan import CentralPlan, plan_central
 from raysim.processors import UpdateProcessor
 from raysim.profiles import Population, load_population
 from raysim.records import device_columns, round_row
-from raysim.results import COMPLETE, RoundResult, RunWriter, atomic_write
+from raysim.results import COMPLETE, RoundResult, RunIdentity, RunWriter, atomic_write
 from raysim.types import RoundState
 
 
@@ -235,7 +236,7 @@ class Run:
         self.completed, self.sim_time_s = progress["completed"], progress["sim_time_s"]
         self.epsilon, self.last = progress["epsilon"], progress["last"]
         self.totals, self.params, self.wall_before_s = progress["totals"], progress["params"], progress["wall_time_s"]
-        self.writer.forget_after(self.completed)  # rounds past the checkpoint are redone
+        self.writer.resume_after(self.completed)  # rounds past the checkpoint are redone
 
     @functools.cached_property
     def result_config(self) -> dict:
@@ -306,7 +307,8 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
         nodes = len(set(pool.nodes()))
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)  # claim() checked it holds a run: none of its files stays
-        writer = RunWriter(run_dir, config_yaml=None if resume else to_yaml(cfg))
+        writer = RunWriter(run_dir, config_yaml=None if resume else to_yaml(cfg),
+                           identity=RunIdentity.of(cfg, run_dir=run_dir, policy=spec.name))
         last_round = privacy.rounds if privacy else cfg.rounds
         own = [cb.Evaluation(every=cfg.eval.every, last_round=last_round),
                cb.TargetAccuracy(target=cfg.eval.target_accuracy, stop=cfg.eval.stop_at_target),
@@ -421,3 +423,13 @@ def _versions() -> dict[str, str]:
 
     return {"raysim": raysim.__version__, "python": platform.python_version(), "torch": torch.__version__,
             "ray": ray.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+class _CallableModule(types.ModuleType):
+    """``raysim.run(experiment, *overrides)`` is :func:`raysim.api.run`: once anything imports this module it is
+    the package's attribute ``run``, so the module is made callable rather than shadowed."""
+
+    __call__ = staticmethod(api.run)
+
+
+sys.modules[__name__].__class__ = _CallableModule

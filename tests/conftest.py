@@ -38,27 +38,40 @@ MACHINE_KEYS = ("wall_time_s", "versions", "num_actors", "actor_nodes", "checkpo
 def assert_same_results(a, b) -> None:
     """Two run directories hold the same results: byte-identical devices.parquet parts and final state,
     rounds.parquet equal in every column but wall time (the one that measures the machine, not the run), and
-    summary.json equal but for what measures the machine or the session (MACHINE_KEYS)."""
+    summary.json equal but for what measures the machine or the session (MACHINE_KEYS). Folders of other
+    names differ in ``run_id`` (the folder's name) alone: their devices parts are then equal in every other
+    column, bit for bit."""
     import json
 
-    import numpy as np
     import pyarrow.parquet as pq
 
     parts = [sorted(p.name for p in (d / "devices.parquet").iterdir()) for d in (a, b)]
     assert parts[0] == parts[1] and parts[0]
     for name in parts[0]:
-        assert (a / "devices.parquet" / name).read_bytes() == (b / "devices.parquet" / name).read_bytes(), name
+        if a.name == b.name:
+            assert (a / "devices.parquet" / name).read_bytes() == (b / "devices.parquet" / name).read_bytes(), name
+        else:
+            assert_same_columns(*(pq.read_table(d / "devices.parquet" / name).drop_columns(["run_id"])
+                                  for d in (a, b)), where=name)
     assert (a / "final_state.pt").exists() == (b / "final_state.pt").exists()
     if (a / "final_state.pt").exists():
         assert (a / "final_state.pt").read_bytes() == (b / "final_state.pt").read_bytes()
-    rounds_a, rounds_b = (pq.read_table(d / "rounds.parquet").drop(["wall_time_s"]) for d in (a, b))
-    assert rounds_a.schema == rounds_b.schema and rounds_a.num_rows == rounds_b.num_rows > 0
-    for name in rounds_a.column_names:  # bit for bit (Arrow's equals calls NaN unequal to NaN)
-        x, y = (np.asarray(t[name].to_numpy()) for t in (rounds_a, rounds_b))
-        assert x.tobytes() == y.tobytes(), name
+    rounds_a, rounds_b = (pq.read_table(d / "rounds.parquet").drop_columns(["wall_time_s", "run_id"]) for d in (a, b))
+    assert rounds_a.num_rows > 0
+    assert_same_columns(rounds_a, rounds_b, where="rounds.parquet")
     summary_a, summary_b = ({k: v for k, v in json.loads((d / "summary.json").read_text()).items()
                              if k not in MACHINE_KEYS} for d in (a, b))
     assert json.dumps(summary_a, sort_keys=True) == json.dumps(summary_b, sort_keys=True)
+
+
+def assert_same_columns(x_table, y_table, *, where: str) -> None:
+    """Equal schemas and every column bit for bit (Arrow's equals calls NaN unequal to NaN); text by value."""
+    import numpy as np
+
+    assert x_table.schema == y_table.schema and x_table.num_rows == y_table.num_rows, where
+    for name in x_table.column_names:
+        x, y = (np.asarray(t[name].to_numpy()) for t in (x_table, y_table))
+        assert (x.tolist() == y.tolist()) if x.dtype == object else (x.tobytes() == y.tobytes()), (where, name)
 
 
 def make_worker(cfg):
