@@ -8,6 +8,7 @@ for the traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import signal
 import sys
@@ -17,10 +18,9 @@ from raysim.errors import ConfigError, describe_error
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from raysim.config import QUICKSTART, load_experiment
-    from raysim.run import run_experiment
+    from raysim import shipped
+    from raysim.api import experiment_config
+    from raysim.config import QUICKSTART, load_experiment, to_yaml
 
     path, overrides = args.experiment, list(args.overrides)
     if path is not None and re.match(r"[A-Za-z_][\w.]*=", path):  # no file, only overrides
@@ -30,12 +30,14 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError("give an experiment file or --resume RUN_DIR (which runs the run's config), not both")
         if args.overwrite:
             raise ConfigError("--resume continues a run and --overwrite replaces it: give one")
-        config = Path(args.resume) / "config.yaml"
-        if not config.is_file():
-            raise ConfigError("not a run directory (no config.yaml)", file=args.resume)
-        cfg = load_experiment(config, overrides)
+        cfg = experiment_config(None, overrides, resume=args.resume)  # continues in RUN_DIR, wherever it is now
     else:
-        cfg = load_experiment(path or QUICKSTART, overrides)
+        cfg = load_experiment(shipped.experiment(path) if path else QUICKSTART, overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from raysim.run import run_experiment  # imports Ray: not needed to print a config
+
     run_dir = run_experiment(cfg, resume=args.resume is not None, overwrite=args.overwrite)
     print(f"run directory: {run_dir}")
     return 0
@@ -78,7 +80,7 @@ def _train_policy(args: argparse.Namespace) -> int:
 def _profiles(args: argparse.Namespace) -> int:
     from raysim.profiles import profiles_command
 
-    return profiles_command(list(args.args))
+    return profiles_command([args.action or "list", *args.targets])
 
 
 def _privacy(args: argparse.Namespace) -> int:
@@ -123,47 +125,108 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _debug_flag() -> argparse.ArgumentParser:
+    """``--debug`` for every parser, so it may come before or after the subcommand.
+
+    Its default is SUPPRESS: a subcommand that is not given the flag must not
+    overwrite the ``True`` the top level parsed (``main`` reads a missing one as False).
+    """
+    flag = argparse.ArgumentParser(add_help=False)
+    flag.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                      help="print the full traceback of an unexpected error")
+    return flag
+
+
+def _command(sub, name: str, *, help: str, examples: str, description: str | None = None,
+             debug: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` shows a description and examples."""
+    return sub.add_parser(name, help=help, description=description or help, parents=[debug],
+                          epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="raysim", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one experiment (default: the shipped quickstart)")
-    run.add_argument("experiment", nargs="?", help="experiment YAML (default: experiments/quickstart.yaml)")
+    import raysim
+
+    debug = _debug_flag()
+    parser = _Parser(prog="raysim", description=raysim.__doc__.splitlines()[0], parents=[debug],
+                     epilog="examples:\n  raysim run\n  raysim run experiments/dp_fedavg.yaml rounds=3\n"
+                            "  raysim run --help",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"raysim {raysim.__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="raysim COMMAND --help shows its options and examples")
+    cmd = functools.partial(_command, sub, debug=debug)
+    run = cmd("run", help="run one experiment (default: the shipped quickstart)",
+              examples="  raysim run\n"
+                       "  raysim run experiments/dp_fedavg.yaml rounds=3 cohort.size=32\n"
+                       "  raysim run --print-config experiments/quickstart.yaml rounds=5\n"
+                       "  raysim run --resume runs/quickstart-20250101-120000 rounds=20")
+    run.add_argument("experiment", nargs="?",
+                     help="experiment YAML, or a shipped experiment's name: quickstart, dp_fedavg, private_lm, ... "
+                          "(default: quickstart)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rounds=5 cohort.size=32")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     run.add_argument("--overwrite", action="store_true", help="replace the run in output_dir (default: refuse)")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the resolved config as YAML and run nothing")
     run.set_defaults(func=_run)
-    compare = sub.add_parser("compare", help="run a comparison study (policies x seeds x populations)")
+    compare = cmd("compare", help="run a comparison study (policies x seeds x populations)",
+                  examples="  raysim compare experiments/compare_policies.yaml\n"
+                           "  raysim compare experiments/compare_policies.yaml 'axes.seed=[0,1]' rounds=4 parallel=2")
     compare.add_argument("study", help="study YAML, e.g. experiments/compare_policies.yaml")
     compare.add_argument("overrides", nargs="*", help="key=value: experiment keys, or study keys (axes.seed=[0,1])")
     compare.set_defaults(func=_compare)
-    report = sub.add_parser("report", help="report.md and plots from finished runs (or study folders)")
-    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report = cmd("report", help="report.md and plots from finished runs (or study folders)",
+                 examples="  raysim report runs/quickstart-20250101-120000 --out report\n"
+                          "  raysim report runs/compare_policies --target 0.3 --include-unfinished")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run folder, or a study folder (its runs)")
     report.add_argument("--out", default="report", help="output folder (default: ./report)")
     report.add_argument("--target", type=float, help="target eval accuracy (default: each run's eval.target_accuracy)")
     report.add_argument("--include-unfinished", action="store_true",
                         help="average in runs that did not finish, marked (default: leave them out, listed)")
     report.set_defaults(func=_report)
-    train = sub.add_parser("train-policy", help="train the rl policy over several episodes and save it")
+    train = cmd("train-policy", help="train the rl policy over several episodes and save it",
+                examples="  raysim train-policy experiments/quickstart.yaml policy=rl --episodes 5 "
+                         "--out runs/rl-policy.safetensors")
     train.add_argument("experiment", help="experiment YAML whose policy is an rl policy file")
     train.add_argument("overrides", nargs="*", help="key=value overrides")
-    train.add_argument("--episodes", type=int, default=3)
+    train.add_argument("--episodes", type=int, default=3, help="runs of the experiment to learn over (default: 3)")
     train.add_argument("--out", default="runs/rl-policy.safetensors",
                        help="checkpoint to write (default: runs/rl-policy.safetensors)")
     train.set_defaults(func=_train_policy)
-    profiles = sub.add_parser("profiles", help="list | show NAME | validate FILE...")
-    profiles.add_argument("args", nargs="*")
-    profiles.set_defaults(func=_profiles)
-    privacy = sub.add_parser("privacy", help="plan DP: epsilon for a noise multiplier, or the reverse",
-                             description=_privacy.__doc__)
+    _add_profiles(cmd("profiles", help="list, show or validate device classes and populations",
+                      description="list, show or validate device classes and populations (default: list)",
+                      examples="  raysim profiles list\n  raysim profiles show gboard\n"
+                               "  raysim profiles validate my_phones.yaml"), debug)
+    privacy = cmd("privacy", help="plan DP: epsilon for a noise multiplier, or the reverse",
+                  description=_privacy.__doc__,
+                  examples="  raysim privacy --noise-multiplier 1.2 --sample-rate 0.01 --rounds 100 --delta 1e-5\n"
+                           "  raysim privacy --target-epsilon 2 --sample-rate 0.0002 --rounds 20 --delta 1e-6")
     privacy.add_argument("--noise-multiplier", type=float, help="z: noise std / clip norm")
     privacy.add_argument("--target-epsilon", type=float, help="print the z that reaches this epsilon instead")
     privacy.add_argument("--sample-rate", type=float, required=True, help="q: cohort.size / population (Poisson)")
     privacy.add_argument("--rounds", type=int, required=True, help="T: rounds (accountant steps)")
-    privacy.add_argument("--delta", type=float, required=True)
+    privacy.add_argument("--delta", type=float, required=True, help="delta of the (epsilon, delta) guarantee")
     privacy.add_argument("--accountant", default="rdp", help="as privacy.accountant (default: rdp)")
     privacy.set_defaults(func=_privacy)
     return parser
+
+
+def _add_profiles(profiles: argparse.ArgumentParser, debug: argparse.ArgumentParser) -> None:
+    """``profiles [list | show NAME | validate FILE...]``: bare ``profiles`` lists."""
+    actions = profiles.add_subparsers(dest="action", title="actions", help="default: list")
+    cmd = functools.partial(_command, actions, debug=debug)
+    cmd("list", help="every device class and population on the search path, with its description",
+        examples="  raysim profiles list")
+    show = cmd("show", help="one device class or population: its distributions and mix",
+               examples="  raysim profiles show gboard\n  raysim profiles show phone-mid\n"
+                        "  raysim profiles show my_phones.yaml")
+    show.add_argument("targets", nargs=1, metavar="NAME", help="a class or population name, or a .yaml path")
+    validate = cmd("validate", help="check profile files; print ok FILE for each, stop at the first bad one",
+                   examples="  raysim profiles validate my_phones.yaml my_population.yaml")
+    validate.add_argument("targets", nargs="+", metavar="FILE", help="device class or population YAML")
+    profiles.set_defaults(func=_profiles, targets=[])
 
 
 def _stop(signum, frame) -> None:
@@ -172,12 +235,13 @@ def _stop(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop)
     try:
         return args.func(args)
     except ConfigError as err:
-        if args.debug:
+        if debug:
             raise
         print(f"raysim: error: {err}", file=sys.stderr)
         return 1
@@ -185,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print("raysim: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # an unexpected failure: one line unless --debug
-        if args.debug:
+        if debug:
             raise
         print(f"raysim: error: {describe_error(err)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
