@@ -142,10 +142,10 @@ class DeviceWorker:
         bytes_down = sum(4 * p.numel() for p in sub.params.values())
         if config.dropout_rate > 0 or (config.prune_ratio > 0 and PRUNING[self.cfg.methods.pruning].rolls):
             bytes_down += sub.width_bytes()  # the frozen slices change every round: they travel too
-        loss = None
-        if self.output_loss() is not None:  # the chosen loss, as a device computes it
+        loss, output = None, self.output_loss()
+        if output is not None:  # the chosen loss, as a device computes it
             def loss(model, tokens):
-                return self._output.losses(model, tokens, devices=1, samples=self._output.draw([g])).sum()
+                return output.losses(model, tokens, devices=1, samples=output.draw([g])).sum()
         return costmodel.measure(sub.lm, batch=batch.to(self.device), bytes_down=bytes_down, bytes_up=bytes_up,
                                  loss=loss)
 

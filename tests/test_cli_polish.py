@@ -146,6 +146,10 @@ def test_profiles_with_missing_or_extra_arguments_is_one_line_and_exit_2(argv, m
     ("train.epochs=3", "override: train.epochs: unknown key"),  # nothing close: no guess
 ])
 def test_an_unknown_override_key_suggests_the_close_key_of_its_section(override, line, tmp_path, capsys, no_run):
+    _assert_one_line_and_no_run(override, line, tmp_path, capsys)
+
+
+def _assert_one_line_and_no_run(override, line, tmp_path, capsys):
     out = tmp_path / "run"
     code, err, _ = run_cli(["run", override, f"output_dir={out}"], capsys)
     assert code == 1 and err == [f"raysim: error: {line}"]
@@ -173,10 +177,7 @@ def test_an_unknown_key_in_a_study_layer_suggests_the_close_key():
                             "<document start>"),
 ])
 def test_a_malformed_override_value_is_one_line_naming_the_override(override, line, tmp_path, capsys, no_run):
-    out = tmp_path / "run"
-    code, err, _ = run_cli(["run", override, f"output_dir={out}"], capsys)
-    assert code == 1 and err == [f"raysim: error: {line}"]
-    assert not out.exists()
+    _assert_one_line_and_no_run(override, line, tmp_path, capsys)
 
 
 def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys, no_run):
