@@ -7,8 +7,9 @@ ARGS ?=
 .installed: pyproject.toml constraints.txt
 	# The CPU wheel of torch first: any other torch spec pulls GBs of CUDA packages.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	# Every dependency at the version CI ran (constraints.txt; cluster.yaml installs the same).
-	$(PY) -m pip install -c constraints.txt -e ".[test]"
+	# Every dependency at the version CI ran (constraints.txt; cluster.yaml installs the same); the trackers'
+	# packages too, which tests/test_tracking.py reads back.
+	$(PY) -m pip install -c constraints.txt -e ".[test,tracking]"
 	touch .installed
 
 run: .installed

@@ -1,4 +1,4 @@
-"""Print the installed version of every package raysim[test] needs, directly or not: constraints.txt.
+"""Print the installed version of every package raysim[test,tracking] needs, directly or not: constraints.txt.
 
     python .ci/constraints.py > constraints.txt   (in the environment `make test` built and CI ran)
 
@@ -41,7 +41,7 @@ def closure(root: str, *, extras: set[str]) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    versions = closure("raysim", extras={"test"})
+    versions = closure("raysim", extras={"test", "tensorboard", "mlflow"})  # tracking: these two
     print("# Versions `make test` installed and CI ran (Python "
           f"{sys.version_info.major}.{sys.version_info.minor}); made by: python .ci/constraints.py > constraints.txt")
     for name, version in sorted(versions.items()):

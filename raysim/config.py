@@ -235,6 +235,19 @@ class RayConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking (raysim/tracking.py): every round's ``rounds.parquet`` row and the resolved config,
+    logged as the run goes. Changes no result."""
+
+    tensorboard: bool = False  # event files in <run>/tensorboard (pip install 'raysim[tensorboard]')
+    mlflow: bool = False  # one MLflow run, continued by --resume (pip install 'raysim[mlflow]')
+    # the MLflow tracking URI (http://host:5000, sqlite:////abs/path.db, ...); null: a SQLite store in the
+    # run folder, <run>/mlflow/mlflow.db, its artifacts in <run>/mlflow/artifacts
+    mlflow_uri: str | None = None
+    mlflow_experiment: str | None = None  # the MLflow experiment; null: the run's name
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -258,6 +271,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def load_mapping(path: str | Path, *, kind: str) -> DictConfig:
@@ -554,8 +568,8 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 
 
 # Keys that cannot change a run's results: where it runs and writes, how often it checkpoints, progress bars,
-# a study's labels.
-NOT_RESULTS = ("ray", "progress", "output_dir", "checkpoint", "study_axes")
+# experiment tracking, a study's labels.
+NOT_RESULTS = ("ray", "progress", "output_dir", "checkpoint", "tracking", "study_axes")
 
 
 def result_keys(config: dict) -> dict:

@@ -7,10 +7,11 @@ let the policy assign configs, price every device with the cost model, settle
 who arrives in time, train those devices for real on the pool and aggregate
 their partial sums. Each round's result then passes through the run's
 callbacks (:mod:`raysim.callbacks`): evaluation, the accuracy target, the
-privacy budget, the files, the policy's feedback, progress, and any the
-caller adds. Central DP is an update processor (:mod:`raysim.processors`):
-the plan is fixed before anything trains and the accountant is stepped with
-the noise it releases.
+privacy budget, the files, the policy's feedback, progress, experiment
+tracking (:mod:`raysim.tracking`, when on) and any the caller adds. Central
+DP is an update processor (:mod:`raysim.processors`): the plan is fixed
+before anything trains and the accountant is stepped with the noise it
+releases.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import ray
 import torch
 
 import raysim
-from raysim import api, cluster, paths, rng
+from raysim import api, cluster, paths, rng, tracking
 from raysim import callbacks as cb
 from raysim import checkpoint as ckpt
 from raysim.aggregation.lora import LORA_RULES
@@ -276,6 +277,7 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
     restored = resumable(run_dir, cfg) if resume else None
     if not resume:
         claim(run_dir, overwrite=overwrite)
+    trackers = tracking.callbacks(cfg.tracking, run_dir=run_dir, name=cfg.name)  # a missing package fails here
     population = load_population(cfg.population, size=cfg.population_size)
     check_cohort(cfg, population)
     privacy = plan_central(cfg.privacy, rounds=cfg.rounds, cohort_size=cfg.cohort.size,
@@ -314,7 +316,7 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
                cb.TargetAccuracy(target=cfg.eval.target_accuracy, stop=cfg.eval.stop_at_target),
                cb.PrivacyBudget(last_round=last_round, rounds=cfg.rounds, max_epsilon=cfg.privacy.max_epsilon),
                cb.Files(writer), cb.PolicyFeedback(), cb.Checkpoints(every=cfg.checkpoint.every),
-               cb.Progress(rounds=cfg.rounds, enabled=cfg.progress, private=privacy is not None)]
+               cb.Progress(rounds=cfg.rounds, enabled=cfg.progress, private=privacy is not None), *trackers]
         run = Run(cfg=cfg, dir=run_dir, population=population, dataset=dataset, base=base, privacy=privacy,
                   spec=spec, pool=pool, policy=policy, aggregator=aggregator, writer=writer,
                   callbacks=[*own, *callbacks], state_ref=aggregator.get_state.remote(), params=params,
@@ -360,7 +362,7 @@ def resumable(run_dir: Path, cfg: ExperimentConfig) -> dict[str, ckpt.State]:
     key = first_difference(parts["run"].meta["config"], result_config(cfg))
     if key is not None:
         raise ConfigError(f"differs from the run's config in {run_dir} (a resumed run keeps its config; only "
-                          f"ray.*, progress and checkpoint.* may change)", field=key)
+                          f"ray.*, progress, checkpoint.* and tracking.* may change)", field=key)
     return parts
 
 
