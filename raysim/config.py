@@ -47,20 +47,29 @@ class TrainConfig:
 
 @dataclass
 class ModelConfig:
+    # gpt2 (GPT-2: LayerNorm, learned positions, GELU MLP) | llama (a Llama-style decoder: RMSNorm, rotary
+    # positions, SwiGLU MLP, grouped-query attention). Ignored with model.path (the folder's config decides)
+    family: str = "gpt2"
     n_layer: int = 2
     n_embd: int = 128
-    n_head: int = 4
+    n_head: int = 4  # attention (query) heads
+    n_kv_head: int | None = None  # llama: key-value heads (grouped-query attention); null: n_head
+    n_inner: int | None = None  # MLP hidden units; null: 4 * n_embd (gpt2), 8/3 * n_embd rounded up to 64 (llama)
     vocab_size: int = 1024
     n_positions: int = 64
-    dropout: float = 0.0  # GPT-2's resid/embd/attn dropout during local training
-    path: str | None = None  # a local Hugging Face model folder; overrides the sizes above
+    rope_theta: float = 10000.0  # llama: the rotary positions' base
+    # dropout during local training: GPT-2's residual, embedding and attention dropout; Llama's attention dropout
+    dropout: float = 0.0
+    # a local Hugging Face model folder (GPT-2, Llama, Mistral or Qwen2 type): its config gives the family,
+    # sizes and vocabulary, its tokenizer.json the tokenizer (unless data.tokenizer.path is set)
+    path: str | None = None
     # seed of the base model's initialisation and pre-training; None: the run's seed. Fix it to
     # fine-tune one base model under many run seeds (studies, train-policy); they then share one pre-training
     seed: int | None = None
-    # GPT-2 ties its output head to the token embedding (true). false: the head is its own V x d matrix, and
-    # partial embeddings train its rows (the output embedding): their gradient needs only the last hidden
-    # state, so a device training its top blocks does not back-propagate below them. Ignored with model.path
-    # (the folder's config decides)
+    # GPT-2 ties its output head to the token embedding (true; Llama-style models may too). false: the head
+    # is its own V x d matrix, and partial embeddings train its rows (the output embedding): their gradient
+    # needs only the last hidden state, so a device training its top blocks does not back-propagate below
+    # them. Ignored with model.path (the folder's config decides)
     tie_embeddings: bool = True
 
 
@@ -123,7 +132,10 @@ class MethodsConfig:
     partial_embeddings: list[bool] = field(default_factory=lambda: [False])
     bits: list[int] = field(default_factory=lambda: [32])  # update bit-width; 32: unquantized
     lora_alpha_per_rank: float = 2.0  # alpha = lora_alpha_per_rank * rank
-    lora_target_modules: list[str] = field(default_factory=lambda: ["c_attn"])
+    # modules LoRA (and rank 0) trains in every block: gpt2 c_attn, c_proj (attention output and MLP's), c_fc;
+    # llama q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj. null: the attention's input
+    # projections (gpt2 c_attn; llama q_proj, k_proj, v_proj)
+    lora_target_modules: list[str] | None = None
     pruning: str = "heterofl"  # heterofl (static prefix) | fedrolex (rolling window)
     quantization: str = "tensor"  # tensor | row: one scale pair per tensor or per row
     embedding_rows: int | None = None  # partial embeddings: send exactly this many rows (hides which)
@@ -423,6 +435,7 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     """Range checks the type system cannot express; names are checked against their registries."""
     from raysim.aggregation.lora import LORA_RULES
     from raysim.aggregation.server_opt import SERVER_OPTIMIZERS
+    from raysim.architectures import ARCHITECTURES
 
     c = lambda ok, key, msg: _check(ok, key, msg, source=source)  # noqa: E731
     if (bad := non_finite(cfg)) is not None:
@@ -440,6 +453,12 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     m = cfg.model
     c(m.n_layer >= 1, "model.n_layer", "must be >= 1")
     c(m.n_head >= 1 and m.n_embd % m.n_head == 0, "model.n_head", "must divide model.n_embd")
+    c(m.family in ARCHITECTURES, "model.family", f"must be {ARCHITECTURES.choices()}")
+    c(m.n_kv_head is None or (m.n_kv_head >= 1 and m.n_head % m.n_kv_head == 0), "model.n_kv_head",
+      f"must divide model.n_head={m.n_head}")
+    c(m.n_kv_head is None or m.family != "gpt2", "model.n_kv_head", "GPT-2 has no grouped-query attention")
+    c(m.n_inner is None or m.n_inner >= 1, "model.n_inner", "must be >= 1")
+    c(m.rope_theta > 0, "model.rope_theta", "must be > 0")
     c(m.vocab_size >= 8, "model.vocab_size", "must be >= 8")
     c(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     d = cfg.data
@@ -508,6 +527,7 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
 
 
 def _validate_methods(methods: MethodsConfig, model: ModelConfig, c) -> None:
+    from raysim.architectures import ARCHITECTURES
     from raysim.methods.quantize import GRANULARITY
     from raysim.methods.width import PRUNING
 
@@ -524,6 +544,11 @@ def _validate_methods(methods: MethodsConfig, model: ModelConfig, c) -> None:
     for i, b in enumerate(methods.bits):
         c(1 <= b <= 16 or b == 32, f"methods.bits[{i}]", "must be in [1, 16] or 32 (unquantized)")
     c(methods.lora_alpha_per_rank > 0, "methods.lora_alpha_per_rank", "must be > 0")
+    c(methods.lora_target_modules is None or len(methods.lora_target_modules) >= 1, "methods.lora_target_modules",
+      "needs at least one module (null: the family's default)")
+    if model.path is None and model.family in ARCHITECTURES:  # with model.path, the folder's family decides
+        from raysim.architectures import check_targets
+        check_targets(ARCHITECTURES[model.family], methods.lora_target_modules, c)
     c(methods.pruning in PRUNING, "methods.pruning", f"must be {PRUNING.choices()}")
     c(methods.quantization in GRANULARITY, "methods.quantization", f"must be {GRANULARITY.choices()}")
     c(methods.embedding_rows is None or methods.embedding_rows >= 1, "methods.embedding_rows", "must be >= 1")

@@ -100,7 +100,7 @@ class DeviceWorker:
         self._utility_wanted = False
         self._gradient: tuple[Tensors, float] | None = None
         self._eval_model = Submodel(space=self.space, base=base, cfg=cfg, device=self.device, structure=Structure(
-            lora_rank=0, heads=self.space.n_head, mlp=self.space.inner, blocks=(), embeddings=False))
+            lora_rank=0, heads=self.space.units, mlp=self.space.inner, blocks=(), embeddings=False))
         # Thousands of long-lived module and tensor objects: keep them out of every
         # cyclic-GC pass the per-device loop's garbage triggers.
         gc.freeze()
@@ -185,7 +185,7 @@ class DeviceWorker:
         model = self._eval_model
         model.load_frozen(self._state, None, version=object())
         model.lm.eval()
-        params = {f"{t.name}.delta": model._conv(t.name).weight for t in self.space.targets}
+        params = {f"{t.name}.delta": model.projection(t.name).weight for t in self.space.targets}
         embedding = self.space.embedding
         if embedding in self._state:
             params[embedding] = model.lm.get_parameter(embedding)
@@ -200,8 +200,8 @@ class DeviceWorker:
         finally:
             for p in params.values():
                 p.requires_grad_(False)
-        # Conv1D holds (in, out); the state's ΔW is (out, in)
-        return {k: g if k == embedding else g.T for k, g in zip(params, grads)}, loss.item()
+        # the state's ΔW is (out, in), whatever the modules' orientation
+        return {k: g if k == embedding else self.space.from_module(g) for k, g in zip(params, grads)}, loss.item()
 
     def _utility(self, update: Tensors) -> float:
         if not self._utility_wanted:

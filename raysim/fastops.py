@@ -12,7 +12,7 @@ import platform
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2LMHeadModel
+from transformers import GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from transformers.activations import FastGELUActivation, NewGELUActivation
 
 from raysim.grouped import per_device_loss
@@ -40,7 +40,7 @@ def fuse_activations(model: nn.Module) -> None:
 
 
 # Models whose logits are exactly ``lm_head(base_model(...).last_hidden_state)``: no scaling, capping or bias.
-HEAD_LOSS_MODELS = (GPT2LMHeadModel,)
+HEAD_LOSS_MODELS = (GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
 CHUNK_ROWS = 512  # positions per chunk: a W2 chunk's logits (512 x 1024 floats, 2 MiB) stay in cache
 
 

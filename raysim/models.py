@@ -11,20 +11,23 @@ the aggregator averages.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from raysim import rng
+from raysim.architectures import ARCHITECTURES, Architecture, Sizes, lora_targets, of_config, of_model_type
 from raysim.config import MethodsConfig, ModelConfig
 from raysim.errors import ConfigError
 
 hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()  # loading a model.path folder draws no bars over the run's own
 # peft probes a deprecated transformers attribute on every wrap; not ours to fix.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
@@ -43,21 +46,41 @@ class BaseModel:
     def n_positions(self) -> int:
         return int(self.config.get("n_positions") or self.config.get("max_position_embeddings"))
 
+    @property
+    def architecture(self) -> Architecture:
+        return of_config(self.config)
 
-def gpt2_config(cfg: ModelConfig) -> GPT2Config:
-    return GPT2Config(
-        n_layer=cfg.n_layer,
-        n_embd=cfg.n_embd,
-        n_head=cfg.n_head,
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.n_positions,
-        resid_pdrop=cfg.dropout,
-        embd_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout,
-        bos_token_id=0,  # GPT-2's 50256 lies outside a small vocabulary
-        eos_token_id=0,
-        tie_word_embeddings=cfg.tie_embeddings,
-    )
+    @property
+    def sizes(self) -> Sizes:
+        return self.architecture.sizes(self.config)
+
+
+def folder_config(path: str | Path) -> dict:
+    """The ``config.json`` of a Hugging Face model folder (``model.path``), checked to be a family raysim
+    handles; one ConfigError naming the folder otherwise."""
+    folder = Path(path).expanduser()
+    file = folder / "config.json"
+    if not file.is_file():
+        raise ConfigError("not a Hugging Face model folder (no config.json)", file=str(folder), field="model.path")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read config.json: {err}", file=str(file), field="model.path") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ConfigError("config.json names no model_type", file=str(file), field="model.path")
+    of_model_type(config["model_type"], folder=folder)
+    return config
+
+
+def folder_tokenizer(path: str | Path) -> Path | None:
+    """The tokenizer a model folder ships (``tokenizer.json``), if any."""
+    file = Path(path).expanduser() / "tokenizer.json"
+    return file if file.is_file() else None
+
+
+def model_vocab_size(cfg: ModelConfig) -> int:
+    """The vocabulary the run's model has: the folder's with ``model.path``, else ``model.vocab_size``."""
+    return int(folder_config(cfg.path)["vocab_size"]) if cfg.path else cfg.vocab_size
 
 
 def base_seed(cfg: ModelConfig, *, seed: int) -> int:
@@ -66,15 +89,15 @@ def base_seed(cfg: ModelConfig, *, seed: int) -> int:
 
 
 def initial_base_model(cfg: ModelConfig, *, seed: int) -> BaseModel:
-    """A GPT-2-family model initialised from (config, ``base_seed``), or loaded from ``model.path``."""
+    """A model of ``model.family`` initialised from (config, ``base_seed``), or loaded from ``model.path``."""
     if cfg.path:
         folder = Path(cfg.path).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ConfigError("not a Hugging Face model folder (no config.json)", file=str(folder), field="model.path")
+        folder_config(folder)
         model = AutoModelForCausalLM.from_pretrained(folder)
         return BaseModel(config=model.config.to_dict(), state=model.state_dict(), origin=str(folder))
+    arch = ARCHITECTURES[cfg.family]
     torch.manual_seed(rng.torch_seed(base_seed(cfg, seed=seed), "model", "init"))
-    model = GPT2LMHeadModel(gpt2_config(cfg))
+    model = arch.model_class(arch.config(cfg))
     return BaseModel(config=model.config.to_dict(), state=model.state_dict(), origin="init")
 
 
@@ -87,15 +110,16 @@ def instantiate(base: BaseModel) -> PreTrainedModel:
     return model
 
 
-def add_lora(model: torch.nn.Module, *, rank: int, methods: MethodsConfig, seed: int,
+def add_lora(model: PreTrainedModel, *, rank: int, methods: MethodsConfig, seed: int,
              modules: list[str] | None = None) -> torch.nn.Module:
     """Wrap ``model`` with peft LoRA at ``rank`` on ``modules`` (default: the configured ones)."""
+    arch = of_model_type(model.config.model_type)
     lora = LoraConfig(
         r=rank,
         lora_alpha=methods.lora_alpha_per_rank * rank,
-        target_modules=list(modules or methods.lora_target_modules),
+        target_modules=list(modules or lora_targets(arch, methods.lora_target_modules)),
         lora_dropout=0.0,
-        fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as (in, out)
+        fan_in_fan_out=arch.transposed,  # GPT-2's Conv1D stores weights as (in, out)
         bias="none",
     )
     torch.manual_seed(rng.torch_seed(seed, "lora", rank))  # the same adapter init on every actor

@@ -62,8 +62,18 @@ from raysim.types import RoundState
 
 
 def check_compatible(cfg: ExperimentConfig, base: BaseModel) -> None:
+    """The config fits the model it runs on: with ``model.path`` the folder's sizes, not ``model.*``'s."""
     if cfg.data.seq_len > base.n_positions:
         raise ConfigError(f"longer than the model's {base.n_positions} positions", field="data.seq_len")
+    sizes = base.sizes
+    for i, r in enumerate(cfg.methods.lora_rank):
+        if r > sizes.width:
+            raise ConfigError(f"rank {r} must be in [0, the model's layer width {sizes.width}]",
+                              field=f"methods.lora_rank[{i}]")
+    for i, k in enumerate(cfg.methods.trainable_layers):
+        if k is not None and k > sizes.n_layer:
+            raise ConfigError(f"must be null (all) or in [1, the model's {sizes.n_layer} blocks]",
+                              field=f"methods.trainable_layers[{i}]")
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:

@@ -25,6 +25,7 @@ from raysim.data.corpus import PUBLIC_USER, SHIPPED
 from raysim.data.sources import partition, read_table
 from raysim.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from raysim.errors import ConfigError
+from raysim.models import folder_tokenizer, model_vocab_size
 
 
 @dataclass
@@ -94,22 +95,25 @@ def build_text_dataset(cfg: ExperimentConfig) -> TextDataset:
         public_names |= {u for u, x in zip(others, draw) if x < d.public_fraction}
     public_texts = [t for u in sorted(public_names) for t in texts[u]]
 
-    if d.tokenizer.path:
-        tok = load_tokenizer(d.tokenizer.path)
+    vocab_size = model_vocab_size(cfg.model)
+    vocab_key = "model.path" if cfg.model.path else "model.vocab_size"  # what sets the model's vocabulary
+    tokenizer_path = d.tokenizer.path or (folder_tokenizer(cfg.model.path) if cfg.model.path else None)
+    if tokenizer_path:
+        tok = load_tokenizer(str(tokenizer_path))
     elif public_texts:
-        tok = train_tokenizer(public_texts, vocab_size=cfg.model.vocab_size, cache_dir=Path(cfg.pretrain.cache_dir))
-        if tok.get_vocab_size() < cfg.model.vocab_size:  # BPE ran out of pairs to merge: the text is too small
+        tok = train_tokenizer(public_texts, vocab_size=vocab_size, cache_dir=Path(cfg.pretrain.cache_dir))
+        if tok.get_vocab_size() < vocab_size:  # BPE ran out of pairs to merge: the text is too small
             raise ConfigError(
                 f"the public text of {Path(source).name} yields a BPE vocabulary of {tok.get_vocab_size():,} "
-                f"tokens, fewer than model.vocab_size={cfg.model.vocab_size:,}; lower it, give more public text "
+                f"tokens, fewer than the model's {vocab_size:,} ({vocab_key}); lower it, give more public text "
                 f"(data.public_fraction, more users), a tokenizer (data.tokenizer.path), or use "
-                f"data.source=synthetic (any vocabulary size)", field="model.vocab_size")
+                f"data.source=synthetic (any vocabulary size)", field=vocab_key)
     else:
         raise ConfigError("no public text to train a tokenizer on: set data.public_fraction > 0 "
                           "or give data.tokenizer.path", file=source, field="data.tokenizer.path")
-    if tok.get_vocab_size() > cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer has {tok.get_vocab_size()} tokens, more than model.vocab_size="
-                          f"{cfg.model.vocab_size}", field="model.vocab_size")
+    if tok.get_vocab_size() > vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.get_vocab_size()} tokens, more than the model's {vocab_size} "
+                          f"({vocab_key})", field="data.tokenizer.path" if tokenizer_path else vocab_key)
     eos = eos_id(tok)
 
     def encode(names: list[str], max_blocks: int | None) -> list[np.ndarray]:

@@ -20,11 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-from transformers.pytorch_utils import Conv1D
+from torch import nn
 
 from raysim import rng
 from raysim.aggregation.lora import LORA_RULES, LoraRule
+from raysim.architectures import ARCHITECTURES, Architecture, Sizes, check_targets, features, lora_targets
 from raysim.config import ExperimentConfig
+from raysim.errors import ConfigError
 from raysim.fastops import fuse_activations
 from raysim.grouped import install_keyed_dropout, stackable
 from raysim.methods import layers, quantize, width
@@ -34,9 +36,8 @@ from raysim.models import BaseModel, add_lora, instantiate
 from raysim.types import DeviceConfig
 
 Tensors = dict[str, torch.Tensor]
-KINDS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-EMBEDDING = "transformer.wte.weight"  # GPT-2's token embedding, tied to its output head
-OUTPUT_EMBEDDING = "lm_head.weight"  # the head, where it is its own matrix
+EMBEDDING = ARCHITECTURES["gpt2"].embedding  # GPT-2's token embedding, tied to its output head
+OUTPUT_EMBEDDING = "lm_head.weight"  # the head, where it is its own matrix (every family's name)
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,14 @@ class Structure:
     """What a submodel's shapes depend on: the cache key on an actor."""
 
     lora_rank: int
-    heads: int  # attention heads kept per block
+    heads: int  # attention units kept per block (heads; key-value groups under grouped-query attention)
     mlp: int  # MLP hidden units kept per block
     blocks: tuple[int, ...]  # blocks trained
     embeddings: bool
 
 
-Slices = tuple[tuple[torch.Tensor, torch.Tensor], ...] | None  # per block (heads, MLP units); None: full width
+# per block (attention units, MLP units); None: full width
+Slices = tuple[tuple[torch.Tensor, torch.Tensor], ...] | None
 
 
 @dataclass(frozen=True)
@@ -62,28 +64,51 @@ class Space:
     max_rank: int
     scale: float  # LoRA alpha / rank
     embeddings: bool
-    n_layer: int
-    n_head: int
-    width: int
-    inner: int  # MLP hidden units
-    vocab_size: int
-    embedding: str = EMBEDDING  # the embedding partial-embedding devices train: the tied table or the head
+    family: str  # the model family (raysim.architectures)
+    sizes: Sizes
+    embedding: str  # the embedding partial-embedding devices train: the tied table or the head
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, base: BaseModel) -> Space:
-        model = instantiate(base)
-        suffixes = tuple(cfg.methods.lora_target_modules)
+        arch, sizes = base.architecture, base.sizes
+        modules = cfg.methods.lora_target_modules
+        if cfg.model.path:  # the folder's family decides what its projections are called
+            def check(ok: bool, key: str, message: str) -> None:
+                if not ok:
+                    raise ConfigError(message, file=cfg.model.path, field=key)
+            check_targets(arch, modules, check)
+        suffixes = lora_targets(arch, modules)
         targets = []
-        for name, module in model.named_modules():
-            match = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", name)
-            if match and isinstance(module, Conv1D) and name.split(".")[-1] in suffixes:
-                targets.append(Target(name, int(match[1]), match[2], module.nf, module.nx))
-        c = base.config
+        for name, module in instantiate(base).named_modules():
+            match = re.fullmatch(rf"{re.escape(arch.blocks)}\.(\d+)\.(.+)", name)
+            shape = features(module)
+            if match and shape and match[2] in arch.kinds and name.split(".")[-1] in suffixes:
+                targets.append(Target(name, int(match[1]), match[2], *shape))
+        tied = base.config.get("tie_word_embeddings", True)
         return cls(targets=tuple(targets), lora=cfg.aggregation.lora, max_rank=max(cfg.methods.lora_rank),
                    scale=cfg.methods.lora_alpha_per_rank, embeddings=any(cfg.methods.partial_embeddings),
-                   n_layer=c["n_layer"], n_head=c["n_head"], width=c["n_embd"],
-                   inner=c.get("n_inner") or 4 * c["n_embd"], vocab_size=c["vocab_size"],
-                   embedding=EMBEDDING if c.get("tie_word_embeddings", True) else OUTPUT_EMBEDDING)
+                   family=arch.name, sizes=sizes, embedding=arch.embedding if tied else OUTPUT_EMBEDDING)
+
+    @property
+    def arch(self) -> Architecture:
+        return ARCHITECTURES[self.family]
+
+    @property
+    def n_layer(self) -> int:
+        return self.sizes.n_layer
+
+    @property
+    def units(self) -> int:
+        """Attention units per block: what width pruning keeps or drops whole."""
+        return self.sizes.n_kv_head
+
+    @property
+    def inner(self) -> int:
+        return self.sizes.inner
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sizes.vocab_size
 
     @property
     def rule(self) -> LoraRule:
@@ -135,7 +160,7 @@ class Space:
         return masks
 
     def structure(self, config: DeviceConfig) -> Structure:
-        heads = width.kept(width.kept(self.n_head, config.prune_ratio), config.dropout_rate)
+        heads = width.kept(width.kept(self.units, config.prune_ratio), config.dropout_rate)
         mlp = width.kept(width.kept(self.inner, config.prune_ratio), config.dropout_rate)
         return Structure(lora_rank=config.lora_rank, heads=heads, mlp=mlp,
                          blocks=layers.trained_blocks(self.n_layer, config.trainable_layers),
@@ -148,7 +173,7 @@ class Space:
         out = []
         for layer in range(self.n_layer):
             kept = []
-            for part, total in (("heads", self.n_head), ("mlp", self.inner)):
+            for part, total in (("heads", self.units), ("mlp", self.inner)):
                 units = PRUNING[pruning].units(total, config.prune_ratio, round=round)
                 if config.dropout_rate > 0:
                     g = rng.generator(seed, "federated-dropout", round, device_id, layer, part)
@@ -159,17 +184,27 @@ class Space:
 
     def index(self, kind: str, slices: Slices, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(out, in) feature indices a block's projection keeps (None: all)."""
-        if slices is None:
-            return None, None
-        heads, mlp = slices[layer]
-        head_dim = self.width // self.n_head
-        if kind == "attn.c_attn":
-            return width.head_columns(heads, head_dim=head_dim, width=self.width, parts=3), None
-        if kind == "attn.c_proj":
-            return None, width.head_columns(heads, head_dim=head_dim, width=self.width, parts=1)
-        if kind == "mlp.c_fc":
-            return mlp, None
-        return None, mlp
+        return self.arch.index(kind, self.sizes, None if slices is None else slices[layer])
+
+    def projections(self) -> list[tuple[str, int, str]]:
+        """(module name, block, kind) of every block's projections."""
+        return [(f"{self.arch.block(layer)}.{kind}", layer, kind)
+                for layer in range(self.n_layer) for kind in self.arch.kinds]
+
+    def to_module(self, w: torch.Tensor) -> torch.Tensor:
+        """An (out, in) weight in the orientation the family's modules store it."""
+        return w.T if self.arch.transposed else w
+
+    def from_module(self, w: torch.Tensor) -> torch.Tensor:
+        """A module's weight (or its gradient) in (out, in) orientation."""
+        return w.T if self.arch.transposed else w
+
+    def extract_weight(self, w: torch.Tensor, out_idx: torch.Tensor | None,
+                       in_idx: torch.Tensor | None) -> torch.Tensor:
+        """A module-oriented weight sliced to (out, in) indices, in module orientation."""
+        if self.arch.transposed:
+            return width.extract(w, rows=in_idx, cols=out_idx)
+        return width.extract(w, rows=out_idx, cols=in_idx)
 
 
 @dataclass
@@ -217,8 +252,8 @@ class Submodel:
                  device: torch.device):
         self.space, self.structure, self.base = space, structure, base
         model = instantiate(base)
-        if structure.heads < space.n_head or structure.mlp < space.inner:
-            _shrink(model, heads=structure.heads, mlp=structure.mlp, head_dim=space.width // space.n_head)
+        if structure.heads < space.units or structure.mlp < space.inner:
+            space.arch.shrink(model, units=structure.heads, mlp=structure.mlp, sizes=space.sizes)
         self.trained = [t for t in space.targets if t.layer in structure.blocks]
         if structure.lora_rank > 0 and self.trained:
             model = add_lora(model, rank=structure.lora_rank, methods=cfg.methods, seed=cfg.seed,
@@ -244,7 +279,8 @@ class Submodel:
         self._loaded: tuple | None = None
         self._fallback = {t.name: lora_init(t, rank=space.max_rank, seed=cfg.seed) for t in self.trained}
 
-    def _conv(self, name: str) -> Conv1D:
+    def projection(self, name: str) -> nn.Module:
+        """A block's projection (a Conv1D or Linear), under its LoRA wrapper if it has one."""
         module = self.lm.get_submodule(name)
         return getattr(module, "base_layer", module)
 
@@ -258,28 +294,27 @@ class Submodel:
             return
         targets = {t.name: t for t in self.space.targets}
         trained = {t.name for t in self.trained}
+        space = self.space
         with torch.no_grad():
-            for layer in range(self.space.n_layer):
-                for kind in KINDS:
-                    name = f"transformer.h.{layer}.{kind}"
-                    out_idx, in_idx = self.space.index(kind, slices, layer)
-                    conv = self._conv(name)
-                    w = width.extract(self.base.state[f"{name}.weight"], rows=in_idx, cols=out_idx)
-                    if name in targets and name not in trained:
-                        delta = self.space.merged(state, targets[name]).to(w.device)
-                        w = w + width.extract(delta, rows=out_idx, cols=in_idx).T
-                    conv.weight.copy_(w)
+            for name, layer, kind in space.projections():
+                out_idx, in_idx = space.index(kind, slices, layer)
+                module = self.projection(name)
+                w = space.extract_weight(self.base.state[f"{name}.weight"], out_idx, in_idx)
+                if name in targets and name not in trained:
+                    delta = space.merged(state, targets[name]).to(w.device)
+                    w = w + space.to_module(width.extract(delta, rows=out_idx, cols=in_idx))
+                module.weight.copy_(w)
+                if module.bias is not None:
                     bias = self.base.state[f"{name}.bias"]
-                    conv.bias.copy_(bias if out_idx is None else bias[out_idx])
+                    module.bias.copy_(bias if out_idx is None else bias[out_idx])
             if self.space.embedding in state:
                 self.lm.get_parameter(self.space.embedding).copy_(state[self.space.embedding])
         self._loaded = key
 
     def width_bytes(self) -> int:
         """Bytes of the frozen projections a width-sliced submodel holds (what it must download when they change)."""
-        return sum(4 * (self._conv(f"transformer.h.{layer}.{kind}").weight.numel()
-                        + self._conv(f"transformer.h.{layer}.{kind}").bias.numel())
-                   for layer in range(self.space.n_layer) for kind in KINDS)
+        return sum(4 * sum(p.numel() for p in self.projection(name).parameters(recurse=False))
+                   for name, _, _ in self.space.projections())
 
     def initial(self, state: Tensors, slices: Slices, cache: dict) -> Tensors:
         """The device's starting trainable tensors, by parameter name.
@@ -290,9 +325,9 @@ class Submodel:
         for t in self.trained:
             out_idx, in_idx = self.space.index(t.kind, slices, t.layer)
             if r == 0:
-                w0 = width.extract(self.base.state[f"{t.name}.weight"], rows=in_idx, cols=out_idx)
+                w0 = self.space.extract_weight(self.base.state[f"{t.name}.weight"], out_idx, in_idx)
                 delta = width.extract(state[f"{t.name}.delta"], rows=out_idx, cols=in_idx)
-                out[f"{t.name}.weight"] = w0.to(delta.device) + delta.T
+                out[f"{t.name}.weight"] = w0.to(delta.device) + self.space.to_module(delta)
                 continue
             a, b = self.space.rule.start(state, t, rank=r, rows=out_idx, cols=in_idx, fallback_A=self._fallback[t.name],
                                          cache=cache, scale=self.space.scale)
@@ -345,7 +380,7 @@ class Submodel:
         for t in self.trained:
             out_idx, in_idx = self.space.index(t.kind, slices, t.layer)
             if rank == 0:
-                put(f"{t.name}.delta", update[f"{t.name}.weight"].T, r=out_idx, c=in_idx)
+                put(f"{t.name}.delta", self.space.from_module(update[f"{t.name}.weight"]), r=out_idx, c=in_idx)
                 continue
             na, nb = f"{t.name}.lora_A.default.weight", f"{t.name}.lora_B.default.weight"
             pieces = self.space.rule.update(t, start=(initial[na], initial[nb]), delta=(update.get(na), update[nb]),
@@ -358,14 +393,3 @@ class Submodel:
             put(e, update[e], r=rows.to(update[e].device))
         return out, held
 
-
-def _shrink(model: torch.nn.Module, *, heads: int, mlp: int, head_dim: int) -> None:
-    """Replace every block's projections by narrower ones: ``heads`` heads and ``mlp`` MLP units."""
-    for block in model.transformer.h:
-        embed = block.attn.embed_dim
-        block.attn.c_attn = Conv1D(3 * heads * head_dim, embed)
-        block.attn.c_proj = Conv1D(embed, heads * head_dim)
-        block.attn.split_size = heads * head_dim
-        block.attn.num_heads = heads
-        block.mlp.c_fc = Conv1D(mlp, embed)
-        block.mlp.c_proj = Conv1D(embed, mlp)
