@@ -40,8 +40,10 @@ def closure(root: str, *, extras: set[str]) -> dict[str, str]:
     return found
 
 
+EXTRAS = {"test", "tensorboard", "mlflow"}  # what `make` installs: test and tracking (these two)
+
 if __name__ == "__main__":
-    versions = closure("raysim", extras={"test", "tensorboard", "mlflow"})  # tracking: these two
+    versions = closure("raysim", extras=EXTRAS)
     print("# Versions `make test` installed and CI ran (Python "
           f"{sys.version_info.major}.{sys.version_info.minor}); made by: python .ci/constraints.py > constraints.txt")
     for name, version in sorted(versions.items()):

@@ -248,7 +248,8 @@ def test_constraints_pin_every_installed_requirement_at_its_version():
     spec = importlib.util.spec_from_file_location("constraints", ROOT / ".ci" / "constraints.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    installed = {name: version.split("+")[0] for name, version in module.closure("raysim", extras={"test"}).items()}
+    closure = module.closure("raysim", extras=module.EXTRAS)
+    installed = {name: version.split("+")[0] for name, version in closure.items()}
     pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
                 if line and not line.startswith("#"))
     assert installed == pins

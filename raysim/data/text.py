@@ -97,6 +97,7 @@ def build_text_dataset(cfg: ExperimentConfig) -> TextDataset:
 
     vocab_size = model_vocab_size(cfg.model)
     vocab_key = "model.path" if cfg.model.path else "model.vocab_size"  # what sets the model's vocabulary
+    vocab = f"the model's {vocab_size:,} (model.path)" if cfg.model.path else f"model.vocab_size={vocab_size:,}"
     tokenizer_path = d.tokenizer.path or (folder_tokenizer(cfg.model.path) if cfg.model.path else None)
     if tokenizer_path:
         tok = load_tokenizer(str(tokenizer_path))
@@ -105,15 +106,15 @@ def build_text_dataset(cfg: ExperimentConfig) -> TextDataset:
         if tok.get_vocab_size() < vocab_size:  # BPE ran out of pairs to merge: the text is too small
             raise ConfigError(
                 f"the public text of {Path(source).name} yields a BPE vocabulary of {tok.get_vocab_size():,} "
-                f"tokens, fewer than the model's {vocab_size:,} ({vocab_key}); lower it, give more public text "
+                f"tokens, fewer than {vocab}; lower it, give more public text "
                 f"(data.public_fraction, more users), a tokenizer (data.tokenizer.path), or use "
                 f"data.source=synthetic (any vocabulary size)", field=vocab_key)
     else:
         raise ConfigError("no public text to train a tokenizer on: set data.public_fraction > 0 "
                           "or give data.tokenizer.path", file=source, field="data.tokenizer.path")
     if tok.get_vocab_size() > vocab_size:
-        raise ConfigError(f"the tokenizer has {tok.get_vocab_size()} tokens, more than the model's {vocab_size} "
-                          f"({vocab_key})", field="data.tokenizer.path" if tokenizer_path else vocab_key)
+        raise ConfigError(f"the tokenizer has {tok.get_vocab_size():,} tokens, more than {vocab}",
+                          field="data.tokenizer.path" if tokenizer_path else vocab_key)
     eos = eos_id(tok)
 
     def encode(names: list[str], max_blocks: int | None) -> list[np.ndarray]:
