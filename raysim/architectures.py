@@ -107,7 +107,7 @@ class Architecture:
             for p in self.projections:
                 out_idx, in_idx = self.index(p.kind, sizes, kept)
                 old = block.get_submodule(p.kind)
-                out_f, in_f = _features_of(old)
+                out_f, in_f = features(old)
                 out_f = out_f if out_idx is None else len(out_idx)
                 in_f = in_f if in_idx is None else len(in_idx)
                 owner, _, attr = p.kind.rpartition(".")
@@ -130,16 +130,13 @@ def _features(spec: str | None, units: torch.Tensor, mlp: torch.Tensor, s: Sizes
     return head_columns(heads, head_dim=s.head_dim, width=0, parts=1)
 
 
-def _features_of(module: nn.Module) -> tuple[int, int]:
-    """(out, in) features of a Conv1D or Linear."""
+def features(module: nn.Module) -> tuple[int, int] | None:
+    """(out, in) features of a projection (a Conv1D or Linear); None for any other module."""
     if isinstance(module, Conv1D):
         return module.nf, module.weight.shape[0]
-    return module.out_features, module.in_features
-
-
-def features(module: nn.Module) -> tuple[int, int] | None:
-    """(out, in) features of a projection raysim can target; None for any other module."""
-    return _features_of(module) if isinstance(module, (Conv1D, nn.Linear)) else None
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    return None
 
 
 ARCHITECTURES: Registry[Architecture] = Registry("model family")  # model.family names one

@@ -201,7 +201,7 @@ class DeviceWorker:
             for p in params.values():
                 p.requires_grad_(False)
         # the state's ΔW is (out, in), whatever the modules' orientation
-        return {k: g if k == embedding else self.space.from_module(g) for k, g in zip(params, grads)}, loss.item()
+        return {k: g if k == embedding else self.space.oriented(g) for k, g in zip(params, grads)}, loss.item()
 
     def _utility(self, update: Tensors) -> float:
         if not self._utility_wanted:

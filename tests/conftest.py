@@ -103,6 +103,22 @@ def train_unit(worker, state, ids, configs, *, round=3, utility=False):
     return {k: np.asarray(v)[order] for k, v in asdict(records).items()}, partial
 
 
+def trained_alone(worker, state, device_id, config, *, round=1):
+    """Device ``device_id`` trained alone on ``worker``: its final trainable tensors (by parameter name) and its
+    example count."""
+    records, _ = train_unit(worker, state, [device_id], [config], round=round)
+    params = worker.submodel(config).params
+    return {n: p.detach().clone() for n, p in params.items()}, int(records["num_examples"][0])
+
+
+def new_state(state, partial):
+    """The state a round's one partial sum gives (FedAvg at server lr 1), in float64."""
+    from raysim.aggregation.rules import combine, weighted_mean
+
+    mean = weighted_mean(combine([partial]))
+    return {k: state[k].double() + mean[k] for k in state}
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     from raysim import cluster

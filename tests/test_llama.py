@@ -21,7 +21,7 @@ from raysim.methods.lora import product
 from raysim.models import initial_base_model, instantiate
 from raysim.types import DeviceConfig
 
-from conftest import TINY, make_worker, train_unit
+from conftest import TINY, make_worker, new_state, train_unit, trained_alone
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA = [*TINY, "model.family=llama", "model.n_layer=2", "model.n_head=4", "model.n_kv_head=2", "model.n_inner=64",
@@ -37,17 +37,6 @@ def _worker(*overrides):
 @pytest.fixture(scope="module")
 def llama():
     return _worker("methods.lora_rank=[4,2,0]", "methods.partial_embeddings=[false,true]")
-
-
-def _trained_alone(worker, state, device_id, config):
-    records, _ = train_unit(worker, state, [device_id], [config], round=1)
-    params = worker.submodel(config).params
-    return {n: p.detach().clone() for n, p in params.items()}, int(records["num_examples"][0])
-
-
-def _new_state(state, partial):
-    mean = weighted_mean(combine([partial]))
-    return {k: state[k].double() + mean[k] for k in state}
 
 
 def _name(kind: str, layer: int = 1) -> str:
@@ -135,9 +124,9 @@ def test_llama_style_folders_load_and_cut_into_the_same_submodels(tmp_path, mode
 def test_mixed_ranks_on_every_projection_aggregate_to_the_weighted_sum_of_products(llama):
     state = llama.initial_state()
     configs = {3: DeviceConfig(lora_rank=4), 8: DeviceConfig(lora_rank=2), 5: DeviceConfig(lora_rank=4)}
-    alone = {d: _trained_alone(llama, state, d, c) for d, c in configs.items()}
+    alone = {d: trained_alone(llama, state, d, c) for d, c in configs.items()}
     _, partial = train_unit(llama, state, list(configs), list(configs.values()), round=1)
-    new = _new_state(state, partial)
+    new = new_state(state, partial)
     total = sum(n for _, n in alone.values())
     for kind in PROJECTIONS:
         name = _name(kind)
@@ -154,9 +143,9 @@ def test_full_weights_train_in_one_grouped_pass_to_fedavg_of_the_weights(llama):
     config = DeviceConfig(lora_rank=0)
     assert llama.submodel(config).stackable
     state = llama.initial_state()
-    alone = [_trained_alone(llama, state, d, config) for d in (1, 2)]
+    alone = [trained_alone(llama, state, d, config) for d in (1, 2)]
     _, partial = train_unit(llama, state, [1, 2], [config, config], round=1)
-    new = _new_state(state, partial)
+    new = new_state(state, partial)
     total = sum(n for _, n in alone)
     for kind in ("q_proj", "down_proj"):
         name = _name(kind)
@@ -169,9 +158,9 @@ def test_pruned_devices_change_only_the_group_and_units_they_held(llama):
     """prune_ratio 0.5 keeps key-value group 0 (its 2 query heads) and MLP units 0-31 (HeteroFL's prefix)."""
     state = llama.initial_state()
     config = DeviceConfig(lora_rank=4, prune_ratio=0.5)
-    alone = [_trained_alone(llama, state, d, config) for d in (1, 2)]
+    alone = [trained_alone(llama, state, d, config) for d in (1, 2)]
     _, partial = train_unit(llama, state, [1, 2], [config, config], round=1)
-    new = _new_state(state, partial)
+    new = new_state(state, partial)
     total = sum(n for _, n in alone)
     held = {"q_proj": (slice(0, 16), slice(None)), "k_proj": (slice(0, 8), slice(None)),
             "o_proj": (slice(None), slice(0, 16)), "gate_proj": (slice(0, 32), slice(None)),
@@ -191,7 +180,7 @@ def test_frozen_blocks_keep_their_value_and_embeddings_change_only_in_seen_rows(
     state = llama.initial_state()
     config = DeviceConfig(lora_rank=4, trainable_layers=1, partial_embeddings=True)
     _, partial = train_unit(llama, state, [4], [config], round=1)
-    new = _new_state(state, partial)
+    new = new_state(state, partial)
     for kind in PROJECTIONS:
         assert torch.equal(new[f"{_name(kind, 0)}.delta"], state[f"{_name(kind, 0)}.delta"].double()), kind
     assert not torch.equal(new[f"{_name('q_proj')}.delta"], state[f"{_name('q_proj')}.delta"].double())

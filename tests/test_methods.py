@@ -10,7 +10,7 @@ from raysim.methods.lora import product
 from raysim.methods.submodel import EMBEDDING
 from raysim.types import DeviceConfig
 
-from conftest import TINY, make_worker, train_unit
+from conftest import TINY, make_worker, new_state, train_unit, trained_alone
 
 TWO_BLOCKS = [*TINY, "model.n_layer=2", "methods.lora_target_modules=[c_attn,c_fc]"]
 C_ATTN = "transformer.h.1.attn.c_attn"
@@ -29,18 +29,6 @@ def _round(worker, state, ids, configs):
     return train_unit(worker, state, ids, configs, round=1)
 
 
-def _trained_alone(worker, state, device_id, config):
-    """The device's final trainable tensors (by parameter name) and its example count."""
-    records, _ = _round(worker, state, [device_id], [config])
-    params = worker.submodel(config).params
-    return {n: p.detach().clone() for n, p in params.items()}, int(records["num_examples"][0])
-
-
-def _new_state(state, partial):
-    mean = weighted_mean(combine([partial]))
-    return {k: state[k].double() + mean[k] for k in state}
-
-
 def _lora(params, module, scale=2.0):
     return product(lora_A=params[f"{module}.lora_A.default.weight"].double(),
                    lora_B=params[f"{module}.lora_B.default.weight"].double(), scale=scale)
@@ -49,9 +37,9 @@ def _lora(params, module, scale=2.0):
 def test_mixed_ranks_aggregate_to_the_weighted_sum_of_products(flex):
     state = flex.initial_state()
     configs = {3: DeviceConfig(lora_rank=4), 8: DeviceConfig(lora_rank=2), 5: DeviceConfig(lora_rank=4)}
-    alone = {d: _trained_alone(flex, state, d, c) for d, c in configs.items()}
+    alone = {d: trained_alone(flex, state, d, c) for d, c in configs.items()}
     _, partial = _round(flex, state, list(configs), list(configs.values()))
-    new = _new_state(state, partial)
+    new = new_state(state, partial)
     total = sum(n for _, n in alone.values())
     want = sum(n / total * _lora(p, C_ATTN) for p, n in alone.values())
     torch.testing.assert_close(new[f"{C_ATTN}.delta"], want, rtol=1e-5, atol=1e-8)
@@ -60,21 +48,21 @@ def test_mixed_ranks_aggregate_to_the_weighted_sum_of_products(flex):
 def test_full_weight_training_on_one_config_is_fedavg_of_the_weights(flex):
     state = flex.initial_state()
     config = DeviceConfig(lora_rank=0)
-    alone = [_trained_alone(flex, state, d, config) for d in (1, 2)]
+    alone = [trained_alone(flex, state, d, config) for d in (1, 2)]
     _, partial = _round(flex, state, [1, 2], [config, config])
     w0 = flex.base.state[f"{C_ATTN}.weight"].double()
     total = sum(n for _, n in alone)
     want = sum(n / total * (p[f"{C_ATTN}.weight"].double() - w0).T for p, n in alone)
-    torch.testing.assert_close(_new_state(state, partial)[f"{C_ATTN}.delta"], want, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(new_state(state, partial)[f"{C_ATTN}.delta"], want, rtol=1e-5, atol=1e-8)
 
 
 def test_hetlora_with_one_rank_is_fedavg_of_the_factors():
     worker = _worker("methods.lora_rank=[4]", "aggregation.lora=hetlora")
     state = worker.initial_state()
     config = DeviceConfig(lora_rank=4)
-    alone = [_trained_alone(worker, state, d, config) for d in (1, 2)]
+    alone = [trained_alone(worker, state, d, config) for d in (1, 2)]
     _, partial = _round(worker, state, [1, 2], [config, config])
-    new = _new_state(state, partial)
+    new = new_state(state, partial)
     total = sum(n for _, n in alone)
     for factor in ("lora_A", "lora_B"):
         want = sum(n / total * p[f"{C_ATTN}.{factor}.default.weight"].double() for p, n in alone)
@@ -84,9 +72,9 @@ def test_hetlora_with_one_rank_is_fedavg_of_the_factors():
 def test_pruned_devices_average_the_rows_they_held_and_leave_the_rest(flex):
     state = flex.initial_state()
     config = DeviceConfig(lora_rank=4, prune_ratio=0.5)
-    alone = [_trained_alone(flex, state, d, config) for d in (1, 2)]
+    alone = [trained_alone(flex, state, d, config) for d in (1, 2)]
     _, partial = _round(flex, state, [1, 2], [config, config])
-    new = _new_state(state, partial)[f"{C_ATTN}.delta"]
+    new = new_state(state, partial)[f"{C_ATTN}.delta"]
     held = torch.cat([torch.arange(16) + offset for offset in (0, 32, 64)])  # q, k, v of head 0 (of 2)
     total = sum(n for _, n in alone)
     want = sum(n / total * _lora(p, C_ATTN) for p, n in alone)
@@ -99,7 +87,7 @@ def test_pruned_devices_average_the_rows_they_held_and_leave_the_rest(flex):
 def test_frozen_blocks_keep_their_value_and_embeddings_change_only_in_seen_rows(flex):
     state = flex.initial_state()
     _, partial = _round(flex, state, [4], [DeviceConfig(lora_rank=4, trainable_layers=1, partial_embeddings=True)])
-    new = _new_state(state, partial)
+    new = new_state(state, partial)
     assert torch.equal(new["transformer.h.0.attn.c_attn.delta"], state["transformer.h.0.attn.c_attn.delta"].double())
     assert not torch.equal(new[f"{C_ATTN}.delta"], state[f"{C_ATTN}.delta"].double())
     changed = (new[EMBEDDING] != state[EMBEDDING].double()).any(dim=1)
@@ -142,7 +130,7 @@ def shipped():
 def test_every_config_in_the_shipped_space_builds_trains_and_aggregates(shipped, config):
     state = shipped.initial_state()
     records, partial = _round(shipped, state, [6], [config])
-    new = _new_state(state, partial)
+    new = new_state(state, partial)
     assert torch.isfinite(torch.tensor(records["train_loss"])).all()
     assert all(torch.isfinite(v).all() for v in new.values())
     assert any(not torch.equal(new[k], state[k].double()) for k in new)
@@ -176,10 +164,10 @@ def test_heterogeneous_configs_aggregate_to_the_same_bits_on_one_or_two_actors(r
 def test_hetlora_counts_the_padded_rank_components_of_lower_rank_devices_as_zeros():
     worker = _worker("methods.lora_rank=[4,2]", "aggregation.lora=hetlora")
     state = worker.initial_state()
-    (high, n_high), (_, n_low) = (_trained_alone(worker, state, 1, DeviceConfig(lora_rank=4)),
-                                  _trained_alone(worker, state, 2, DeviceConfig(lora_rank=2)))
+    (high, n_high), (_, n_low) = (trained_alone(worker, state, 1, DeviceConfig(lora_rank=4)),
+                                  trained_alone(worker, state, 2, DeviceConfig(lora_rank=2)))
     _, partial = _round(worker, state, [1, 2], [DeviceConfig(lora_rank=4), DeviceConfig(lora_rank=2)])
-    new_b = _new_state(state, partial)[f"{C_ATTN}.lora_B"]
+    new_b = new_state(state, partial)[f"{C_ATTN}.lora_B"]
     want = n_high / (n_high + n_low) * high[f"{C_ATTN}.lora_B.default.weight"][:, 2:].double()
     torch.testing.assert_close(new_b[:, 2:], want, rtol=1e-5, atol=1e-8)
 
@@ -198,14 +186,14 @@ def test_ffa_devices_train_b_only_and_the_new_state_is_the_mean_of_their_product
     worker = _worker("methods.lora_rank=[4,2]", "aggregation.lora=ffa")
     state = worker.initial_state()
     configs = {1: DeviceConfig(lora_rank=4), 2: DeviceConfig(lora_rank=2), 6: DeviceConfig(lora_rank=4)}
-    alone = {d: _trained_alone(worker, state, d, c) for d, c in configs.items()}
+    alone = {d: trained_alone(worker, state, d, c) for d, c in configs.items()}
     for params, _ in alone.values():
         assert not any("lora_A" in name for name in params)  # nothing of A trains or is sent
     for rank in (4, 2):  # each submodel trained on the state's A, its first r rows
         held = worker.submodel(DeviceConfig(lora_rank=rank)).lm.get_parameter(f"{C_ATTN}.lora_A.default.weight")
         assert torch.equal(held, state[f"{C_ATTN}.lora_A"][:rank])
     _, partial = _round(worker, state, list(configs), list(configs.values()))
-    new = _new_state(state, partial)
+    new = new_state(state, partial)
     a = state[f"{C_ATTN}.lora_A"].double()
     torch.testing.assert_close(new[f"{C_ATTN}.lora_A"], a)
     total = sum(n for _, n in alone.values())

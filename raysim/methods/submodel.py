@@ -191,12 +191,9 @@ class Space:
         return [(f"{self.arch.block(layer)}.{kind}", layer, kind)
                 for layer in range(self.n_layer) for kind in self.arch.kinds]
 
-    def to_module(self, w: torch.Tensor) -> torch.Tensor:
-        """An (out, in) weight in the orientation the family's modules store it."""
-        return w.T if self.arch.transposed else w
-
-    def from_module(self, w: torch.Tensor) -> torch.Tensor:
-        """A module's weight (or its gradient) in (out, in) orientation."""
+    def oriented(self, w: torch.Tensor) -> torch.Tensor:
+        """An (out, in) weight in the orientation the family's modules store it, or a module's weight (or its
+        gradient) in (out, in): either way one transpose where the modules store (in, out), its own inverse."""
         return w.T if self.arch.transposed else w
 
     def extract_weight(self, w: torch.Tensor, out_idx: torch.Tensor | None,
@@ -302,7 +299,7 @@ class Submodel:
                 w = space.extract_weight(self.base.state[f"{name}.weight"], out_idx, in_idx)
                 if name in targets and name not in trained:
                     delta = space.merged(state, targets[name]).to(w.device)
-                    w = w + space.to_module(width.extract(delta, rows=out_idx, cols=in_idx))
+                    w = w + space.oriented(width.extract(delta, rows=out_idx, cols=in_idx))
                 module.weight.copy_(w)
                 if module.bias is not None:
                     bias = self.base.state[f"{name}.bias"]
@@ -327,7 +324,7 @@ class Submodel:
             if r == 0:
                 w0 = self.space.extract_weight(self.base.state[f"{t.name}.weight"], out_idx, in_idx)
                 delta = width.extract(state[f"{t.name}.delta"], rows=out_idx, cols=in_idx)
-                out[f"{t.name}.weight"] = w0.to(delta.device) + self.space.to_module(delta)
+                out[f"{t.name}.weight"] = w0.to(delta.device) + self.space.oriented(delta)
                 continue
             a, b = self.space.rule.start(state, t, rank=r, rows=out_idx, cols=in_idx, fallback_A=self._fallback[t.name],
                                          cache=cache, scale=self.space.scale)
@@ -380,7 +377,7 @@ class Submodel:
         for t in self.trained:
             out_idx, in_idx = self.space.index(t.kind, slices, t.layer)
             if rank == 0:
-                put(f"{t.name}.delta", self.space.from_module(update[f"{t.name}.weight"]), r=out_idx, c=in_idx)
+                put(f"{t.name}.delta", self.space.oriented(update[f"{t.name}.weight"]), r=out_idx, c=in_idx)
                 continue
             na, nb = f"{t.name}.lora_A.default.weight", f"{t.name}.lora_B.default.weight"
             pieces = self.space.rule.update(t, start=(initial[na], initial[nb]), delta=(update.get(na), update[nb]),
