@@ -144,6 +144,35 @@ class PrivacyBudget(Callback):
                                                       f"(ε = {row.epsilon:.4g} at δ = {row.delta:g})"))
 
 
+class OffSupportUpdate(RuntimeError):
+    """Devices sent something where central DP adds no noise: a method's map-back and its support disagree."""
+
+
+class ReleaseCheck(Callback):
+    """Under central DP: fails the run once a round is recorded whose devices sent anything outside the noised
+    coordinates (``off_support_norm`` not exactly 0.0, NaN included).
+
+    The server released none of it (it releases the support only), but a method and its support disagree, so
+    whatever the run claims about that method rests on a bug. The round stays in the files as the evidence;
+    the run ends ``failed`` with this cause.
+    """
+
+    def __init__(self):
+        self.failure: str | None = None
+
+    def after_round(self, run: Run, result: RoundResult) -> Step:
+        row = result.row
+        if row.off_support_norm != 0.0:
+            self.failure = (f"round {row.round}: devices sent updates of L2 norm {row.off_support_norm:.6g} outside "
+                            f"the coordinates central DP noises (discarded, not released): a method's map-back "
+                            f"and its support disagree")
+        return Step()
+
+    def after_record(self, run: Run) -> None:
+        if self.failure is not None:
+            raise OffSupportUpdate(self.failure)
+
+
 class Files(Callback):
     """rounds.parquet and devices.parquet, a part per round; summary.json from the start (``status: running``),
     kept current after every round and final at the end."""

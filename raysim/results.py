@@ -62,6 +62,9 @@ class RoundRow:
     noise_std: float = _column(pa.float64(), 0.0, doc="std of the noise on the sum of clipped updates (z * C)")
     signal_to_noise: float = _column(pa.float64(), math.inf, doc="||sum of clipped updates|| / ||noise||")
     noised_dims: int = _column(pa.int64(), 0, doc="coordinates the noise covered: those some config can change")
+    off_support_norm: float = _column(pa.float64(), math.nan, doc="L2 norm of what devices sent outside the noised "
+                                      "coordinates, discarded before release: 0.0, or the run fails (NaN without "
+                                      "central DP)")
     mean_device_flops: float = _column(pa.float64(), doc="training FLOPs per device that computed")
     mean_peak_memory_bytes: float = _column(pa.float64(), doc="peak training memory of the selected devices' configs")
     lora_truncation_error: float = _column(pa.float64(), doc="‖ΔW - ΔW_r‖/‖ΔW‖ at the space's lowest LoRA rank")

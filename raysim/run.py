@@ -326,7 +326,8 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
                cb.TargetAccuracy(target=cfg.eval.target_accuracy, stop=cfg.eval.stop_at_target),
                cb.PrivacyBudget(last_round=last_round, rounds=cfg.rounds, max_epsilon=cfg.privacy.max_epsilon),
                cb.Files(writer), cb.PolicyFeedback(), cb.Checkpoints(every=cfg.checkpoint.every),
-               cb.Progress(rounds=cfg.rounds, enabled=cfg.progress, private=privacy is not None), *trackers]
+               cb.Progress(rounds=cfg.rounds, enabled=cfg.progress, private=privacy is not None), *trackers,
+               *([cb.ReleaseCheck()] if privacy else [])]
         run = Run(cfg=cfg, dir=run_dir, population=population, dataset=dataset, base=base, privacy=privacy,
                   spec=spec, pool=pool, policy=policy, aggregator=aggregator, writer=writer,
                   callbacks=[*own, *callbacks], state_ref=aggregator.get_state.remote(), params=params,

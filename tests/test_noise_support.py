@@ -4,6 +4,8 @@ The model: GPT-2 with 2 blocks of width 16, 2 heads of 8, vocabulary 32; LoRA on
 Its ΔW per block is 48 x 16 = 768 coordinates; the embedding is 32 x 16 = 512.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from raysim.config import load_experiment
 from raysim.methods import method_space
 from raysim.methods.submodel import Space, Support
 from raysim.models import initial_base_model
-from raysim.privacy.central import gaussian_noise, noisy_sum
+from raysim.privacy.central import gaussian_noise, noisy_sum, off_support_norm
 
 TINY = ["model.n_layer=2", "model.n_embd=16", "model.n_head=2", "model.vocab_size=32", "model.n_positions=16",
         "data.seq_len=16",
@@ -55,8 +57,8 @@ def test_a_rolling_window_moves_the_support_and_keeps_its_size():
 
 
 def test_noise_lands_only_on_the_support_with_the_keyed_draws_there():
-    """Off the support the noisy sum is exactly the sum (nobody could change it); on it the noise is the same
-    keyed N(0, std²) draw as without a support, so the std per coordinate is z·C wherever noise goes."""
+    """On the support the noise is the same keyed N(0, std²) draw as without a support, so the std per
+    coordinate is z·C wherever noise goes; off it the released sum is exactly zero."""
     support, state = _support("methods.lora_rank=[4]", "methods.trainable_layers=[1]")
     masks = support.masks(state, round=3)
     total = PartialSum.zeros_like(state)
@@ -64,9 +66,48 @@ def test_noise_lands_only_on_the_support_with_the_keyed_draws_there():
     noisy, _ = noisy_sum(total, noise_std=2.0, expected_devices=10.0, seed=7, round=3, support=masks)
     full = gaussian_noise(total.sums, std=2.0, seed=7, round=3)
     for k, m in masks.items():
-        assert torch.equal(noisy.sums[k][~m], total.sums[k][~m])
+        assert torch.equal(noisy.sums[k][~m], torch.zeros(int((~m).sum()), dtype=torch.float64))
         assert torch.equal(noisy.sums[k][m], total.sums[k][m] + full[k][m])
     assert not masks["transformer.h.0.attn.c_attn.delta"].any() and masks["transformer.h.1.attn.c_attn.delta"].all()
+    assert off_support_norm(total.sums, masks) == 0.0
+
+
+def test_what_devices_send_off_the_support_is_measured_and_never_released():
+    """A sum that is 0.5 everywhere, as if a method leaked into block 0, which no config trains: block 0's
+    768 coordinates are released as exactly 0 (no noise, no signal) and measured, ||0.5·1₇₆₈|| = 0.5·√768."""
+    support, state = _support("methods.lora_rank=[4]", "methods.trainable_layers=[1]")
+    masks = support.masks(state, round=3)
+    total = PartialSum.zeros_like(state)
+    total.sums = {k: torch.full_like(v, 0.5) for k, v in total.sums.items()}
+    noisy, _ = noisy_sum(total, noise_std=2.0, expected_devices=10.0, seed=7, round=3, support=masks)
+    leaked = "transformer.h.0.attn.c_attn.delta"
+    assert torch.equal(noisy.sums[leaked], torch.zeros(48, 16, dtype=torch.float64))
+    assert off_support_norm(total.sums, masks) == pytest.approx(0.5 * 768 ** 0.5, rel=1e-15)
+    total.sums[leaked][0, 0] = float("nan")
+    assert math.isnan(off_support_norm(total.sums, masks))  # not finite off the support: not 0.0 either
+
+
+def test_the_aggregator_keeps_every_coordinate_off_the_support_exactly():
+    """Central DP on the aggregator, with a sum that leaks into block 0: the new state equals the old one in
+    block 0 bit for bit, moves in block 1, and the round's stats report the leak."""
+    from raysim.aggregator import Aggregator
+    from raysim.config import AggregationConfig
+    from raysim.privacy.central import CentralDP
+    from raysim.privacy.plan import plan_central
+
+    support, state = _support("methods.lora_rank=[4]", "methods.trainable_layers=[1]")
+    state = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in state.items()}
+    cfg = load_experiment(None, [*TINY, "cohort.sampling=poisson", "privacy.clip_norm=1.0",
+                                 "privacy.noise_multiplier=1.0"])
+    plan = plan_central(cfg.privacy, rounds=3, cohort_size=4, population_size=1000)
+    aggregator = Aggregator(state=state, cfg=AggregationConfig(), seed=0, support=support,
+                            processors=[CentralDP(plan=plan, adaptive=None)])
+    partial = PartialSum.zeros_like(state)
+    partial.add({k: torch.full_like(v, 0.01) for k, v in state.items()}, weight=1.0)
+    new, stats = aggregator.aggregate(1, [partial])
+    assert torch.equal(new["transformer.h.0.attn.c_attn.delta"], state["transformer.h.0.attn.c_attn.delta"])
+    assert not torch.equal(new["transformer.h.1.attn.c_attn.delta"], state["transformer.h.1.attn.c_attn.delta"])
+    assert stats["off_support_norm"] == pytest.approx(0.01 * 768 ** 0.5, rel=1e-6)
 
 
 @pytest.mark.parametrize("ranks, count", [("[4]", 2 * 48 * 4), ("[4,2]", 2 * 48 * 4), ("[2]", 2 * 48 * 2)])

@@ -74,3 +74,33 @@ def test_device_rows_report_update_norms_and_local_epsilon(runs, tmp_path):
     assert all(math.isnan(devices["local_epsilon"][i]) for i in range(len(ok)) if i not in ok)
     plain = pq.read_table(runs["two"] / "devices.parquet").to_pydict()
     assert all(math.isnan(e) for e in plain["local_epsilon"])
+
+
+def test_the_shipped_dp_runs_send_nothing_off_the_support(runs):
+    assert _rounds(runs["two"])["off_support_norm"] == [0.0, 0.0]
+    assert all(math.isnan(n) for n in _rounds(runs["local"])["off_support_norm"])  # no central DP there
+
+
+def test_a_device_update_off_the_support_fails_the_run_after_recording_its_round(ray_session, tmp_path):
+    """A policy that assigns a config outside the method space (all blocks, where the space trains only the top
+    one) makes devices update block 0, which central DP does not noise: the server releases nothing there,
+    records the round with the leak's norm, and the run ends failed with the cause."""
+    from raysim.config import load_experiment
+    from raysim.errors import describe_error
+    from raysim.policies import Policy
+    from raysim.types import DeviceConfig
+
+    class OutsideTheSpace(Policy):
+        def assign(self, devices, state):
+            return [DeviceConfig(lora_rank=4)] * len(devices)
+
+    cfg = load_experiment(None, [*DP, "model.n_layer=2", "methods.trainable_layers=[1]", "privacy.max_epsilon=null",
+                                 f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(RuntimeError) as failure:
+        run_experiment(cfg, make_policy=lambda context: OutsideTheSpace())
+    rounds = _rounds(tmp_path / "run")
+    assert rounds["round"] == [1] and rounds["off_support_norm"][0] > 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "outside the coordinates central DP noises" in summary["cause"]
+    assert "outside the coordinates central DP noises" in describe_error(failure.value)
+    assert not (tmp_path / "run" / "final_state.pt").exists()

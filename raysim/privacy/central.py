@@ -6,8 +6,12 @@ all its tensors jointly; the sum of clipped updates gets Gaussian noise of std
 noisy sum is divided by the expected cohort size q * N, a fixed denominator
 that does not reveal how many devices took part. Clipping happens on the
 device actors before their partial sums; since the sum is linear, that is
-exactly clipping each update at the server. :class:`CentralDP` is the whole
-mechanism as one update processor.
+exactly clipping each update at the server. Only the coordinates some config
+of the method space can change (the support) get noise, and only they are
+released: off the support the aggregate is exactly zero whatever the devices
+sent, and what they sent there is reported (``off_support_norm``; the run
+fails unless it is 0). :class:`CentralDP` is the whole mechanism as one update
+processor.
 """
 
 from __future__ import annotations
@@ -42,6 +46,15 @@ def gaussian_noise(like: Tensors, *, std: float, seed: int, round: int) -> Tenso
     return {k: torch.randn(v.shape, generator=g, dtype=torch.float64) * std for k, v in like.items()}
 
 
+def off_support_norm(sums: Tensors, support: Tensors | None) -> float:
+    """The L2 norm of ``sums`` outside ``support``: what devices sent where no config of the method space can
+    change anything. 0.0 unless a method's map-back and its support disagree (NaN or inf if what they sent
+    there was not finite)."""
+    if support is None:
+        return 0.0
+    return global_norm({k: s[~support[k].to(s.device)] for k, s in sums.items()})
+
+
 def noisy_sum(total: PartialSum, *, noise_std: float, expected_devices: float, seed: int,
               round: int, support: Tensors | None = None) -> tuple[PartialSum, float]:
     """The sum of clipped updates plus noise, to be divided by the expected cohort size; and its
@@ -54,17 +67,20 @@ def noisy_sum(total: PartialSum, *, noise_std: float, expected_devices: float, s
     updates|| / ||noise added to it|| (inf without noise): below 1 the
     aggregate is mostly noise.
 
-    ``support`` (per entry, a bool mask) limits the noise to the coordinates some device could change: the
-    others hold every device's zero, so their sensitivity is zero and they keep their value. The draws are
-    the same either way (drawn in full, then masked), so a full support gives the unmasked noise exactly.
+    ``support`` (per entry, a bool mask) is what is released: the coordinates some device could change,
+    which get the noise. Off it the result is exactly zero, whatever the devices sent, so the state keeps its
+    value there and nothing un-noised leaves the server (:func:`off_support_norm` measures what was
+    discarded). The draws are the same either way (drawn in full, then masked), so a full support gives the
+    unmasked noise exactly.
     """
     noise = gaussian_noise(total.sums, std=noise_std, seed=seed, round=round)
+    sums = {k: s.cpu() for k, s in total.sums.items()}
     if support is not None:
         noise = {k: n * support[k] for k, n in noise.items()}
-    signal, noise_norm = global_norm(total.sums), global_norm(noise)
+        sums = {k: torch.where(support[k], s, torch.zeros((), dtype=s.dtype)) for k, s in sums.items()}
+    signal, noise_norm = global_norm(sums), global_norm(noise)
     denominator = torch.tensor(expected_devices, dtype=torch.float64)
-    noisy = replace(total, sums={k: s.cpu() + noise[k] for k, s in total.sums.items()},
-                    weights={k: denominator for k in total.sums})
+    noisy = replace(total, sums={k: s + noise[k] for k, s in sums.items()}, weights={k: denominator for k in sums})
     return noisy, signal / noise_norm if noise_norm > 0 else math.inf
 
 
@@ -128,14 +144,16 @@ class CentralDP(UpdateProcessor):
         return replace(update, tensors=clipped, weight=1.0, counts=counts)
 
     def on_server(self, total: PartialSum, *, context: ServerContext) -> tuple[PartialSum, dict[str, float]]:
-        """Noise released every round, even over an empty sum, as the accountant assumes."""
+        """Noise released every round, even over an empty sum, as the accountant assumes; only the support is
+        released, and what devices sent off it is reported (``off_support_norm``: the run fails unless 0)."""
         plan = self.plan
         noise_std = plan.update_noise_multiplier * self.clip_norm
         noisy, snr = noisy_sum(total, noise_std=noise_std, expected_devices=plan.expected_devices, seed=context.seed,
                                round=context.round, support=context.support)
         noised = (sum(int(m.sum()) for m in context.support.values()) if context.support is not None
                   else sum(s.numel() for s in total.sums.values()))
-        stats = {"clip_norm": self.clip_norm, "noise_std": noise_std, "signal_to_noise": snr, "noised_dims": noised}
+        stats = {"clip_norm": self.clip_norm, "noise_std": noise_std, "signal_to_noise": snr, "noised_dims": noised,
+                 "off_support_norm": off_support_norm(total.sums, context.support)}
         if self.adaptive is not None:
             self.clip_norm = self.adaptive.update(num_unclipped=int(total.counts.get("unclipped", 0)),
                                                   expected_devices=plan.expected_devices, seed=context.seed,
