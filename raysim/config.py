@@ -247,6 +247,29 @@ class RayConfig:
 
 
 @dataclass
+class CostsConfig:
+    """What the cost model prices (raysim/costmodel.py): a declared training recipe, measured on a model built
+    for the measurement alone, so that how raysim computes (``speedups``, grouped passes) changes no cost."""
+
+    # reference: the Hugging Face model as transformers builds it (its own activation module, eager
+    # attention), full logits and F.cross_entropy, float32 gradients and AdamW's two moments
+    # | fused: the same step with the tanh GELU as one kernel and the next-token loss taken chunk by chunk
+    # through the head (no (positions x vocabulary) logits are kept for backward)
+    recipe: str = "reference"
+
+
+@dataclass
+class SpeedupsConfig:
+    """How raysim computes faster than transformers does (raysim/fastops.py). Each changes results at most by
+    float rounding, and no cost column (``costs.recipe`` decides those); all off, raysim trains as the plain
+    Hugging Face model would."""
+
+    fused_activations: bool = True  # GPT-2's tanh GELU as one kernel forward and one backward
+    chunked_loss: bool = True  # the next-token loss through a frozen head, chunk by chunk: no full logits
+    keep_freed_memory: bool = True  # glibc keeps freed pages in the process: no page faults per pass (exact)
+
+
+@dataclass
 class TrackingConfig:
     """Experiment tracking (raysim/tracking.py): every round's ``rounds.parquet`` row and the resolved config,
     logged as the run goes. Changes no result."""
@@ -282,6 +305,8 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    costs: CostsConfig = field(default_factory=CostsConfig)
+    speedups: SpeedupsConfig = field(default_factory=SpeedupsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -516,6 +541,9 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(not cfg.eval.stop_at_target or (cfg.eval.target_accuracy is not None and cfg.eval.every > 0),
       "eval.stop_at_target", "needs eval.target_accuracy and eval.every > 0")
     c(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    from raysim.costmodel import RECIPES
+
+    c(cfg.costs.recipe in RECIPES, "costs.recipe", f"must be {RECIPES.choices()}")
     r = cfg.ray
     c(r.num_actors is None or r.num_actors >= 1, "ray.num_actors", "must be >= 1")
     c(r.cpus_per_actor > 0, "ray.cpus_per_actor", "must be > 0")

@@ -1,12 +1,16 @@
 """Cost model: what one device's round costs in time, memory and bytes.
 
-Two halves. :func:`measure` runs once per distinct (model, config) on the real
-(sub)model: training FLOPs come from ``torch.utils.flop_counter`` and
+Two halves. :func:`measure` runs once per distinct (model, config) on the
+real (sub)model as the device computes it: a declared training *recipe*
+(``costs.recipe``, :data:`RECIPES`) applied to a model built for the
+measurement alone. Training FLOPs come from ``torch.utils.flop_counter`` and
 activation memory from the tensors autograd actually saves for backward, so
 every method that changes the model (fewer trainable layers, a pruned width)
-changes its costs without a formula to keep in sync. :func:`device_costs`
-turns those measurements and a cohort's profile draws into seconds and bytes
-with array arithmetic; nothing is slept.
+changes its costs without a formula to keep in sync, and nothing raysim does
+to compute faster (fused kernels, chunked losses, grouped passes) reaches a
+cost: those are the emulator's, not the device's. :func:`device_costs` turns
+the measurements and a cohort's profile draws into seconds and bytes with
+array arithmetic; nothing is slept.
 """
 
 from __future__ import annotations
@@ -18,10 +22,48 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from raysim.fastops import device_losses, fuse_activations
+from raysim.registry import Registry
 from raysim.types import DeviceDraws
 
 ADAM_STATE_BYTES_PER_PARAM = 8  # two fp32 moments
 GRAD_BYTES_PER_PARAM = 4
+
+Loss = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the emulated device computes one training step: what the cost model measures.
+
+    ``attention``: the transformers attention implementation it runs (eager: its saved tensors follow from
+    autograd's formulas alone, the same on any hardware, where SDPA's depend on the kernel a machine picks);
+    ``prepare``: what it changes in the model as transformers builds it; ``loss``: its full-softmax
+    next-token loss (a sampled output loss, ``methods.output_loss``, is the method's own and replaces it).
+    """
+
+    attention: str
+    prepare: Callable[[torch.nn.Module], None]
+    loss: Loss
+
+
+def _transformers_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=tokens, labels=tokens).loss
+
+
+def _unchanged(model: torch.nn.Module) -> None:
+    pass
+
+
+RECIPES: Registry[Recipe] = Registry("cost recipe")  # costs.recipe names one
+# The Hugging Face model's own forward (its activation module, eager attention), the full logits and
+# transformers' causal-LM loss (F.cross_entropy over them), backward, float32 gradients and AdamW's moments.
+RECIPES.register("reference")(Recipe(attention="eager", prepare=_unchanged, loss=_transformers_loss))
+# The same step as a memory-frugal trainer runs it: the tanh GELU as one kernel, and the next-token loss
+# fused with its gradient chunk by chunk through the head, which keeps the hidden states' gradient
+# instead of the (positions x vocabulary) log-probabilities (raysim/fastops.py).
+RECIPES.register("fused")(Recipe(attention="eager", prepare=fuse_activations,
+                                 loss=lambda model, tokens: device_losses(model, tokens, devices=1).sum()))
 
 
 @dataclass(frozen=True)
@@ -34,22 +76,27 @@ class Measurement:
     trainable_params: int
     bytes_down: int  # the state a device downloads
     bytes_up: int  # the encoded update a device uploads
+    per_example_gradients: int = 0  # examples whose own gradient is held at once (local DP-SGD: the batch)
 
     @property
     def peak_memory_bytes(self) -> int:
-        per_param = GRAD_BYTES_PER_PARAM + ADAM_STATE_BYTES_PER_PARAM
+        per_param = GRAD_BYTES_PER_PARAM * (1 + self.per_example_gradients) + ADAM_STATE_BYTES_PER_PARAM
         return self.param_bytes + self.trainable_params * per_param + self.activation_bytes
 
 
-def measure(model: torch.nn.Module, *, batch: torch.Tensor, bytes_down: int, bytes_up: int,
-            loss: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None) -> Measurement:
-    """Run one forward/backward on ``batch`` and count FLOPs and saved bytes.
+def measure(model: torch.nn.Module, *, recipe: Recipe, batch: torch.Tensor, bytes_down: int, bytes_up: int,
+            loss: Loss | None = None, per_example_gradients: int = 0) -> Measurement:
+    """Prepare ``model`` (built for this measurement alone: it is changed) as ``recipe`` says, run one
+    forward/backward on ``batch`` and count FLOPs and saved bytes.
 
     ``loss(model, batch)``: the training loss the device computes (a sampled output loss); None: the
-    model's own causal-LM loss (the full softmax).
+    recipe's full-softmax loss.
 
     Leaves parameters untouched and gradients cleared.
     """
+    model.config._attn_implementation = recipe.attention
+    recipe.prepare(model)
+    model.train()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -61,7 +108,7 @@ def measure(model: torch.nn.Module, *, batch: torch.Tensor, bytes_down: int, byt
 
     with FlopCounterMode(display=False) as counter:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            value = model(input_ids=batch, labels=batch).loss if loss is None else loss(model, batch)
+            value = (recipe.loss if loss is None else loss)(model, batch)
         value.backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
@@ -73,6 +120,7 @@ def measure(model: torch.nn.Module, *, batch: torch.Tensor, bytes_down: int, byt
         trainable_params=sum(p.numel() for p in trainable),
         bytes_down=bytes_down,
         bytes_up=bytes_up,
+        per_example_gradients=per_example_gradients,
     )
 
 

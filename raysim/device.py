@@ -31,7 +31,7 @@ from raysim.config import SERVER_SELECTIONS, ExperimentConfig
 from raysim.data import FederatedDataset
 from raysim.methods import embeddings, output_loss
 from raysim.methods.quantize import GRANULARITY
-from raysim.methods.submodel import Encoding, Space, Structure, Submodel
+from raysim.methods.submodel import Encoding, Space, Structure, Submodel, build_model
 from raysim.methods.width import PRUNING
 from raysim.models import BaseModel
 from raysim.privacy import local
@@ -77,7 +77,8 @@ class DeviceWorker:
         processors: list[UpdateProcessor] = (),
     ):
         torch.set_num_threads(num_threads)
-        fastops.keep_freed_memory()
+        if cfg.speedups.keep_freed_memory:
+            fastops.keep_freed_memory()
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.ray.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
         self.dataset = dataset
@@ -130,7 +131,12 @@ class DeviceWorker:
                                  device_id=device_id)
 
     def measure(self, config: DeviceConfig) -> costmodel.Measurement:
-        """Measured costs of one local step of ``config`` on its real submodel, and its real payload sizes."""
+        """Measured costs of one local step of ``config`` as the device computes it (``costs.recipe``), and its
+        real payload sizes.
+
+        Measured on the CPU, on a model built for the measurement alone (:func:`build_model`), never on the
+        submodel raysim trains with: whatever hardware and kernels raysim runs on, a config costs the same.
+        """
         g = rng.generator(self.cfg.seed, "measure")
         batch = torch.randint(0, self.vocab_size, (self.cfg.train.batch_size, self.cfg.data.seq_len), generator=g)
         sub = self.submodel(config)
@@ -146,8 +152,12 @@ class DeviceWorker:
         if output is not None:  # the chosen loss, as a device computes it
             def loss(model, tokens):
                 return output.losses(model, tokens, devices=1, samples=output.draw([g])).sum()
-        return costmodel.measure(sub.lm, batch=batch.to(self.device), bytes_down=bytes_down, bytes_up=bytes_up,
-                                 loss=loss)
+        model = build_model(space=self.space, structure=self.space.structure(config), base=self.base, cfg=self.cfg)
+        # DP-SGD holds every example's own gradient of the trainable weights before clipping them (Opacus)
+        per_example = self.cfg.train.batch_size if self.cfg.privacy.local.enabled else 0
+        return costmodel.measure(model, recipe=costmodel.RECIPES[self.cfg.costs.recipe], batch=batch,
+                                 bytes_down=bytes_down, bytes_up=bytes_up, loss=loss,
+                                 per_example_gradients=per_example)
 
     def output_loss(self) -> output_loss.OutputLoss | None:
         """The sampled output loss (``methods.output_loss``) with its public-unigram proposal; None: softmax."""
@@ -305,7 +315,8 @@ class DeviceWorker:
         tensors, losses = train_group(sub, starts, LocalData(examples=data, batches=batches, generators=generators,
                                                              keep=keep, noise=noise),
                                       steps=self.cfg.train.local_steps, lr=self.cfg.train.lr,
-                                      weight_decay=self.cfg.train.weight_decay, dp=dp, output=output)
+                                      weight_decay=self.cfg.train.weight_decay, dp=dp, output=output,
+                                      chunked=self.cfg.speedups.chunked_loss)
         encoding = self._encoding(config)
         norms, utilities = [], []
         with torch.no_grad():

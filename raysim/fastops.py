@@ -83,10 +83,11 @@ class _NextTokenHeadLoss(torch.autograd.Function):
         return grad * per_row.view(-1, 1, 1), None, None, None
 
 
-def device_losses(model: nn.Module, tokens: torch.Tensor, *, devices: int) -> torch.Tensor:
+def device_losses(model: nn.Module, tokens: torch.Tensor, *, devices: int, chunked: bool = True) -> torch.Tensor:
     """Each device's mean next-token loss over its rows of ``tokens`` (``devices`` equal row blocks), as
-    transformers' causal-LM loss; through :class:`_NextTokenHeadLoss` where the model's head allows."""
-    head = model.get_output_embeddings() if isinstance(model, HEAD_LOSS_MODELS) else None
+    transformers' causal-LM loss; through :class:`_NextTokenHeadLoss` where the model's head allows, unless
+    ``chunked`` is off (``speedups.chunked_loss``)."""
+    head = model.get_output_embeddings() if chunked and isinstance(model, HEAD_LOSS_MODELS) else None
     if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
         return per_device_loss(model(input_ids=tokens).logits, tokens, devices=devices)
     hidden = model.base_model(input_ids=tokens).last_hidden_state

@@ -35,9 +35,10 @@ from raysim.types import DeviceConfig
 IN_FLIGHT_PER_ACTOR = 2
 
 def measurement_key(cfg: ExperimentConfig) -> tuple:
-    """Everything a measurement depends on besides the config itself (no weights, no seeds)."""
+    """Everything a measurement depends on besides the config itself (no weights, no seeds; not where it runs:
+    measurements are taken on the CPU)."""
     return frozen((cfg.model, cfg.data.seq_len, cfg.data.tokenizer, cfg.data.source, cfg.train.batch_size,
-                   cfg.methods, cfg.ray.gpus_per_actor > 0))
+                   cfg.methods, cfg.aggregation.lora, cfg.privacy.local.enabled, cfg.costs))
 
 
 def threads_per_actor(cfg: ExperimentConfig) -> int:

@@ -44,10 +44,11 @@ class DPSGD:
 
 
 def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, steps: int, lr: float,
-                weight_decay: float, dp: DPSGD | None = None,
-                output: OutputLoss | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                weight_decay: float, dp: DPSGD | None = None, output: OutputLoss | None = None,
+                chunked: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Train the group from ``starts`` (one tensor per trainable parameter of ``sub``), with the full softmax
-    or the sampled ``output`` loss (each device's samples from its ``data.noise`` generator).
+    (chunk by chunk through the head unless ``chunked`` is off) or the sampled ``output`` loss (each device's
+    samples from its ``data.noise`` generator).
 
     Returns, per trainable parameter, the trained values stacked over devices
     (row j: device j), and each device's mean loss over the steps.
@@ -67,7 +68,7 @@ def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, s
             for step in range(steps):
                 x = torch.cat([rows[b[step]] for rows, b in zip(data.examples, data.batches)]).to(device)
                 if output is None:
-                    losses = device_losses(sub.lm, x, devices=k)
+                    losses = device_losses(sub.lm, x, devices=k, chunked=chunked)
                 else:
                     losses = output.losses(sub.lm, x, devices=k, samples=output.draw(data.noise))
                 losses.sum().backward()

@@ -77,3 +77,72 @@ def test_measurement_leaves_the_model_unchanged(worker):
 def test_bytes_are_the_trainable_state_size(worker):
     m = worker.measure(DeviceConfig(lora_rank=4))
     assert m.bytes_up == m.bytes_down == 4 * m.trainable_params
+
+
+def _plain_step_costs(cfg, base, *, rank: int, targets: list[str]) -> tuple[float, int]:
+    """One LoRA step of the base model as plain transformers + peft run it (eager attention, the model's own
+    loss, AdamW): FLOPs, and weights + gradients + Adam moments + the tensors autograd saves, each storage
+    once. Written here without raysim's model building or cost code."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(base.config)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config),
+                                             attn_implementation="eager")
+    model.load_state_dict(base.state)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
+                                             fan_in_fan_out=model.config.model_type == "gpt2"))
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    batch = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len),
+                          generator=torch.Generator().manual_seed(5))
+    with FlopCounterMode(display=False) as counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return float(counter.get_total_flops()), weights + trainable * (4 + 8) + sum(saved.values())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_reference_recipe_prices_a_plain_transformers_and_peft_step(family):
+    """Whatever raysim computes with (fused GELU, chunked loss), a config is priced as the plain step."""
+    overrides = {"gpt2": ["methods.lora_target_modules=[c_attn,c_fc]", "model.dropout=0.1"],
+                 "llama": ["model.family=llama", "model.n_head=4", "model.n_kv_head=2", "model.n_inner=64",
+                           "methods.lora_target_modules=[q_proj,v_proj,up_proj]"]}[family]
+    worker = make_worker(load_experiment(None, [*TINY, "model.n_layer=2", *overrides]))
+    targets = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "up_proj"]}[family]
+    flops, memory = _plain_step_costs(worker.cfg, worker.base, rank=4, targets=targets)
+    m = worker.measure(DeviceConfig(lora_rank=4))
+    assert m.flops_per_step == flops
+    assert m.peak_memory_bytes == memory
+
+
+def test_the_fused_recipe_keeps_less_for_backward_than_the_reference(worker):
+    """Same step, same FLOPs up to the GELU's and the loss's elementwise work; the chunked loss keeps the
+    hidden states' gradient (positions x width) instead of the log-probabilities (positions x vocabulary)."""
+    import dataclasses
+
+    reference = worker.measure(DeviceConfig(lora_rank=4))
+    fused_cfg = dataclasses.replace(worker.cfg, costs=dataclasses.replace(worker.cfg.costs, recipe="fused"))
+    fused = make_worker(fused_cfg).measure(DeviceConfig(lora_rank=4))
+    assert fused.activation_bytes < reference.activation_bytes
+    assert fused.param_bytes == reference.param_bytes and fused.trainable_params == reference.trainable_params
+
+
+def test_local_dp_sgd_holds_one_gradient_per_example():
+    cfg = load_experiment(None, [*TINY, "privacy.local.enabled=true"])
+    dp, plain = make_worker(cfg).measure(DeviceConfig(lora_rank=4)), make_worker(load_experiment(None, TINY)).measure(
+        DeviceConfig(lora_rank=4))
+    assert dp.per_example_gradients == cfg.train.batch_size
+    assert dp.peak_memory_bytes - plain.peak_memory_bytes == 4 * cfg.train.batch_size * plain.trainable_params

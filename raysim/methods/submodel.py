@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from raysim import rng
 from raysim.aggregation.lora import LORA_RULES, LoraRule
@@ -242,30 +243,43 @@ class Encoding:
     row_indices: bool = True  # embedding rows travel with their int32 indices (device_seen); the server's do not
 
 
+def build_model(*, space: Space, structure: Structure, base: BaseModel, cfg: ExperimentConfig) -> PreTrainedModel:
+    """The Hugging Face model of ``structure`` as transformers and peft build it: narrowed to its width, peft
+    LoRA (or the targeted weights themselves) trainable in its blocks, and the embedding where it trains.
+
+    Nothing of raysim's own computing is in it: the cost model measures it as it is
+    (:mod:`raysim.costmodel`), and :class:`Submodel` adds keyed dropout and the speed-ups on top.
+    """
+    model = instantiate(base)
+    if structure.heads < space.units or structure.mlp < space.inner:
+        space.arch.shrink(model, units=structure.heads, mlp=structure.mlp, sizes=space.sizes)
+    trained = [t for t in space.targets if t.layer in structure.blocks]
+    if structure.lora_rank > 0 and trained:
+        model = add_lora(model, rank=structure.lora_rank, methods=cfg.methods, seed=cfg.seed,
+                         modules=[t.name for t in trained]).get_base_model()
+    else:
+        model.requires_grad_(False)
+        for t in trained:
+            model.get_submodule(t.name).weight.requires_grad_(True)
+    for name, p in model.named_parameters():  # factors the LoRA rule holds fixed (ffa's A) do not train
+        if any(f".{factor}." in name for factor in space.rule.frozen):
+            p.requires_grad_(False)
+    if structure.embeddings:
+        model.get_parameter(space.embedding).requires_grad_(True)
+    return model
+
+
 class Submodel:
     """One structure's real model on an actor; devices of that structure load into it in turn."""
 
     def __init__(self, *, space: Space, structure: Structure, base: BaseModel, cfg: ExperimentConfig,
                  device: torch.device):
         self.space, self.structure, self.base = space, structure, base
-        model = instantiate(base)
-        if structure.heads < space.units or structure.mlp < space.inner:
-            space.arch.shrink(model, units=structure.heads, mlp=structure.mlp, sizes=space.sizes)
+        model = build_model(space=space, structure=structure, base=base, cfg=cfg)
         self.trained = [t for t in space.targets if t.layer in structure.blocks]
-        if structure.lora_rank > 0 and self.trained:
-            model = add_lora(model, rank=structure.lora_rank, methods=cfg.methods, seed=cfg.seed,
-                             modules=[t.name for t in self.trained]).get_base_model()
-        else:
-            model.requires_grad_(False)
-            for t in self.trained:
-                model.get_submodule(t.name).weight.requires_grad_(True)
-        for name, p in model.named_parameters():  # factors the LoRA rule holds fixed (ffa's A) do not train
-            if any(f".{factor}." in name for factor in space.rule.frozen):
-                p.requires_grad_(False)
-        if structure.embeddings:
-            model.get_parameter(space.embedding).requires_grad_(True)
         install_keyed_dropout(model)
-        fuse_activations(model)
+        if cfg.speedups.fused_activations:
+            fuse_activations(model)
         self.lm = model.to(device)
         self.device = device
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
