@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from raysim import rng
 from raysim.config import PretrainConfig
 from raysim.models import BaseModel, instantiate
+from raysim.results import atomic_write
 
 
 def cache_key(base: BaseModel, public: torch.Tensor, cfg: PretrainConfig, *, seed: int) -> str:
@@ -80,7 +81,5 @@ def pretrain(base: BaseModel, public: torch.Tensor, cfg: PretrainConfig, *, seed
     torch.set_num_threads(threads)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # runs of a study may pre-train the same model at once
-    torch.save(state, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))  # runs of a study may pre-train the same model at once
     return BaseModel(config=base.config, state=state, origin=f"pretrained {key}")
