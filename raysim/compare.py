@@ -36,7 +36,7 @@ from raysim.errors import ConfigError
 from raysim.paths import absolute
 from raysim.policies import policy_identity, read_policy
 from raysim.report import run_label, run_metrics, write_report
-from raysim.results import COMPLETE, RunIdentity, label_parts
+from raysim.results import COMPLETE, RunIdentity, atomic_write, label_parts
 
 STUDY_KEYS = ("name", "description", "output_dir", "parallel", "experiment", "axes")
 LABELS = ("policy", "seed", "population")
@@ -205,7 +205,8 @@ def run_study(study: Study) -> Path:
         else:
             _run_parallel(todo, parallel=study.parallel, caches=caches)
     study.output_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(comparison_table(study), study.output_dir / "comparison.parquet")
+    table = comparison_table(study)
+    atomic_write(study.output_dir / "comparison.parquet", lambda tmp: pq.write_table(table, tmp))
     write_report([Path(r.cfg.output_dir) for r in study.runs], out_dir=study.output_dir,
                  title=f"Comparison study {study.name}")
     return study.output_dir

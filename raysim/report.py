@@ -22,9 +22,10 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from raysim.errors import ConfigError
-from raysim.results import COMPLETE, ROUNDS_SCHEMA, read_parts
+from raysim.results import COMPLETE, ROUNDS_SCHEMA, atomic_write, read_parts
 
 METRIC = "eval_accuracy"
+REPORT = "report.md"
 PLOTS = {  # file: (x column, x label, x scale)
     "accuracy_vs_time.png": ("sim_time_s", "simulated time (s)", 1.0),
     "accuracy_vs_bytes.png": ("bytes_total", "bytes sent and received (MB)", 1e-6),
@@ -189,7 +190,7 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
                     if x_key == "epsilon" else "no data", ha="center", va="center", transform=ax.transAxes)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out_dir / file, dpi=110)
+        atomic_write(out_dir / file, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110))
         plt.close(fig)
 
     header = ["group", "runs", *(h for _, h, _, _ in TABLE)]
@@ -218,6 +219,6 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
             f"{met['status']} after {met['rounds_completed']} rounds" + (", left out" if r["left_out"] else ""))
         lines.append(f"| {r['dir']} | {lab['policy']} | {lab['seed']} | {lab['population']} | {status} "
                      f"| {met['final_eval_accuracy']:.4f} |")
-    report = out_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    report = out_dir / REPORT
+    atomic_write(report, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return report
