@@ -159,6 +159,19 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def run_summary(run_dir: Path) -> dict | None:
+    """``run_dir``'s summary.json if raysim wrote it, else None. A run writes it before anything slow and
+    always with raysim's version, so a folder that merely holds a config.yaml, or another tool's summary.json,
+    is not a run."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    is_run = (isinstance(summary, dict) and isinstance(summary.get("versions"), dict)
+              and "raysim" in summary["versions"] and {"status", "rounds", "rounds_completed"} <= summary.keys())
+    return summary if is_run else None
+
+
 def part_name(rnd: int) -> str:
     return f"round-{rnd:06d}.parquet"
 
