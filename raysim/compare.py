@@ -208,7 +208,7 @@ def run_study(study: Study) -> Path:
     table = comparison_table(study)
     atomic_write(study.output_dir / "comparison.parquet", lambda tmp: pq.write_table(table, tmp))
     write_report([Path(r.cfg.output_dir) for r in study.runs], out_dir=study.output_dir,
-                 title=f"Comparison study {study.name}")
+                 title=f"Comparison study {study.name}", overwrite=True)  # the study's own report, of its runs
     return study.output_dir
 
 

@@ -128,14 +128,21 @@ UNFINISHED = ("leave-out", "mark")  # what a report does with a run that did not
 
 
 def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim report",
-                 target: float | None = None, unfinished: str = "leave-out") -> Path:
+                 target: float | None = None, unfinished: str = "leave-out", overwrite: bool = False) -> Path:
     """Write report.md and the PNG plots for ``run_dirs`` into ``out_dir``; return report.md.
 
     ``target`` replaces the runs' own ``eval.target_accuracy`` for time- and bytes-to-target;
-    ``unfinished`` says whether runs that did not finish are left out of the groups or averaged in and marked.
+    ``unfinished`` says whether runs that did not finish are left out of the groups or averaged in and marked;
+    an earlier report in ``out_dir`` is replaced only with ``overwrite`` (else nothing is written).
     """
     if unfinished not in UNFINISHED:
         raise ValueError(f"unfinished must be one of {UNFINISHED}, not {unfinished!r}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file; the report is a folder", field="--out")
+    earlier = [name for name in (REPORT, *PLOTS) if (out_dir / name).exists()]
+    if earlier and not overwrite:
+        raise ConfigError(f"{out_dir} holds a report ({', '.join(earlier)}): pass --overwrite to replace it",
+                          field="--out")
     import matplotlib
 
     matplotlib.use("Agg")
