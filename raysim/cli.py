@@ -61,7 +61,7 @@ def _report(args: argparse.Namespace) -> int:
         nested = sorted(p.parent for p in given.glob("runs/*/summary.json"))  # a study folder: its runs
         dirs += nested or [given]
     report = write_report(dirs, out_dir=Path(args.out), target=args.target,
-                          unfinished="mark" if args.include_unfinished else "leave-out")
+                          unfinished="mark" if args.include_unfinished else "leave-out", overwrite=args.overwrite)
     print(f"report: {report}")
     return 0
 
@@ -73,7 +73,7 @@ def _train_policy(args: argparse.Namespace) -> int:
     from raysim.train_policy import train_policy
 
     cfg = load_experiment(args.experiment, list(args.overrides))
-    print(f"checkpoint: {train_policy(cfg, episodes=args.episodes, out=Path(args.out))}")
+    print(f"checkpoint: {train_policy(cfg, episodes=args.episodes, out=Path(args.out), overwrite=args.overwrite)}")
     return 0
 
 
@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--target", type=float, help="target eval accuracy (default: each run's eval.target_accuracy)")
     report.add_argument("--include-unfinished", action="store_true",
                         help="average in runs that did not finish, marked (default: leave them out, listed)")
+    report.add_argument("--overwrite", action="store_true",
+                        help="replace a report already in the --out folder (default: refuse)")
     report.set_defaults(func=_report)
     train = cmd("train-policy", help="train the rl policy over several episodes and save it",
                 examples="  raysim train-policy experiments/quickstart.yaml policy=rl --episodes 5 "
@@ -193,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides")
     train.add_argument("--episodes", type=int, default=3, help="runs of the experiment to learn over (default: 3)")
     train.add_argument("--out", default="runs/rl-policy.safetensors",
-                       help="checkpoint to write (default: runs/rl-policy.safetensors)")
+                       help="checkpoint to write (default: runs/rl-policy.safetensors); the episodes' runs go "
+                            "beside it (runs/rl-policy-episodes/)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the checkpoint and its episodes' runs (default: refuse)")
     train.set_defaults(func=_train_policy)
     _add_profiles(cmd("profiles", help="list, show or validate device classes and populations",
                       description="list, show or validate device classes and populations (default: list)",

@@ -11,7 +11,8 @@ The study folder holds ``runs/<run id>/`` and, once all runs are done,
 row of a run's tables carries its axis values (``axis.<key>``, see
 :class:`raysim.results.RunIdentity`), so the runs' parts read as one labelled
 table. A study started again skips every run whose summary says it stopped cleanly under the
-same resolved config. With ``parallel: N > 1`` up to N runs share the Ray
+same resolved config, resumes unfinished ones from their checkpoints, and moves any other run it replaces to
+``superseded/<timestamp>/runs/``. With ``parallel: N > 1`` up to N runs share the Ray
 cluster at once, each with its share of the CPUs as device actors.
 """
 
@@ -23,6 +24,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +32,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from raysim import checkpoint as ckpt
 from raysim.caches import Caches
-from raysim.config import ExperimentConfig, load_experiment, load_mapping, parse_override, result_keys, to_yaml
+from raysim.config import (
+    ExperimentConfig,
+    first_difference,
+    load_experiment,
+    load_mapping,
+    parse_override,
+    result_keys,
+    to_yaml,
+)
 from raysim.errors import ConfigError
 from raysim.paths import absolute
 from raysim.policies import policy_identity, read_policy
 from raysim.report import run_label, run_metrics, write_report
-from raysim.results import COMPLETE, RunIdentity, label_parts
+from raysim.results import COMPLETE, RunIdentity, atomic_write, label_parts
 
 STUDY_KEYS = ("name", "description", "output_dir", "parallel", "experiment", "axes")
 LABELS = ("policy", "seed", "population")
@@ -142,33 +153,52 @@ def _flatten(mapping: DictConfig, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _stored(run: StudyRun) -> tuple[dict, bool] | None:
-    """A run folder's summary, and whether it was run under the same resolved config and policy (None: no run)."""
+def _stored(run: StudyRun) -> tuple[dict, str | None] | None:
+    """A run folder's summary and the first key in which its run differs from the study's (``policy`` when its
+    file changed since; None: the same run); None when the folder holds no run."""
     run_dir = Path(run.cfg.output_dir)
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
         stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     except (OSError, ValueError):
         return None
-    same = result_keys(stored) == result_keys(OmegaConf.to_container(OmegaConf.structured(run.cfg)))
-    same_policy = summary.get("policy") == policy_identity(read_policy(run.cfg.policy))  # its file may have changed
-    return summary, same and same_policy
+    key = first_difference(result_keys(stored), result_keys(OmegaConf.to_container(OmegaConf.structured(run.cfg))))
+    if key is None and summary.get("policy") != policy_identity(read_policy(run.cfg.policy)):
+        key = "policy"
+    return summary, key
 
 
 def is_finished(run: StudyRun) -> bool:
     """Stopped cleanly under the same resolved config and policy: a resumed study skips it."""
     stored = _stored(run)
-    return stored is not None and stored[1] and stored[0].get("status") in COMPLETE
+    return stored is not None and stored[1] is None and stored[0].get("status") in COMPLETE
 
 
-def how_to_run(run: StudyRun) -> dict[str, bool]:
-    """An unfinished run continues from its checkpoint if it has one under the same config; any other run in the
-    study's folder is replaced."""
-    run_dir = Path(run.cfg.output_dir)
+def resumes(run: StudyRun) -> bool:
+    """An unfinished run continues from its checkpoint if it has one under the same config and policy."""
     stored = _stored(run)
-    if stored is not None and stored[1] and (run_dir / "checkpoint.safetensors").is_file():
-        return {"resume": True, "overwrite": False}
-    return {"resume": False, "overwrite": run_dir.exists()}
+    return stored is not None and stored[1] is None and (Path(run.cfg.output_dir) / ckpt.FILE).is_file()
+
+
+def supersede(todo: list[StudyRun], *, study_dir: Path) -> None:
+    """Move the folders of runs the study is about to run anew (a run under another config or policy, or one
+    that cannot resume) to ``superseded/<timestamp>/runs/``, saying so in one line each: a study deletes no
+    result, and reads (as ``raysim report`` and ``raysim.load_study`` do) only ``runs/``."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for run in todo:
+        run_dir = Path(run.cfg.output_dir)
+        if resumes(run) or not run_dir.is_dir() or not any(run_dir.iterdir()):
+            continue
+        stored = _stored(run)
+        if stored is None:
+            why = "holds no readable run"
+        else:
+            summary, key = stored
+            why = f"its {summary.get('status')} run " + (f"differs in {key}" if key else "has no checkpoint")
+        moved = study_dir / "superseded" / stamp / "runs" / run.run_id
+        moved.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.rename(moved)
+        print(f"raysim compare: {run.run_id}: {why}; moved to {moved}", file=sys.stderr)
 
 
 def comparison_table(study: Study) -> pa.Table:
@@ -196,18 +226,20 @@ def run_study(study: Study) -> Path:
     caches = Caches()  # the study's runs share measurements and built datasets
     print(f"raysim compare: {study.name}: {len(study.runs)} runs, {len(study.runs) - len(todo)} already finished "
           f"-> {study.output_dir}", file=sys.stderr)
+    supersede(todo, study_dir=study.output_dir)
     if todo:
         cluster.connect(address=todo[0].cfg.ray.address, include_dashboard=False)
         if study.parallel == 1:
             for i, run in enumerate(todo, 1):
                 print(f"raysim compare: [{i}/{len(todo)}] {run.run_id}", file=sys.stderr)
-                run_experiment(run.cfg, caches=caches, **how_to_run(run))
+                run_experiment(run.cfg, caches=caches, resume=resumes(run))
         else:
             _run_parallel(todo, parallel=study.parallel, caches=caches)
     study.output_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(comparison_table(study), study.output_dir / "comparison.parquet")
+    table = comparison_table(study)
+    atomic_write(study.output_dir / "comparison.parquet", lambda tmp: pq.write_table(table, tmp))
     write_report([Path(r.cfg.output_dir) for r in study.runs], out_dir=study.output_dir,
-                 title=f"Comparison study {study.name}")
+                 title=f"Comparison study {study.name}", overwrite=True)  # the study's own report, of its runs
     return study.output_dir
 
 
@@ -242,15 +274,15 @@ def _run_parallel(todo: list[StudyRun], *, parallel: int, caches: Caches) -> Non
             # The task's process did not start this Ray: it is told how long a placement may take here.
             ray_cfg = dataclasses.replace(cfg.ray, num_actors=cfg.ray.num_actors or share,
                                           placement_timeout_s=cluster.placement_timeout_s(cfg.ray.placement_timeout_s))
-            pending.append(task.remote(dataclasses.replace(cfg, ray=ray_cfg, progress=False), how_to_run(run)))
+            pending.append(task.remote(dataclasses.replace(cfg, ray=ray_cfg, progress=False), resumes(run)))
         done, pending = ray.wait(pending, num_returns=1)
         print(f"raysim compare: finished {ray.get(done[0])}", file=sys.stderr)
 
 
-def _run_one(cfg: ExperimentConfig, how: dict[str, bool]) -> str:
+def _run_one(cfg: ExperimentConfig, resume: bool) -> str:
     from raysim.run import run_experiment
 
-    return str(run_experiment(cfg, **how))
+    return str(run_experiment(cfg, resume=resume))
 
 
 def _pretrain_part(cfg: ExperimentConfig) -> ExperimentConfig:

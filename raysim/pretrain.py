@@ -5,8 +5,9 @@ then fine-tuned privately on devices; LoRA needs something to adapt. This
 stage trains the whole base model on the dataset's public split in the
 driver, before any device runs, and caches the weights under
 ``pretrain.cache_dir`` keyed by everything that determines them (model
-config, starting weights, public tokens, steps, batch, learning rate, seed):
-the first run pays, later runs load.
+config, starting weights, public tokens, steps, batch, learning rate, seed,
+the recipe's version and the torch and transformers versions): the first run
+pays, later runs load.
 """
 
 from __future__ import annotations
@@ -18,15 +19,24 @@ import sys
 from pathlib import Path
 
 import torch
+import transformers
 from tqdm.auto import tqdm
 
 from raysim import rng
 from raysim.config import PretrainConfig
 from raysim.models import BaseModel, instantiate
+from raysim.results import atomic_write
+
+# Bump whenever a change to this module changes what pre-training computes (the schedule, the optimizer, how
+# batches are drawn, the loss): weights cached by an older recipe are then trained anew, not reused.
+RECIPE_VERSION = 1
 
 
 def cache_key(base: BaseModel, public: torch.Tensor, cfg: PretrainConfig, *, seed: int) -> str:
+    """A hash of everything that decides the pre-trained weights: the inputs, the recipe and the libraries that
+    compute it (their kernels and defaults change between versions)."""
     h = hashlib.sha256()
+    h.update(repr((RECIPE_VERSION, torch.__version__, transformers.__version__)).encode())
     h.update(repr(sorted(base.config.items())).encode())
     for name in sorted(base.state):
         h.update(name.encode())
@@ -80,7 +90,5 @@ def pretrain(base: BaseModel, public: torch.Tensor, cfg: PretrainConfig, *, seed
     torch.set_num_threads(threads)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # runs of a study may pre-train the same model at once
-    torch.save(state, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))  # runs of a study may pre-train the same model at once
     return BaseModel(config=base.config, state=state, origin=f"pretrained {key}")

@@ -22,9 +22,10 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from raysim.errors import ConfigError
-from raysim.results import COMPLETE, ROUNDS_SCHEMA, read_parts
+from raysim.results import COMPLETE, ROUNDS_SCHEMA, atomic_write, read_parts
 
 METRIC = "eval_accuracy"
+REPORT = "report.md"
 PLOTS = {  # file: (x column, x label, x scale)
     "accuracy_vs_time.png": ("sim_time_s", "simulated time (s)", 1.0),
     "accuracy_vs_bytes.png": ("bytes_total", "bytes sent and received (MB)", 1e-6),
@@ -127,14 +128,21 @@ UNFINISHED = ("leave-out", "mark")  # what a report does with a run that did not
 
 
 def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim report",
-                 target: float | None = None, unfinished: str = "leave-out") -> Path:
+                 target: float | None = None, unfinished: str = "leave-out", overwrite: bool = False) -> Path:
     """Write report.md and the PNG plots for ``run_dirs`` into ``out_dir``; return report.md.
 
     ``target`` replaces the runs' own ``eval.target_accuracy`` for time- and bytes-to-target;
-    ``unfinished`` says whether runs that did not finish are left out of the groups or averaged in and marked.
+    ``unfinished`` says whether runs that did not finish are left out of the groups or averaged in and marked;
+    an earlier report in ``out_dir`` is replaced only with ``overwrite`` (else nothing is written).
     """
     if unfinished not in UNFINISHED:
         raise ValueError(f"unfinished must be one of {UNFINISHED}, not {unfinished!r}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file; the report is a folder", field="--out")
+    earlier = [name for name in (REPORT, *PLOTS) if (out_dir / name).exists()]
+    if earlier and not overwrite:
+        raise ConfigError(f"{out_dir} holds a report ({', '.join(earlier)}): pass --overwrite to replace it",
+                          field="--out")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,7 +197,7 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
                     if x_key == "epsilon" else "no data", ha="center", va="center", transform=ax.transAxes)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out_dir / file, dpi=110)
+        atomic_write(out_dir / file, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110))
         plt.close(fig)
 
     header = ["group", "runs", *(h for _, h, _, _ in TABLE)]
@@ -218,6 +226,6 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
             f"{met['status']} after {met['rounds_completed']} rounds" + (", left out" if r["left_out"] else ""))
         lines.append(f"| {r['dir']} | {lab['policy']} | {lab['seed']} | {lab['population']} | {status} "
                      f"| {met['final_eval_accuracy']:.4f} |")
-    report = out_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    report = out_dir / REPORT
+    atomic_write(report, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return report

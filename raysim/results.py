@@ -10,10 +10,11 @@ that the parts of many runs read as one labelled table.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -148,15 +149,30 @@ class RunIdentity:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` to a file of the same name in a hidden folder beside ``path``, then rename it over ``path``: a
-    kill at any moment leaves the old file or the new one, never a part of either (readers skip names that
-    start with a dot; the same name keeps formats that record it, as torch.save does, byte-identical)."""
-    tmp = path.parent / ".tmp" / path.name
-    tmp.parent.mkdir(exist_ok=True)
-    write(tmp)
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # another write may be using the folder
-        tmp.parent.rmdir()
+    """``write`` to a file of the same name in a hidden folder of its own beside ``path``, then rename it over
+    ``path``: a kill at any moment leaves the old file or the new one, never a part of either, and writers of
+    one path at once (runs filling one cache entry) never share a temporary file. Readers skip names that
+    start with a dot; the same name keeps formats that record it, as torch.save does, byte-identical."""
+    folder = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    try:
+        tmp = folder / path.name
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_summary(run_dir: Path) -> dict | None:
+    """``run_dir``'s summary.json if raysim wrote it, else None. A run writes it before anything slow and
+    always with raysim's version, so a folder that merely holds a config.yaml, or another tool's summary.json,
+    is not a run."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    is_run = (isinstance(summary, dict) and isinstance(summary.get("versions"), dict)
+              and "raysim" in summary["versions"] and {"status", "rounds", "rounds_completed"} <= summary.keys())
+    return summary if is_run else None
 
 
 def part_name(rnd: int) -> str:
@@ -216,9 +232,13 @@ class RunWriter:
         atomic_write(self.dir / "rounds.parquet" / name, lambda tmp: pq.write_table(rows, tmp))
 
     def resume_after(self, rnd: int) -> None:
-        """Remove the parts of rounds after ``rnd`` (a resumed run redoes them); label the others as this
-        run's (those written before raysim labelled rows get the columns, so that the folder reads as one
-        table)."""
+        """Remove the parts of rounds after ``rnd`` (a resumed run redoes them) and what writes cut short by
+        the stop left (:func:`atomic_write`'s folders: this run is the folder's only writer); label the other
+        parts as this run's (those written before raysim labelled rows get the columns, so that the folder
+        reads as one table)."""
+        for folder in (self.dir, *(self.dir / name for name in TABLES)):
+            for stale in folder.glob(".tmp*"):
+                shutil.rmtree(stale)
         for folder in TABLES:
             for part in part_files(self.dir, folder):
                 if int(part.stem.split("-")[1]) > rnd:

@@ -57,7 +57,7 @@ from raysim.privacy.plan import CentralPlan, plan_central
 from raysim.processors import UpdateProcessor
 from raysim.profiles import Population, load_population
 from raysim.records import device_columns, round_row
-from raysim.results import COMPLETE, RoundResult, RunIdentity, RunWriter, atomic_write
+from raysim.results import COMPLETE, RoundResult, RunIdentity, RunWriter, atomic_write, run_summary
 from raysim.types import RoundState
 
 
@@ -348,16 +348,17 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
 
 
 def claim(run_dir: Path, *, overwrite: bool) -> None:
-    """Refuse to write a new run where one is, unless asked to replace it (and it is a run's folder)."""
+    """Refuse to write a new run where one is, unless asked to replace it (and raysim wrote it: its summary)."""
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
-    is_run = (run_dir / "config.yaml").is_file()
-    if overwrite and is_run:
+    summary = run_summary(run_dir)
+    if overwrite and summary is not None:
         return
     if overwrite:
-        raise ConfigError(f"{run_dir} is not a raysim run directory; --overwrite replaces only those",
-                          field="output_dir")
-    what = f"a run ({_status(run_dir)})" if is_run else "files"
+        raise ConfigError(f"{run_dir} is not a raysim run directory; --overwrite replaces only those (a "
+                          f"summary.json that raysim wrote marks one)", field="output_dir")
+    what = (f"a run (status {summary['status']}, {summary['rounds_completed']} of {summary['rounds']} rounds)"
+            if summary is not None else "files")
     raise ConfigError(f"{run_dir} holds {what}: pass --resume to continue it or --overwrite to replace it",
                       field="output_dir")
 
@@ -381,14 +382,6 @@ def check_cohort(cfg: ExperimentConfig, population: Population) -> None:
     if cfg.cohort.size > population.size:
         raise ConfigError(f"{cfg.cohort.size} is above the population's {population.size} devices",
                           field="cohort.size")
-
-
-def _status(run_dir: Path) -> str:
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        return f"status {summary['status']}, {summary['rounds_completed']} of {summary['rounds']} rounds"
-    except (OSError, ValueError, KeyError):
-        return "no summary"
 
 
 def _policy(cfg: ExperimentConfig, spec: PolicySpec, pool: DevicePool,

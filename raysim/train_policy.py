@@ -19,11 +19,12 @@ from raysim.config import ExperimentConfig
 from raysim.errors import ConfigError
 from raysim.policies import PolicyContext, build_policy, read_policy
 from raysim.policies.rl.policy import pack
-from raysim.run import run_experiment
+from raysim.run import claim, run_experiment
 
 
-def train_policy(cfg: ExperimentConfig, *, episodes: int, out: Path) -> Path:
-    """Run ``episodes`` runs of ``cfg`` with one learning policy; save its state to ``out``."""
+def train_policy(cfg: ExperimentConfig, *, episodes: int, out: Path, overwrite: bool = False) -> Path:
+    """Run ``episodes`` runs of ``cfg`` with one learning policy; save its state to ``out``. An existing ``out``
+    or episode run is replaced only with ``overwrite``, and refused before any episode runs."""
     spec = read_policy(cfg.policy)
     if spec.name != "rl":
         raise ConfigError(f"train-policy trains an rl policy, not {spec.name!r}", file=spec.path, field="policy")
@@ -34,10 +35,18 @@ def train_policy(cfg: ExperimentConfig, *, episodes: int, out: Path) -> Path:
                           field="--out")
     if not spec.params.get("learn", True):
         raise ConfigError("a policy with learn: false cannot be trained", file=spec.path, field="params.learn")
+    episode_dirs = [out.parent / f"{out.stem}-episodes" / f"episode-{e}" for e in range(episodes)]
+    if out.is_dir():
+        raise ConfigError(f"{out} is a folder; the checkpoint is a file", field="--out")
+    taken = [path for path in (out, *episode_dirs) if path.exists()]
+    if taken and not overwrite:
+        raise ConfigError(f"{taken[0]} exists: pass --overwrite to replace the checkpoint and its episodes' runs",
+                          field="--out")
+    for run_dir in episode_dirs:
+        claim(run_dir, overwrite=overwrite)  # --overwrite replaces only runs that raysim wrote
     state = None
     caches = Caches()  # the episodes share measurements and the built dataset
-    episodes_dir = out.parent / f"{out.stem}-episodes"
-    for episode in range(episodes):
+    for episode, run_dir in enumerate(episode_dirs):
         built = []
 
         def make(context: PolicyContext, state=state, built=built):  # called within this episode
@@ -48,8 +57,8 @@ def train_policy(cfg: ExperimentConfig, *, episodes: int, out: Path) -> Path:
             return policy
 
         run_cfg = dataclasses.replace(cfg, seed=cfg.seed + episode, name=f"{cfg.name}-episode-{episode}",
-                                      output_dir=str(episodes_dir / f"episode-{episode}"))
-        run_dir = run_experiment(run_cfg, make_policy=make, caches=caches)
+                                      output_dir=str(run_dir))
+        run_experiment(run_cfg, make_policy=make, caches=caches, overwrite=overwrite)
         state = built[0].state_dict()
         final = _final(run_dir)
         accuracy = final["eval_accuracy"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import shutil
@@ -100,6 +102,49 @@ def test_a_run_whose_policy_file_changed_since_is_stale(finished_study, tmp_path
     summary["policy"]["params"]["w_time"] += 1.0  # as if the run had used another version of policies/rl.yaml
     summary_file.write_text(json.dumps(summary))
     assert [is_finished(r) for r in load_study(path).runs] == [True, False]
+
+
+@pytest.fixture(scope="module")
+def rerun_after_edit(finished_study, tmp_path_factory):
+    """The finished study started again with another learning rate, for one of its runs: its folder, the old run's
+    files (by path inside the run) and what the study said on stderr."""
+    study_dir, _ = finished_study
+    folder = tmp_path_factory.mktemp("rerun")
+    path = write_study(folder)
+    shutil.copytree(study_dir, folder / "study")
+    old = folder / "study" / "runs" / "policy-greedy_fit_seed-0"
+    files = {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        run_study(load_study(path, ["axes.policy=[greedy_fit]", "train.lr=0.01"]))
+    return folder / "study", files, err.getvalue()
+
+
+def test_a_rerun_after_a_result_changing_edit_moves_the_finished_run_to_superseded_and_says_so(rerun_after_edit):
+    study_dir, old_files, err = rerun_after_edit
+    moved = list(study_dir.glob("superseded/*/runs/policy-greedy_fit_seed-0"))
+    assert len(moved) == 1
+    assert {p.relative_to(moved[0]): p.read_bytes() for p in moved[0].rglob("*") if p.is_file()} == old_files
+    lines = [line for line in err.splitlines() if "moved to" in line]
+    assert lines == [f"raysim compare: policy-greedy_fit_seed-0: its finished run differs in train.lr; "
+                     f"moved to {moved[0]}"]
+    rerun = json.loads((study_dir / "runs" / "policy-greedy_fit_seed-0" / "summary.json").read_text())
+    assert rerun["status"] == "finished"
+    assert OmegaConf.load(study_dir / "runs" / "policy-greedy_fit_seed-0" / "config.yaml").train.lr == 0.01
+
+
+def test_a_study_folder_reads_as_its_current_runs_without_the_superseded_ones(rerun_after_edit, tmp_path):
+    import raysim
+
+    study_dir, _, _ = rerun_after_edit
+    runs = raysim.load_study(study_dir).runs
+    assert sorted(runs) == ["policy-greedy_fit_seed-0", "policy-rl_seed-0"]
+    assert runs["policy-greedy_fit_seed-0"].config["train"]["lr"] == 0.01
+    superseded = raysim.load_study(next(study_dir.glob("superseded/*"))).runs  # read back on their own
+    assert list(superseded) == ["policy-greedy_fit_seed-0"]
+    assert superseded["policy-greedy_fit_seed-0"].config["train"]["lr"] != 0.01
+    assert main(["report", str(study_dir), "--out", str(tmp_path / "report")]) == 0
+    assert "superseded" not in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_overrides_change_the_study_or_the_base_experiment(tmp_path):

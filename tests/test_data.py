@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -128,6 +130,29 @@ def test_tokenizer_training_is_cached_by_content(tmp_path):
     assert len(files) == 1 and a.get_vocab() == b.get_vocab()
     train_tokenizer(texts + ["more"], vocab_size=300, cache_dir=tmp_path)
     assert len(list((tmp_path / "tokenizers").rglob("tokenizer.json"))) == 2
+
+
+def test_two_runs_training_one_tokenizer_at_once_both_cache_it(tmp_path, monkeypatch):
+    """Runs of a study may train the same tokenizer at once: both must be inside the cache write together and
+    still both succeed, leaving one whole tokenizer.json."""
+    import raysim.data.tokenizer
+
+    both_writing, real = threading.Barrier(2), raysim.data.tokenizer.atomic_write
+
+    def together(path, write):
+        def wait_then_write(tmp):
+            both_writing.wait(timeout=30)
+            write(tmp)
+
+        real(path, wait_then_write)
+
+    monkeypatch.setattr(raysim.data.tokenizer, "atomic_write", together)
+    texts = ["the quick brown fox", "jumps over the lazy dog"] * 50
+    with ThreadPoolExecutor(2) as pool:  # a thread's error is raised here
+        built = list(pool.map(lambda _: train_tokenizer(texts, vocab_size=300, cache_dir=tmp_path), range(2)))
+    files = [f.name for f in (tmp_path / "tokenizers").rglob("*") if f.is_file()]
+    assert files == ["tokenizer.json"] and built[0].get_vocab() == built[1].get_vocab()
+    assert train_tokenizer(texts, vocab_size=300, cache_dir=tmp_path).get_vocab() == built[0].get_vocab()
 
 
 @pytest.fixture(scope="module")

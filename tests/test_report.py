@@ -8,7 +8,7 @@ import pytest
 
 from raysim.cli import main
 from raysim.config import load_experiment, to_yaml
-from raysim.report import run_metrics, write_report
+from raysim.report import PLOTS, run_metrics, write_report
 from raysim.results import DEVICES_SCHEMA, ROUNDS_SCHEMA, RoundResult, RoundRow, RunWriter
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -107,3 +107,33 @@ def test_a_flag_averages_unfinished_runs_in_and_marks_their_group(tmp_path, caps
     text = (tmp_path / "out" / "report.md").read_text()
     assert "| uniform † 1 | 2 | 0.3000 ± 0.1000 |" in text and "left out" not in text
     assert f"| {runs[1]} | uniform | 1 | gboard | failed after 1 rounds | 0.2000 |" in text
+
+
+def test_report_out_refuses_an_earlier_report_and_writes_nothing(tmp_path, capsys):
+    run = fake_run(tmp_path / "r", policy="uniform", seed=0, accuracy=[0.3])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.md").write_text("my notes")
+    code = main(["report", str(run), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"raysim: error: --out: {tmp_path / 'out'} holds a report (report.md): "
+                                 "pass --overwrite to replace it"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.md"]
+    assert (tmp_path / "out" / "report.md").read_text() == "my notes"
+
+
+def test_report_out_replaces_an_earlier_report_with_overwrite(tmp_path):
+    run = fake_run(tmp_path / "r", policy="uniform", seed=0, accuracy=[0.3])
+    assert main(["report", str(run), "--out", str(tmp_path / "out")]) == 0
+    (tmp_path / "out" / "report.md").write_text("stale")
+    assert main(["report", str(run), "--out", str(tmp_path / "out"), "--overwrite"]) == 0
+    assert "| uniform | 1 |" in (tmp_path / "out" / "report.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["report.md", *PLOTS])
+
+
+def test_report_out_that_is_a_file_is_one_clear_line(tmp_path, capsys):
+    run = fake_run(tmp_path / "r", policy="uniform", seed=0, accuracy=[0.3])
+    (tmp_path / "out").write_text("not a folder")
+    code = main(["report", str(run), "--out", str(tmp_path / "out"), "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"raysim: error: --out: {tmp_path / 'out'} is a file; the report is a folder"]
+    assert (tmp_path / "out").read_text() == "not a folder"

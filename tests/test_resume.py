@@ -124,16 +124,31 @@ def test_a_run_into_a_folder_with_a_run_is_refused_unless_resumed_or_overwritten
         run_experiment(load_experiment(uninterrupted / "config.yaml", []), resume=True)
 
 
-def test_overwrite_leaves_no_file_of_the_old_run_and_refuses_a_folder_that_is_not_a_run(ray_session, tmp_path):
+def test_overwrite_replaces_a_raysim_run_and_leaves_no_file_of_the_old_one(ray_session, tmp_path):
     run_dir = tmp_path / "run"
     run_experiment(load_experiment(None, [*TINY, "rounds=2", f"output_dir={run_dir}"]))
     run_experiment(load_experiment(None, [*TINY, "rounds=1", f"output_dir={run_dir}"]), overwrite=True)
     assert sorted(p.name for p in (run_dir / "rounds.parquet").iterdir()) == ["round-000001.parquet"]
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="is not a raysim run directory; --overwrite replaces only those"):
-        run_experiment(load_experiment(None, [*TINY, f"output_dir={tmp_path / 'mine'}"]), overwrite=True)
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 1
+
+
+@pytest.mark.parametrize("summary", [None, {"status": "finished", "rounds": 3}], ids=["no-summary", "another-tools"])
+def test_overwrite_refuses_a_folder_raysim_did_not_write_and_leaves_it_untouched(tmp_path, capsys, summary):
+    """A config.yaml (or a summary.json of another tool) does not make a folder a raysim run."""
+    from raysim.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("rounds: 3\n")
+    (mine / "notes.txt").write_text("keep me")
+    if summary is not None:
+        (mine / "summary.json").write_text(json.dumps(summary))
+    before = {p: p.read_bytes() for p in mine.iterdir()}
+    code = main(["run", *TINY, f"output_dir={mine}", "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"raysim: error: output_dir: {mine} is not a raysim run directory; --overwrite "
+                                 "replaces only those (a summary.json that raysim wrote marks one)"]
+    assert {p: p.read_bytes() for p in mine.iterdir()} == before
 
 
 def test_resume_refuses_a_changed_config_naming_the_key(tmp_path, ray_session):

@@ -28,6 +28,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raysim.results import atomic_write
+
 SHIPPED = Path(__file__).resolve().parent.parent / "corpora" / "python_docs.parquet"
 PUBLIC_USER = "__public__"
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
@@ -99,6 +101,6 @@ def build() -> pa.Table:
 if __name__ == "__main__":
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else SHIPPED
     table = build()
-    pq.write_table(table, out, compression="zstd", compression_level=19)
+    atomic_write(out, lambda tmp: pq.write_table(table, tmp, compression="zstd", compression_level=19))
     print(f"{out}: {table.num_rows} texts, {len(set(table.column('user').to_pylist()))} users, "
           f"{sum(len(t) for t in table.column('text').to_pylist()) / 1e6:.2f} MB of text")

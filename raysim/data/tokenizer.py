@@ -12,6 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from raysim.errors import ConfigError
+from raysim.results import atomic_write
 
 EOS = "<|endoftext|>"
 
@@ -41,9 +42,7 @@ def train_tokenizer(texts: list[str], *, vocab_size: int, cache_dir: Path) -> To
     )
     tok.train_from_iterator(texts, trainer=trainer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tok.save(str(tmp))
-    tmp.replace(path)  # atomic: concurrent runs never read half a file
+    atomic_write(path, lambda tmp: tok.save(str(tmp)))  # runs training it at once never share a file
     return tok
 
 
