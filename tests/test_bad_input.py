@@ -211,3 +211,19 @@ def test_output_loss_and_embedding_tying_reject_bad_values_with_one_line(overrid
     assert code == 1 and len(err) == 1 and err[0].startswith(f"raysim: error: override: {key}: "), err
     assert message is None or err[0].endswith(message)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    (["costs.recipe=fast"], "costs.recipe", "must be 'reference' or 'fused'"),
+    (["costs.recipe=null"], "costs.recipe", None),
+    (["costs.recpie=fused"], "costs.recpie", "unknown key (did you mean costs.recipe?)"),
+    (["speedups.fused_activations=maybe"], "speedups.fused_activations", None),
+    (["speedups.chunked_loss=[true]"], "speedups.chunked_loss", None),
+    (["speedups.keep_freed=false"], "speedups.keep_freed", "unknown key (did you mean speedups.keep_freed_memory?)"),
+])
+def test_cost_recipe_and_speedups_reject_bad_values_with_one_line(overrides, key, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli(["run", "experiments/quickstart.yaml", *overrides, f"output_dir={out}"], capsys)
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"raysim: error: override: {key}: "), err
+    assert message is None or err[0].endswith(message), err
+    assert not out.exists()
