@@ -40,7 +40,9 @@ def closure(root: str, *, extras: set[str]) -> dict[str, str]:
     return found
 
 
-EXTRAS = {"test", "tensorboard", "mlflow"}  # what `make` installs: test and tracking (these two)
+# What `make` installs: test (with the cluster extra it names) and tracking (these two). closure() does not
+# follow raysim[...] requirements back into raysim, so the extras they name are listed here.
+EXTRAS = {"test", "cluster", "tensorboard", "mlflow"}
 
 if __name__ == "__main__":
     versions = closure("raysim", extras=EXTRAS)

@@ -3,9 +3,13 @@
     python .ci/same_results.py --write before.json     (on the commit before the change)
     python .ci/same_results.py --check before.json     (after it: exits 1 and names what differs)
 
-Each run's fingerprint is the SHA-256 of ``devices.parquet``'s values and ``final_state.pt``, of every
-``rounds.parquet`` column but ``wall_time_s``, and of ``summary.json`` less what measures the machine
-(wall time, versions, actor counts). Float results depend on the CPU, so compare on one machine.
+Each run's fingerprint is the SHA-256 of ``final_state.pt``, of every column of ``devices.parquet`` and
+``rounds.parquet`` by value (``column_digest``) but ``wall_time_s``, and of ``summary.json`` less what measures
+the machine (wall time, versions, actor counts). Float results depend on the CPU, so compare on one machine.
+
+``run_id``, the run folder's name, is fingerprinted like any column: this script names each run's folder for
+its key in ``RUNS``, so two invocations agree on it, and a change in what labels a row is a change users see.
+(Two runs fingerprinted from folders of different names differ in ``run_id`` alone.)
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 TINY = ["rounds=3", "population_size=1000", "progress=false", "cohort.size=4", "cohort.over_selection=1.5",
@@ -46,20 +52,52 @@ RUNS = {
 MACHINE = ("wall_time_s", "versions", "num_actors", "actor_nodes", "checkpoint")
 
 
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def column_digest(column: pa.ChunkedArray) -> str:
+    """A column's type and values, by value: which rows are null, then fixed-width values (numbers, booleans)
+    as their bytes (NaN payloads and -0.0 included; nulls as 0), strings as UTF-8 each after its length, so
+    that ["ab", "c"] and ["a", "bc"] differ, as do a null and "" (not object pointers, which two reads of
+    one file do not share)."""
+    array = column.combine_chunks()
+    kind = array.type
+    sha = hashlib.sha256(f"{kind}\n{len(array)}\n".encode())
+    sha.update(array.is_null().to_numpy(zero_copy_only=False).tobytes())
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        for value in array.to_pylist():
+            data = b"" if value is None else value.encode()
+            sha.update(len(data).to_bytes(8, "little") + data)
+    elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+        filled = pc.fill_null(array, pa.scalar(0).cast(kind))
+        sha.update(np.ascontiguousarray(filled.to_numpy(zero_copy_only=False)).tobytes())
+    else:  # a new column type: say so rather than hash something that is not its value
+        raise TypeError(f"no by-value fingerprint for a column of type {kind}")
+    return sha.hexdigest()[:16]
+
+
 def fingerprint(run_dir: Path) -> dict[str, str]:
-    digest = lambda data: hashlib.sha256(data).hexdigest()[:16]  # noqa: E731
     out = {}
     if (run_dir / "final_state.pt").exists():
         out["final_state.pt"] = digest((run_dir / "final_state.pt").read_bytes())
-    devices = pq.read_table(run_dir / "devices.parquet")  # a file, or a folder of parts: the same table
-    out["devices.parquet"] = digest(json.dumps(devices.to_pydict()).encode())  # floats by repr: exact
-    rounds = pq.read_table(run_dir / "rounds.parquet")
-    for name in rounds.column_names:
-        if name != "wall_time_s":
-            out[f"rounds.{name}"] = digest(np.asarray(rounds[name].to_numpy()).tobytes())
+    for table in ("devices", "rounds"):
+        columns = pq.read_table(run_dir / f"{table}.parquet")  # a file, or a folder of parts: the same table
+        for name in columns.column_names:
+            if name != "wall_time_s":
+                out[f"{table}.{name}"] = column_digest(columns[name])
     summary = json.loads((run_dir / "summary.json").read_text())
     out["summary"] = digest(json.dumps({k: v for k, v in summary.items() if k not in MACHINE}, sort_keys=True).encode())
     return out
+
+
+def differences(expected: dict[str, dict[str, str]], results: dict[str, dict[str, str]]) -> list[str]:
+    """``run: key`` for every fingerprint that differs or is missing, and ``run: key (new)`` for one that
+    ``expected`` lacks."""
+    differ = [f"{run}: {key}" for run in expected for key in expected[run]
+              if results.get(run, {}).get(key) != expected[run][key]]
+    return differ + [f"{run}: {key} (new)" for run in results for key in results[run]
+                     if key not in expected.get(run, {})]
 
 
 def run_all() -> dict[str, dict[str, str]]:
@@ -90,9 +128,7 @@ def main() -> int:
         print(f"{len(results)} runs fingerprinted -> {args.write}")
         return 0
     expected = json.loads(args.check.read_text())
-    differ = [f"{run}: {key}" for run in expected for key in expected[run]
-              if results.get(run, {}).get(key) != expected[run][key]]
-    differ += [f"{run}: {key} (new)" for run in results for key in results[run] if key not in expected.get(run, {})]
+    differ = differences(expected, results)
     print("\n".join(differ) if differ else f"identical: {len(results)} runs, "
           f"{sum(len(v) for v in results.values())} fingerprints")
     return 1 if differ else 0

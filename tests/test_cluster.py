@@ -233,8 +233,10 @@ def test_every_node_and_driver_runs_with_an_explicit_auth_mode():
 
 def test_every_node_installs_the_tested_versions():
     config = load_cluster_yaml()
-    installs = [c for c in config["setup_commands"] if "pip install" in c]
+    commands = [*config["setup_commands"], *config["head_setup_commands"], *config["worker_setup_commands"]]
+    installs = [c for c in commands if "pip install" in c]
     assert installs and all("-c ~/raysim/constraints.txt" in c for c in installs)
+    assert any("raysim[cluster]" in c for c in config["head_setup_commands"])  # boto3, for the autoscaler
     pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
                 if line and not line.startswith("#"))
     assert config["docker"]["image"].startswith(f"rayproject/ray:{pins['ray']}-")  # the image's Ray is the pinned one
