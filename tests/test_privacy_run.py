@@ -76,9 +76,9 @@ def test_device_rows_report_update_norms_and_local_epsilon(runs, tmp_path):
     assert all(math.isnan(e) for e in plain["local_epsilon"])
 
 
-def test_the_shipped_dp_runs_send_nothing_off_the_support(runs):
+def test_private_runs_send_nothing_off_the_support(runs):
     assert _rounds(runs["two"])["off_support_norm"] == [0.0, 0.0]
-    assert all(math.isnan(n) for n in _rounds(runs["local"])["off_support_norm"])  # no central DP there
+    assert _rounds(runs["local"])["off_support_norm"] == [0.0]  # local DP-SGD under central DP
 
 
 def test_a_device_update_off_the_support_fails_the_run_after_recording_its_round(ray_session, tmp_path):

@@ -102,6 +102,7 @@ def test_a_run_without_dp_reports_infinite_epsilon_and_no_noise(runs):
     assert set(rounds["epsilon"]) == {math.inf} and set(rounds["delta"]) == {0.0}
     assert set(rounds["noise_std"]) == {0.0} and set(rounds["signal_to_noise"]) == {math.inf}
     assert all(math.isnan(c) for c in rounds["clip_norm"])
+    assert all(math.isnan(n) for n in rounds["off_support_norm"])  # no noised coordinates, nothing off them
 
 
 def test_a_run_that_fails_keeps_its_finished_rounds_readable_and_says_why(ray_session, tmp_path):
