@@ -31,6 +31,7 @@ TINY = ["rounds=3", "population_size=1000", "progress=false", "cohort.size=4", "
         "model.vocab_size=128", "model.n_positions=16", "data.seq_len=16", "data.examples_per_user=8",
         "data.eval_users=4", "eval.every=2", "eval.batch_size=8", "methods.lora_rank=[4]", "data.source=synthetic",
         "ray.tokens_per_pass=128", "ray.cpus_per_actor=0.5"]
+LLAMA = ["model.family=llama", "model.n_head=4", "model.n_kv_head=2", "model.n_inner=64"]
 DP = ["cohort.sampling=poisson", "cohort.size=6", "privacy.clip_norm=0.02", "privacy.noise_multiplier=1.0"]
 RUNS = {
     "mixed-random": ["policy=random", "methods.lora_rank=[4,2]", "methods.bits=[32,8]", "cohort.deadline_s=0.12"],
@@ -48,6 +49,13 @@ RUNS = {
     "rl": ["policy=rl", "methods.lora_rank=[4,2]", "methods.bits=[32,8]", "rounds=4"],
     "local-dp": ["privacy.local.enabled=true", "rounds=2"],
     "stop-at-target": ["rounds=5", "eval.target_accuracy=0.0", "eval.stop_at_target=true"],
+    "llama-methods": [*LLAMA, "policy=random", "methods.lora_rank=[4,0]", "methods.prune_ratio=[0.0,0.5]",
+                      "methods.trainable_layers=[null,1]", "methods.partial_embeddings=[false,true]",
+                      "methods.embedding_rows=16", "methods.bits=[32,8]", "model.tie_embeddings=false",
+                      "methods.lora_target_modules=[q_proj,v_proj,down_proj]"],
+    "llama-dp-rl": [*LLAMA, *DP, "policy=rl", "methods.lora_rank=[4,2]", "rounds=4",
+                    "methods.partial_embeddings=[false,true]", "methods.embedding_selection=server_frequent",
+                    "methods.embedding_rows=16"],
 }
 MACHINE = ("wall_time_s", "versions", "num_actors", "actor_nodes", "checkpoint")
 

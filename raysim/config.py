@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from raysim import shipped
 from raysim.errors import ConfigError
+from raysim.methods import METHODS, Method
+from raysim.methods.embedding_updates import EMBEDDING_SELECTIONS, SERVER_SELECTIONS
 
 QUICKSTART = shipped.folder("experiments") / "quickstart.yaml"
 
@@ -111,26 +114,13 @@ class PretrainConfig:
     cache_dir: str = "~/.cache/raysim"
 
 
-EMBEDDING_SELECTIONS = ("device_seen", "server_frequent", "server_random")  # raysim/methods/embeddings.py
-SERVER_SELECTIONS = EMBEDDING_SELECTIONS[1:]  # the server picks the round's rows
 OUTPUT_LOSSES = ("softmax", "nce", "sampled_softmax")  # raysim/methods/output_loss.py
 
 
 @dataclass
-class MethodsConfig:
-    """The per-device method space a policy chooses from: every list is one axis.
+class MethodOptions:
+    """The ``methods.*`` keys that are not per-device axes: how the methods the axes choose are set up."""
 
-    A policy hands each device one value from each list (``raysim.methods.space``
-    enumerates the product). The first value of every list is the default
-    config, which the ``uniform`` policy gives everyone.
-    """
-
-    lora_rank: list[int] = field(default_factory=lambda: [8])  # 0: train the targeted weights fully
-    prune_ratio: list[float] = field(default_factory=lambda: [0.0])  # structured width pruning, in [0, 1)
-    dropout_rate: list[float] = field(default_factory=lambda: [0.0])  # federated dropout, in [0, 1)
-    trainable_layers: list[int | None] = field(default_factory=lambda: [None])  # top k blocks; null: all
-    partial_embeddings: list[bool] = field(default_factory=lambda: [False])
-    bits: list[int] = field(default_factory=lambda: [32])  # update bit-width; 32: unquantized
     lora_alpha_per_rank: float = 2.0  # alpha = lora_alpha_per_rank * rank
     # modules LoRA (and rank 0) trains in every block: gpt2 c_attn, c_proj (attention output and MLP's), c_fc;
     # llama q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj. null: the attention's input
@@ -149,6 +139,19 @@ class MethodsConfig:
     # unigram counts, one set per device and step. Evaluation always uses the full softmax
     output_loss: str = "softmax"
     noise_samples: int = 128
+
+
+def _axis(method: Method) -> tuple[str, Any, Any]:
+    """``methods.<key>``: a list of the method's values, ``[default]`` by default."""
+    return method.key, list[method.type], field(default_factory=functools.partial(list, [method.default]))
+
+
+# The per-device method space a policy chooses from: one list per registered method (raysim/methods/base.py),
+# then the options. A policy hands each device one value from each list (raysim.methods.space enumerates the
+# product); the first value of every list is the default config, which the ``uniform`` policy gives everyone.
+MethodsConfig = dataclasses.make_dataclass(
+    "MethodsConfig", [*map(_axis, METHODS.values()), *((f.name, f.type, f) for f in dataclasses.fields(MethodOptions))])
+MethodsConfig.__module__ = __name__  # its option types are names in this module
 
 
 @dataclass
@@ -503,7 +506,7 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(p.steps >= 0, "pretrain.steps", "must be >= 0")
     c(p.batch_size >= 1, "pretrain.batch_size", "must be >= 1")
     c(p.lr > 0, "pretrain.lr", "must be > 0")
-    _validate_methods(cfg.methods, cfg.model, c)
+    _validate_methods(cfg, c)
     c(cfg.aggregation.server_optimizer in SERVER_OPTIMIZERS, "aggregation.server_optimizer",
       f"must be {SERVER_OPTIMIZERS.choices()}")
     g = cfg.aggregation
@@ -512,19 +515,13 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(0 <= g.beta2 < 1, "aggregation.beta2", "must be in [0, 1)")
     c(g.tau > 0, "aggregation.tau", "must be > 0")
     _validate_privacy(cfg.privacy, cfg.cohort, c)
-    c(cfg.privacy.clip_norm is None or not any(cfg.methods.partial_embeddings)
-      or cfg.methods.embedding_selection is not None, "methods.embedding_selection",
-      "partial embeddings under central DP: choose server_frequent or server_random (with methods.embedding_rows),"
-      " or write device_seen, whose indices give the server each user's token set")
     c(not cfg.privacy.local.enabled or cfg.methods.output_loss == "softmax", "methods.output_loss",
       "local DP-SGD trains with the full softmax (privacy.local.enabled)")
-    c(not cfg.privacy.local.enabled or (0 not in cfg.methods.lora_rank and not any(cfg.methods.partial_embeddings)),
-      "privacy.local.enabled", "local DP-SGD trains LoRA adapters only: no rank 0, no partial embeddings")
     c(cfg.aggregation.lora in LORA_RULES, "aggregation.lora", f"must be {LORA_RULES.choices()}")
+    for method in METHODS.values():  # what each per-device method asks of the rest of the config
+        if (problem := method.check_all(getattr(cfg.methods, method.key), cfg)) is not None:
+            c(False, *problem)
     dense = [name for name, rule in LORA_RULES.items() if rule.dense]
-    c(LORA_RULES[cfg.aggregation.lora].dense or 0 not in cfg.methods.lora_rank, "methods.lora_rank",
-      f"rank 0 (full weights) needs a LoRA rule that holds ΔW (aggregation.lora={' or '.join(dense)}): "
-      f"{cfg.aggregation.lora} aggregates factors")
     space = cfg.privacy.noise_space
     c(space in (None, "dense", "factors"), "privacy.noise_space", "must be dense or factors (or null)")
     if space in ("dense", "factors") and cfg.aggregation.lora in LORA_RULES:
@@ -554,23 +551,18 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(r.tokens_per_pass >= 0, "ray.tokens_per_pass", "must be >= 0")
 
 
-def _validate_methods(methods: MethodsConfig, model: ModelConfig, c) -> None:
+def _validate_methods(cfg: ExperimentConfig, c) -> None:
     from raysim.architectures import ARCHITECTURES
     from raysim.methods.quantize import GRANULARITY
     from raysim.methods.width import PRUNING
 
-    for key in ("lora_rank", "prune_ratio", "dropout_rate", "trainable_layers", "partial_embeddings", "bits"):
-        c(len(getattr(methods, key)) >= 1, f"methods.{key}", "needs at least one value")
-    for i, r in enumerate(methods.lora_rank):
-        c(0 <= r <= model.n_embd, f"methods.lora_rank[{i}]", f"rank {r} must be in [0, layer width {model.n_embd}]")
-    for key in ("prune_ratio", "dropout_rate"):
-        for i, v in enumerate(getattr(methods, key)):
-            c(0.0 <= v < 1.0, f"methods.{key}[{i}]", "must be in [0, 1)")
-    for i, k in enumerate(methods.trainable_layers):
-        c(k is None or 1 <= k <= model.n_layer, f"methods.trainable_layers[{i}]",
-          f"must be null (all) or in [1, model.n_layer={model.n_layer}]")
-    for i, b in enumerate(methods.bits):
-        c(1 <= b <= 16 or b == 32, f"methods.bits[{i}]", "must be in [1, 16] or 32 (unquantized)")
+    methods, model = cfg.methods, cfg.model
+    for method in METHODS.values():
+        values = getattr(methods, method.key)
+        c(len(values) >= 1, f"methods.{method.key}", "needs at least one value")
+        for i, value in enumerate(values):
+            if (problem := method.check(value, cfg)) is not None:
+                c(False, f"methods.{method.key}[{i}]", problem)
     c(methods.lora_alpha_per_rank > 0, "methods.lora_alpha_per_rank", "must be > 0")
     c(methods.lora_target_modules is None or len(methods.lora_target_modules) >= 1, "methods.lora_target_modules",
       "needs at least one module (null: the family's default)")

@@ -29,10 +29,9 @@ from raysim import costmodel, fastops, rng
 from raysim.aggregation.rules import PartialSum, Tensors, global_norm
 from raysim.config import SERVER_SELECTIONS, ExperimentConfig
 from raysim.data import FederatedDataset
-from raysim.methods import embeddings, output_loss
+from raysim.methods import embeddings, output_loss, width
 from raysim.methods.quantize import GRANULARITY
 from raysim.methods.submodel import Encoding, Space, Structure, Submodel, build_model
-from raysim.methods.width import PRUNING
 from raysim.models import BaseModel
 from raysim.privacy import local
 from raysim.processors import DeviceContext, DeviceUpdate, UpdateProcessor, run_on_device
@@ -101,7 +100,8 @@ class DeviceWorker:
         self._utility_wanted = False
         self._gradient: tuple[Tensors, float] | None = None
         self._eval_model = Submodel(space=self.space, base=base, cfg=cfg, device=self.device, structure=Structure(
-            lora_rank=0, heads=self.space.units, mlp=self.space.inner, blocks=(), embeddings=False))
+            rank=0, heads=self.space.units, mlp=self.space.inner, blocks=(), embeddings=False,
+            adapter=self.space.adapters[0]))
         # Thousands of long-lived module and tensor objects: keep them out of every
         # cyclic-GC pass the per-device loop's garbage triggers.
         gc.freeze()
@@ -141,12 +141,10 @@ class DeviceWorker:
         batch = torch.randint(0, self.vocab_size, (self.cfg.train.batch_size, self.cfg.data.seq_len), generator=g)
         sub = self.submodel(config)
         zeros = {n: torch.zeros_like(p) for n, p in sub.params.items()}
-        rows = None
-        if config.partial_embeddings:  # without a fixed row count, the most a device can send
-            rows = torch.arange(min(self.cfg.methods.embedding_rows or self.vocab_size, self.vocab_size))
+        rows = embeddings.most_rows(config, self.cfg.methods, vocab_size=self.vocab_size)
         _, bytes_up = sub.encode(zeros, rows=rows, encoding=self._encoding(config), generator=g)
         bytes_down = sum(4 * p.numel() for p in sub.params.values())
-        if config.dropout_rate > 0 or (config.prune_ratio > 0 and PRUNING[self.cfg.methods.pruning].rolls):
+        if width.frozen_changes(config, self.cfg.methods.pruning):
             bytes_down += sub.width_bytes()  # the frozen slices change every round: they travel too
         loss, output = None, self.output_loss()
         if output is not None:  # the chosen loss, as a device computes it
@@ -195,23 +193,22 @@ class DeviceWorker:
         model = self._eval_model
         model.load_frozen(self._state, None, version=object())
         model.lm.eval()
-        params = {f"{t.name}.delta": model.projection(t.name).weight for t in self.space.targets}
-        embedding = self.space.embedding
-        if embedding in self._state:
-            params[embedding] = model.lm.get_parameter(embedding)
-        for p in params.values():
-            p.requires_grad_(True)
-        try:
-            with torch.enable_grad():  # called from inside the update loop's no_grad
-                batch = self._eval_examples()[:UTILITY_EXAMPLES].to(self.device)
-                logits = model.lm(input_ids=batch).logits[:, :-1].float()
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-                grads = torch.autograd.grad(loss, list(params.values()))
-        finally:
-            for p in params.values():
-                p.requires_grad_(False)
-        # the state's ΔW is (out, in), whatever the modules' orientation
-        return {k: g if k == embedding else self.space.oriented(g) for k, g in zip(params, grads)}, loss.item()
+        with torch.enable_grad():  # called from inside the update loop's no_grad
+            state = {k: v.detach().requires_grad_(True) for k, v in self._state.items()}
+            weights = {}  # the targeted projections' weights as functions of the state
+            for name, _, _ in self.space.projections():
+                if model.adapted(name):
+                    weights[f"{name}.weight"], bias = model.frozen_weights(state, name, None, None)
+                    if bias is not None:
+                        weights[f"{name}.bias"] = bias
+            if self.space.embedding in state:
+                weights[self.space.embedding] = state[self.space.embedding]
+            batch = self._eval_examples()[:UTILITY_EXAMPLES].to(self.device)
+            logits = torch.func.functional_call(model.lm, weights, args=(), kwargs={"input_ids": batch}).logits
+            logits = logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            grads = torch.autograd.grad(loss, list(state.values()), allow_unused=True)
+        return {k: g for k, g in zip(state, grads) if g is not None}, loss.item()
 
     def _utility(self, update: Tensors) -> float:
         if not self._utility_wanted:
@@ -240,7 +237,7 @@ class DeviceWorker:
         Federated dropout gives every device its own slices; Opacus needs
         per-example gradients of the submodel's own weights.
         """
-        if self.cfg.privacy.local.enabled or config.dropout_rate > 0 or not self.submodel(config).stackable:
+        if self.cfg.privacy.local.enabled or width.own_slices(config) or not self.submodel(config).stackable:
             return 1
         return self.devices_per_pass
 
@@ -293,18 +290,10 @@ class DeviceWorker:
         # Model dropout draws from each device's own generator, whatever its group.
         generators = [torch.Generator(self.device).manual_seed(rng.torch_seed(seed, "train", round, d))
                       for d in device_ids]
-        rows = keep = None
-        if config.partial_embeddings and self.cfg.methods.embedding_selection in SERVER_SELECTIONS:
-            rows = self.server_rows(round)  # the server's rows of the round: trained and sent, with no index
-            keep = torch.zeros(self.vocab_size, 1, device=self.device)
-            keep[rows.to(self.device)] = 1.0
-        elif config.partial_embeddings:  # only the rows of tokens the device saw may change (k is 1)
-            rows = seen = embeddings.seen_rows(data[0][batches[0].flatten()])
-            keep = torch.zeros(self.vocab_size, 1, device=self.device)
-            keep[seen.to(self.device)] = 1.0
-            if self.cfg.methods.embedding_rows is not None:
-                rows = embeddings.fixed_rows(seen, count=self.cfg.methods.embedding_rows, vocab_size=self.vocab_size,
-                                             generator=rng.generator(seed, "embedding-rows", round, device_ids[0]))
+        rows, keep = embeddings.trained_rows(  # partial embeddings train alone in a pass (k is 1)
+            config, self.cfg.methods, tokens=lambda: data[0][batches[0].flatten()],
+            server=lambda: self.server_rows(round), vocab_size=self.vocab_size, device=self.device,
+            generator=lambda: rng.generator(seed, "embedding-rows", round, device_ids[0]))
         dp = None
         if self.cfg.privacy.local.enabled:
             dp = DPSGD(engine=self._dp_sgd(sub), batch_size=self.cfg.train.batch_size,

@@ -16,6 +16,7 @@ import numpy as np
 from raysim.clock import DROPPED, OK, OOM, STRAGGLER, UNAVAILABLE, RoundOutcome
 from raysim.config import ExperimentConfig
 from raysim.costmodel import DeviceCosts
+from raysim.methods import base as methods
 from raysim.privacy import local
 from raysim.results import ROW_FIELDS, RoundRow
 from raysim.types import DeviceConfig, DeviceDraws
@@ -72,13 +73,7 @@ def device_columns(rnd: int, draws: DeviceDraws, configs: list[DeviceConfig], co
         "round": np.full(n, rnd, dtype=np.int32),
         "device_id": draws.device_id,
         "device_class": draws.device_class.astype(str),
-        "lora_rank": np.array([c.lora_rank for c in configs], dtype=np.int32),
-        "prune_ratio": np.array([c.prune_ratio for c in configs], dtype=np.float32),
-        "dropout_rate": np.array([c.dropout_rate for c in configs], dtype=np.float32),
-        "trainable_layers": np.array([-1 if c.trainable_layers is None else c.trainable_layers for c in configs],
-                                     dtype=np.int32),
-        "partial_embeddings": np.array([c.partial_embeddings for c in configs], dtype=bool),
-        "bits": np.array([c.bits for c in configs], dtype=np.int32),
+        **methods.columns(configs),
         "status": status.astype(str),
         "flops": np.where(computed, costs.flops, 0.0),
         "compute_s": np.where(computed, costs.compute_s, 0.0),

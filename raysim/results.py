@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raysim.methods import base as methods
+
 if TYPE_CHECKING:
     from raysim.config import ExperimentConfig
 
@@ -91,12 +93,7 @@ DEVICES_SCHEMA = pa.schema([
     ("round", pa.int32()),
     ("device_id", pa.int64()),
     ("device_class", pa.string()),
-    ("lora_rank", pa.int32()),
-    ("prune_ratio", pa.float32()),
-    ("dropout_rate", pa.float32()),
-    ("trainable_layers", pa.int32()),
-    ("partial_embeddings", pa.bool_()),
-    ("bits", pa.int32()),
+    *methods.column_schema(),  # one column per per-device method
     ("status", pa.string()),
     ("flops", pa.float64()),
     ("compute_s", pa.float64()),

@@ -46,7 +46,8 @@ from raysim.config import ExperimentConfig, first_difference, result_config, to_
 from raysim.costmodel import device_costs
 from raysim.data import FederatedDataset, build_dataset
 from raysim.errors import ConfigError, describe_error
-from raysim.methods import embeddings, method_space
+from raysim.methods import METHODS, embeddings, method_space
+from raysim.methods.rank import truncation_rank
 from raysim.methods.submodel import Space, Support
 from raysim.models import BaseModel, base_seed, initial_base_model
 from raysim.policies import CostOracle, Policy, PolicyContext, PolicySpec, build_policy, policy_identity, read_policy
@@ -65,15 +66,10 @@ def check_compatible(cfg: ExperimentConfig, base: BaseModel) -> None:
     """The config fits the model it runs on: with ``model.path`` the folder's sizes, not ``model.*``'s."""
     if cfg.data.seq_len > base.n_positions:
         raise ConfigError(f"longer than the model's {base.n_positions} positions", field="data.seq_len")
-    sizes = base.sizes
-    for i, r in enumerate(cfg.methods.lora_rank):
-        if r > sizes.width:
-            raise ConfigError(f"rank {r} must be in [0, the model's layer width {sizes.width}]",
-                              field=f"methods.lora_rank[{i}]")
-    for i, k in enumerate(cfg.methods.trainable_layers):
-        if k is not None and k > sizes.n_layer:
-            raise ConfigError(f"must be null (all) or in [1, the model's {sizes.n_layer} blocks]",
-                              field=f"methods.trainable_layers[{i}]")
+    for method in METHODS.values():
+        for i, value in enumerate(getattr(cfg.methods, method.key)):
+            if (problem := method.check_model(value, base.sizes)) is not None:
+                raise ConfigError(problem, field=f"methods.{method.key}[{i}]")
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
@@ -314,7 +310,7 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
                               embedding_rows=rows_of)
         aggregator = ray.remote(Aggregator).options(num_cpus=0, scheduling_strategy=cluster.on_this_node()).remote(
             state=initial, cfg=cfg.aggregation, seed=cfg.seed, space=space, support=support,
-            truncation_rank=min((r for r in cfg.methods.lora_rank if r > 0), default=0), processors=processors)
+            truncation_rank=truncation_rank(cfg.methods), processors=processors)
         params = ray.get(aggregator.round_params.remote())
         nodes = len(set(pool.nodes()))
         if overwrite and run_dir.exists():

@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from raysim.methods import DeviceConfig  # noqa: F401  (one field per per-device method: raysim.methods.base)
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -44,23 +46,6 @@ class DeviceDraws:
     def row(self, i: int) -> DeviceProfile:
         numbers = {f.name: float(getattr(self, f.name)[i]) for f in fields(self)[2:]}
         return DeviceProfile(device_id=int(self.device_id[i]), device_class=str(self.device_class[i]), **numbers)
-
-
-@dataclass(frozen=True)
-class DeviceConfig:
-    """The method and configuration one device trains with in one round.
-
-    Hashable: the cost model caches measurements per distinct config.
-    ``lora_rank`` 0 trains the selected weights fully; ``bits`` 32 sends the
-    update unquantized.
-    """
-
-    lora_rank: int = 8
-    prune_ratio: float = 0.0
-    dropout_rate: float = 0.0
-    trainable_layers: int | None = None  # None: all blocks
-    partial_embeddings: bool = False
-    bits: int = 32
 
 
 @dataclass(frozen=True)

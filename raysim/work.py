@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raysim.methods.base import config_key
 from raysim.types import DeviceConfig
 
 
@@ -49,12 +50,6 @@ class WorkUnit:
     @property
     def device_ids(self) -> list[int]:
         return [d for g in self.groups for d in g.device_ids]
-
-
-def config_key(config: DeviceConfig) -> tuple:
-    """A total order on configs (``None`` layers, meaning all, sort first)."""
-    layers = -1 if config.trainable_layers is None else config.trainable_layers
-    return (config.lora_rank, config.prune_ratio, config.dropout_rate, layers, config.partial_embeddings, config.bits)
 
 
 def split_evenly(ids: Sequence[int], *, limit: int) -> list[tuple[int, ...]]:

@@ -19,11 +19,44 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from raysim import rng
-from raysim.config import SERVER_SELECTIONS, MethodsConfig
+from raysim.methods.embedding_updates import SERVER_SELECTIONS
+
+if TYPE_CHECKING:
+    from raysim.config import MethodsConfig
+
+def trained_rows(config: Any, methods: MethodsConfig, *, tokens: Callable[[], torch.Tensor],
+                 server: Callable[[], torch.Tensor], vocab_size: int, generator: Callable[[], torch.Generator],
+                 device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The rows a device of ``config`` sends, and the (vocabulary, 1) 0/1 mask of the rows it may change; (None,
+    None) where it trains no embedding.
+
+    With the server's selection, the round's rows (``server()``), trained and sent with no index. Otherwise only
+    the rows of ``tokens()`` (what the device trains on) may change, and those are sent, or exactly
+    ``methods.embedding_rows`` of them, sampled or padded with ``generator()``.
+    """
+    if not config.partial_embeddings:
+        return None, None
+    if methods.embedding_selection in SERVER_SELECTIONS:
+        rows = seen = server()
+    else:
+        rows = seen = seen_rows(tokens())
+        if methods.embedding_rows is not None:
+            rows = fixed_rows(seen, count=methods.embedding_rows, vocab_size=vocab_size, generator=generator())
+    keep = torch.zeros(vocab_size, 1, device=device)
+    keep[seen.to(device)] = 1.0
+    return rows, keep
+
+
+def most_rows(config: Any, methods: MethodsConfig, *, vocab_size: int) -> torch.Tensor | None:
+    """The most rows a device of ``config`` can send (without a fixed row count, the vocabulary); None: none."""
+    if not config.partial_embeddings:
+        return None
+    return torch.arange(min(methods.embedding_rows or vocab_size, vocab_size))
 
 
 def seen_rows(tokens: torch.Tensor) -> torch.Tensor:

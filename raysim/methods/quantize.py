@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from raysim.methods.bits import UNQUANTIZED
 from raysim.registry import Registry
 
-UNQUANTIZED = 32
+__all__ = ["UNQUANTIZED", "GRANULARITY", "decode", "encode", "pack", "unpack"]
 # methods.quantization: one (lo, step) pair per tensor, or per row of a matrix (whether encode works per row)
 GRANULARITY: Registry[bool] = Registry("quantization granularity")
 GRANULARITY.register("tensor")(False)

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
-from raysim.config import MethodsConfig
-from raysim.types import DeviceConfig
+from raysim.methods import DeviceConfig
+from raysim.methods.base import METHODS, canonical
 
-AXES = ("lora_rank", "prune_ratio", "dropout_rate", "trainable_layers", "partial_embeddings", "bits")
+if TYPE_CHECKING:
+    from raysim.config import MethodsConfig
 
 
 def method_space(methods: MethodsConfig) -> list[DeviceConfig]:
-    """The product of the ``methods.*`` lists, in list order (the first is the default)."""
-    values = [list(dict.fromkeys(getattr(methods, axis))) for axis in AXES]
-    return [DeviceConfig(**dict(zip(AXES, combo))) for combo in itertools.product(*values)]
+    """The product of the ``methods.*`` lists, in list order (the first is the default), each config in its
+    canonical form, once."""
+    values = [list(dict.fromkeys(getattr(methods, key))) for key in METHODS]
+    configs = (canonical(DeviceConfig(**dict(zip(METHODS, combo)))) for combo in itertools.product(*values))
+    return list(dict.fromkeys(configs))
 
 
 def default_config(methods: MethodsConfig) -> DeviceConfig:
     """The first value of every axis."""
-    return DeviceConfig(**{axis: getattr(methods, axis)[0] for axis in AXES})
+    return canonical(DeviceConfig(**{key: getattr(methods, key)[0] for key in METHODS}))

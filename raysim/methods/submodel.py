@@ -15,25 +15,28 @@ back to full coordinates with the mask of what it held.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from raysim import rng
 from raysim.aggregation.lora import LORA_RULES, LoraRule
 from raysim.architectures import ARCHITECTURES, Architecture, Sizes, check_targets, features, lora_targets
 from raysim.config import ExperimentConfig
 from raysim.errors import ConfigError
 from raysim.fastops import fuse_activations
 from raysim.grouped import install_keyed_dropout, stackable
-from raysim.methods import layers, quantize, width
-from raysim.methods.lora import Target, lora_init
-from raysim.methods.width import PRUNING
-from raysim.models import BaseModel, add_lora, instantiate
+from raysim.methods import adapter, embedding_updates, quantize, width
+from raysim.methods.base import structure_fields
+from raysim.methods.family import AdapterFamily
+from raysim.methods.lora import Target
+from raysim.methods.rank import max_rank
+from raysim.methods.width import Slices
+from raysim.models import BaseModel, instantiate
 from raysim.types import DeviceConfig
 
 Tensors = dict[str, torch.Tensor]
@@ -45,15 +48,12 @@ OUTPUT_EMBEDDING = "lm_head.weight"  # the head, where it is its own matrix (eve
 class Structure:
     """What a submodel's shapes depend on: the cache key on an actor."""
 
-    lora_rank: int
+    rank: int  # the LoRA rank (0: the targeted weights themselves)
     heads: int  # attention units kept per block (heads; key-value groups under grouped-query attention)
     mlp: int  # MLP hidden units kept per block
     blocks: tuple[int, ...]  # blocks trained
     embeddings: bool
-
-
-# per block (attention units, MLP units); None: full width
-Slices = tuple[tuple[torch.Tensor, torch.Tensor], ...] | None
+    adapter: str = "lora"  # the adapter family trained in them (raysim.methods.adapter)
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,8 @@ class Space:
     family: str  # the model family (raysim.architectures)
     sizes: Sizes
     embedding: str  # the embedding partial-embedding devices train: the tied table or the head
+    adapters: tuple[str, ...] = ("lora",)  # the adapter families of the method space, in the order they compose
+    projection_targets: tuple[Target, ...] = ()  # every projection of every block: what adapter families target
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, base: BaseModel) -> Space:
@@ -79,16 +81,18 @@ class Space:
                     raise ConfigError(message, file=cfg.model.path, field=key)
             check_targets(arch, modules, check)
         suffixes = lora_targets(arch, modules)
-        targets = []
+        projections = []
         for name, module in instantiate(base).named_modules():
             match = re.fullmatch(rf"{re.escape(arch.blocks)}\.(\d+)\.(.+)", name)
             shape = features(module)
-            if match and shape and match[2] in arch.kinds and name.split(".")[-1] in suffixes:
-                targets.append(Target(name, int(match[1]), match[2], *shape))
+            if match and shape and match[2] in arch.kinds:
+                projections.append(Target(name, int(match[1]), match[2], *shape))
         tied = base.config.get("tie_word_embeddings", True)
-        return cls(targets=tuple(targets), lora=cfg.aggregation.lora, max_rank=max(cfg.methods.lora_rank),
-                   scale=cfg.methods.lora_alpha_per_rank, embeddings=any(cfg.methods.partial_embeddings),
-                   family=arch.name, sizes=sizes, embedding=arch.embedding if tied else OUTPUT_EMBEDDING)
+        return cls(targets=tuple(t for t in projections if t.name.split(".")[-1] in suffixes),
+                   lora=cfg.aggregation.lora, max_rank=max_rank(cfg.methods), scale=cfg.methods.lora_alpha_per_rank,
+                   embeddings=embedding_updates.any_trained(cfg.methods), family=arch.name, sizes=sizes,
+                   embedding=arch.embedding if tied else OUTPUT_EMBEDDING, adapters=adapter.listed(cfg.methods),
+                   projection_targets=tuple(projections))
 
     @property
     def arch(self) -> Architecture:
@@ -115,11 +119,15 @@ class Space:
     def rule(self) -> LoraRule:
         return LORA_RULES[self.lora]
 
+    def families(self) -> list[tuple[str, AdapterFamily]]:
+        """The method space's adapter families, by name, in the order their states compose."""
+        return [(name, adapter.family(name)) for name in self.adapters]
+
     def initial_state(self, base: BaseModel, *, seed: int) -> Tensors:
-        """Every target's entries as the LoRA rule starts them, and the embedding where devices may train it."""
+        """Every adapter family's entries before round 1, and the embedding where devices may train it."""
         state = {}
-        for t in self.targets:
-            state |= self.rule.initial_state(t, max_rank=self.max_rank, seed=seed)
+        for _, fam in self.families():
+            state |= fam.initial_state(self, base, seed=seed)
         if self.embeddings:
             state[self.embedding] = base.state[self.embedding].clone()
         return state
@@ -145,43 +153,33 @@ class Space:
         masks = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in state.items()}
         for config in dict.fromkeys(configs):
             structure = self.structure(config)
-            slices = self.slices(replace(config, dropout_rate=0.0), pruning=pruning, seed=0, round=round, device_id=0)
-            for t in self.targets:
+            slices = width.slices(config, n_layer=self.n_layer, units=self.units, inner=self.inner, pruning=pruning,
+                                  seed=0, round=round, device_id=0, with_dropout=False)
+            fam = adapter.family(structure.adapter)
+            for t in fam.targets(self):
                 if t.layer not in structure.blocks:
                     continue
                 out_idx, in_idx = self.index(t.kind, slices, t.layer)
-                pieces = ([(f"{t.name}.delta", out_idx, in_idx)] if config.lora_rank == 0 else
-                          self.rule.support(t, rank=config.lora_rank, rows=out_idx, cols=in_idx))
-                for key, rows, cols in pieces:
-                    mask = masks[key]
-                    mask[(slice(None) if rows is None else rows.unsqueeze(1),
-                          slice(None) if cols is None else cols)] = True
-            if config.partial_embeddings:
+                for key, rows, cols in fam.support(self, structure, t, out_idx, in_idx):
+                    every = slice(None)
+                    if masks[key].dim() == 1:  # a vector: its one axis is ``rows``
+                        masks[key][every if rows is None else rows] = True
+                    else:
+                        masks[key][every if rows is None else rows.unsqueeze(1), every if cols is None else cols] = True
+            if structure.embeddings:
                 masks[self.embedding][slice(None) if embedding_rows is None else embedding_rows] = True
         return masks
 
     def structure(self, config: DeviceConfig) -> Structure:
-        heads = width.kept(width.kept(self.units, config.prune_ratio), config.dropout_rate)
-        mlp = width.kept(width.kept(self.inner, config.prune_ratio), config.dropout_rate)
-        return Structure(lora_rank=config.lora_rank, heads=heads, mlp=mlp,
-                         blocks=layers.trained_blocks(self.n_layer, config.trainable_layers),
-                         embeddings=config.partial_embeddings)
+        """The shapes of ``config``'s submodel, as its methods set them (raysim.methods.base)."""
+        full = dict(rank=0, heads=self.units, mlp=self.inner, blocks=tuple(range(self.n_layer)), embeddings=False,
+                    adapter=self.adapters[0])
+        return Structure(**structure_fields(config, self, full))
 
     def slices(self, config: DeviceConfig, *, pruning: str, seed: int, round: int, device_id: int) -> Slices:
         """The heads and MLP units each block of the device's submodel holds this round."""
-        if config.prune_ratio == 0 and config.dropout_rate == 0:
-            return None
-        out = []
-        for layer in range(self.n_layer):
-            kept = []
-            for part, total in (("heads", self.units), ("mlp", self.inner)):
-                units = PRUNING[pruning].units(total, config.prune_ratio, round=round)
-                if config.dropout_rate > 0:
-                    g = rng.generator(seed, "federated-dropout", round, device_id, layer, part)
-                    units = width.dropout(units, config.dropout_rate, generator=g)
-                kept.append(units)
-            out.append(tuple(kept))
-        return tuple(out)
+        return width.slices(config, n_layer=self.n_layer, units=self.units, inner=self.inner, pruning=pruning,
+                            seed=seed, round=round, device_id=device_id)
 
     def index(self, kind: str, slices: Slices, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(out, in) feature indices a block's projection keeps (None: all)."""
@@ -217,8 +215,7 @@ class Support:
     _cached: Tensors | None = None
 
     def masks(self, state: Tensors, *, round: int) -> Tensors:
-        rolls = PRUNING[self.pruning].rolls and any(c.prune_ratio > 0 for c in self.configs)
-        if self._cached is None or rolls or self.embedding_rows is not None:
+        if self._cached is None or width.rolls(self.configs, self.pruning) or self.embedding_rows is not None:
             rows = None if self.embedding_rows is None else self.embedding_rows(round=round)
             self._cached = self.space.support(list(self.configs), state, pruning=self.pruning, round=round,
                                               embedding_rows=rows)
@@ -244,8 +241,8 @@ class Encoding:
 
 
 def build_model(*, space: Space, structure: Structure, base: BaseModel, cfg: ExperimentConfig) -> PreTrainedModel:
-    """The Hugging Face model of ``structure`` as transformers and peft build it: narrowed to its width, peft
-    LoRA (or the targeted weights themselves) trainable in its blocks, and the embedding where it trains.
+    """The Hugging Face model of ``structure`` as transformers and peft build it: narrowed to its width, its
+    adapter family's parameters (peft's) trainable in its blocks, and the embedding where it trains.
 
     Nothing of raysim's own computing is in it: the cost model measures it as it is
     (:mod:`raysim.costmodel`), and :class:`Submodel` adds keyed dropout and the speed-ups on top.
@@ -253,17 +250,9 @@ def build_model(*, space: Space, structure: Structure, base: BaseModel, cfg: Exp
     model = instantiate(base)
     if structure.heads < space.units or structure.mlp < space.inner:
         space.arch.shrink(model, units=structure.heads, mlp=structure.mlp, sizes=space.sizes)
-    trained = [t for t in space.targets if t.layer in structure.blocks]
-    if structure.lora_rank > 0 and trained:
-        model = add_lora(model, rank=structure.lora_rank, methods=cfg.methods, seed=cfg.seed,
-                         modules=[t.name for t in trained]).get_base_model()
-    else:
-        model.requires_grad_(False)
-        for t in trained:
-            model.get_submodule(t.name).weight.requires_grad_(True)
-    for name, p in model.named_parameters():  # factors the LoRA rule holds fixed (ffa's A) do not train
-        if any(f".{factor}." in name for factor in space.rule.frozen):
-            p.requires_grad_(False)
+    fam = adapter.family(structure.adapter)
+    trained = [t for t in fam.targets(space) if t.layer in structure.blocks]
+    model = fam.build(model, space=space, structure=structure, trained=trained, cfg=cfg)
     if structure.embeddings:
         model.get_parameter(space.embedding).requires_grad_(True)
     return model
@@ -274,9 +263,11 @@ class Submodel:
 
     def __init__(self, *, space: Space, structure: Structure, base: BaseModel, cfg: ExperimentConfig,
                  device: torch.device):
-        self.space, self.structure, self.base = space, structure, base
+        self.space, self.structure, self.base, self.seed = space, structure, base, cfg.seed
         model = build_model(space=space, structure=structure, base=base, cfg=cfg)
-        self.trained = [t for t in space.targets if t.layer in structure.blocks]
+        self.family = adapter.family(structure.adapter)
+        self.trained = [t for t in self.family.targets(space) if t.layer in structure.blocks]
+        self._trained_names = {t.name for t in self.trained}
         install_keyed_dropout(model)
         if cfg.speedups.fused_activations:
             fuse_activations(model)
@@ -288,7 +279,23 @@ class Submodel:
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay, fused=True) if self.params else None
         self._loaded: tuple | None = None
-        self._fallback = {t.name: lora_init(t, rank=space.max_rank, seed=cfg.seed) for t in self.trained}
+        # every family's targets by name, in composition order; the device's own family trains its targets
+        self._families = [(name, fam, {t.name: t for t in fam.targets(space)}) for name, fam in space.families()]
+        # families applied around the one the device trains rescale its trained projections: fixed per round
+        self._scales: dict[str, tuple[str, torch.Tensor]] = {}
+        self._hook_rescaling()
+
+    def _hook_rescaling(self) -> None:
+        """Hooks that rescale a trained projection's input or output by a family applied around the device's."""
+        names = [n for n, _ in self.space.families()]
+        after = names[names.index(self.structure.adapter) + 1:] if self.structure.adapter in names else []
+        around = {t.name for name, fam, targets in self._families if name in after for t in targets.values()}
+        for t in self.trained:
+            if t.name not in around:
+                continue
+            module = self.lm.get_submodule(t.name)
+            module.register_forward_pre_hook(functools.partial(_rescale_input, self._scales, t.name))
+            module.register_forward_hook(functools.partial(_rescale_output, self._scales, t.name))
 
     def projection(self, name: str) -> nn.Module:
         """A block's projection (a Conv1D or Linear), under its LoRA wrapper if it has one."""
@@ -296,31 +303,52 @@ class Submodel:
         return getattr(module, "base_layer", module)
 
     def load_frozen(self, state: Tensors, slices: Slices, *, version: object) -> None:
-        """Base weights (sliced to the device's width), with the global ``ΔW`` merged where not trained.
+        """Base weights (sliced to the device's width) with every adapter family's global state applied, but on
+        the projections the device trains: there the families before its own are merged into the frozen weight,
+        and those after it rescale the trained projection (:meth:`_hook_rescaling`).
 
         Reloads only when the state's ``version`` (the round) or the slices change.
         """
         key = (version, _slices_key(slices))
         if key == self._loaded:
             return
-        targets = {t.name: t for t in self.space.targets}
-        trained = {t.name for t in self.trained}
         space = self.space
         with torch.no_grad():
             for name, layer, kind in space.projections():
                 out_idx, in_idx = space.index(kind, slices, layer)
                 module = self.projection(name)
-                w = space.extract_weight(self.base.state[f"{name}.weight"], out_idx, in_idx)
-                if name in targets and name not in trained:
-                    delta = space.merged(state, targets[name]).to(w.device)
-                    w = w + space.oriented(width.extract(delta, rows=out_idx, cols=in_idx))
+                w, b = self.frozen_weights(state, name, out_idx, in_idx)
                 module.weight.copy_(w)
-                if module.bias is not None:
-                    bias = self.base.state[f"{name}.bias"]
-                    module.bias.copy_(bias if out_idx is None else bias[out_idx])
+                if b is not None:
+                    module.bias.copy_(b)
             if self.space.embedding in state:
                 self.lm.get_parameter(self.space.embedding).copy_(state[self.space.embedding])
         self._loaded = key
+
+    def adapted(self, name: str) -> bool:
+        """Whether some adapter family of the method space targets the projection ``name``."""
+        return any(name in targets for _, _, targets in self._families)
+
+    def frozen_weights(self, state: Tensors, name: str, out_idx: torch.Tensor | None,
+                       in_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A projection's frozen weight (module orientation) and bias, sliced, with the families' state applied
+        (see :meth:`load_frozen`); records the rescaling of a trained projection. Differentiable in ``state``."""
+        own, trained = self.structure.adapter, name in self._trained_names
+        w = self.space.extract_weight(self.base.state[f"{name}.weight"], out_idx, in_idx)
+        b = self.base.state.get(f"{name}.bias")
+        b = b if b is None or out_idx is None else b[out_idx]
+        around = False  # past the device's own family
+        for family_name, fam, targets in self._families:
+            around |= family_name == own
+            if (t := targets.get(name)) is None or (trained and family_name == own):
+                continue
+            if trained and around:
+                if (scaling := fam.scaling(self.space, state, t, out_idx, in_idx)) is None:
+                    raise TypeError(f"adapter family {family_name} cannot apply around {own}")
+                self._scales[name] = scaling
+            else:
+                w, b = fam.apply(self.space, state, t, w, b, out_idx, in_idx)
+        return w, b
 
     def width_bytes(self) -> int:
         """Bytes of the frozen projections a width-sliced submodel holds (what it must download when they change)."""
@@ -330,20 +358,13 @@ class Submodel:
     def initial(self, state: Tensors, slices: Slices, cache: dict) -> Tensors:
         """The device's starting trainable tensors, by parameter name.
 
-        ``cache`` is the round's: what the LoRA rule computes once per view (FlexLoRA's SVD).
+        ``cache`` is the actor's for the round: what a family computes once per view (FlexLoRA's SVD).
         """
-        r, out = self.structure.lora_rank, {}
+        out = {}
         for t in self.trained:
             out_idx, in_idx = self.space.index(t.kind, slices, t.layer)
-            if r == 0:
-                w0 = self.space.extract_weight(self.base.state[f"{t.name}.weight"], out_idx, in_idx)
-                delta = width.extract(state[f"{t.name}.delta"], rows=out_idx, cols=in_idx)
-                out[f"{t.name}.weight"] = w0.to(delta.device) + self.space.oriented(delta)
-                continue
-            a, b = self.space.rule.start(state, t, rank=r, rows=out_idx, cols=in_idx, fallback_A=self._fallback[t.name],
-                                         cache=cache, scale=self.space.scale)
-            out[f"{t.name}.lora_A.default.weight"] = a
-            out[f"{t.name}.lora_B.default.weight"] = b
+            out |= self.family.initial(self.space, state, self.structure, t, out_idx, in_idx, base=self.base,
+                                       cache=cache, seed=self.seed)
         if self.structure.embeddings:
             out[self.space.embedding] = state[self.space.embedding]
         return out
@@ -387,20 +408,23 @@ class Submodel:
             if mask:
                 held[key] = m
 
-        rank = self.structure.lora_rank
         for t in self.trained:
             out_idx, in_idx = self.space.index(t.kind, slices, t.layer)
-            if rank == 0:
-                put(f"{t.name}.delta", self.space.oriented(update[f"{t.name}.weight"]), r=out_idx, c=in_idx)
-                continue
-            na, nb = f"{t.name}.lora_A.default.weight", f"{t.name}.lora_B.default.weight"
-            pieces = self.space.rule.update(t, start=(initial[na], initial[nb]), delta=(update.get(na), update[nb]),
-                                            state=state, rows=out_idx, cols=in_idx, scale=self.space.scale,
-                                            max_rank=self.space.max_rank)
-            for key, sub, r, c in pieces:
+            for key, sub, r, c in self.family.to_global(self.space, self.structure, t, initial, update, state,
+                                                        out_idx, in_idx):
                 put(key, sub, r=r, c=c)
         if self.structure.embeddings:
             e = self.space.embedding
             put(e, update[e], r=rows.to(update[e].device))
         return out, held
 
+
+
+def _rescale_input(scales: dict, name: str, module: nn.Module, args: tuple) -> tuple | None:
+    side, vector = scales[name]
+    return (args[0] * vector, *args[1:]) if side == "in" else None
+
+
+def _rescale_output(scales: dict, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    side, vector = scales[name]
+    return output * vector if side == "out" else None

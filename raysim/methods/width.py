@@ -15,16 +15,13 @@ that held it and elements nobody held keep their value.
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 
+from raysim import rng
+from raysim.methods.pruning import kept
 from raysim.registry import Registry
-
-
-def kept(total: int, ratio: float) -> int:
-    """Units kept at ``ratio``: ``⌈(1 - ratio) total⌉``, at least one."""
-    return max(1, math.ceil(round((1.0 - ratio) * total, 9)))
 
 
 class HeteroFL:
@@ -95,3 +92,42 @@ def scatter(sub: torch.Tensor, *, shape: tuple[int, ...], rows: torch.Tensor | N
         mask = mask * col_mask.reshape(1, -1)
     full[tuple(index)] = sub
     return full, mask
+
+
+Slices = tuple[tuple[torch.Tensor, torch.Tensor], ...] | None  # per block (attention units, MLP units); None: all
+
+
+def slices(config: Any, *, n_layer: int, units: int, inner: int, pruning: str, seed: int, round: int,
+           device_id: int, with_dropout: bool = True) -> Slices:
+    """The heads and MLP units each block of the device's submodel holds in ``round``. ``dropout`` False: the
+    whole pruning window, of which federated dropout keeps a random part."""
+    rate = config.dropout_rate if with_dropout else 0.0
+    if config.prune_ratio == 0 and rate == 0:
+        return None
+    out = []
+    for layer in range(n_layer):
+        held = []
+        for part, total in (("heads", units), ("mlp", inner)):
+            window = PRUNING[pruning].units(total, config.prune_ratio, round=round)
+            if rate > 0:
+                g = rng.generator(seed, "federated-dropout", round, device_id, layer, part)
+                window = dropout(window, rate, generator=g)
+            held.append(window)
+        out.append(tuple(held))
+    return tuple(out)
+
+
+def rolls(configs: Any, pruning: str) -> bool:
+    """Whether some of ``configs`` holds a pruning window that moves from round to round."""
+    return PRUNING[pruning].rolls and any(c.prune_ratio > 0 for c in configs)
+
+
+def frozen_changes(config: Any, pruning: str) -> bool:
+    """Whether the frozen weights a device holds change every round (a rolling window, or dropout's draw): they
+    travel down with the state."""
+    return config.dropout_rate > 0 or rolls([config], pruning)
+
+
+def own_slices(config: Any) -> bool:
+    """Whether every device of ``config`` holds slices of its own (federated dropout): none shares a pass."""
+    return config.dropout_rate > 0

@@ -9,6 +9,7 @@ import numpy as np
 from raysim import rng
 from raysim.errors import ConfigError
 from raysim.methods import default_config
+from raysim.methods.base import canonical
 from raysim.policies.base import Policy, PolicyContext, register, update_information
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
 
@@ -20,7 +21,7 @@ def config_from_params(values: dict | None, *, context: PolicyContext, field: st
         if key not in names:
             raise ConfigError(f"unknown config field (accepted: {', '.join(sorted(names))})",
                               field=f"{field}.{key}")
-    config = dataclasses.replace(default_config(context.methods), **(values or {}))
+    config = canonical(dataclasses.replace(default_config(context.methods), **(values or {})))
     if config not in context.space:
         raise ConfigError(f"{config} is outside the experiment's method space (methods.*)", field=field)
     return config

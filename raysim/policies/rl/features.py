@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from raysim import rng
+from raysim.methods import base as methods
 from raysim.policies.base import PolicyContext, Prices, update_information
 from raysim.types import DeviceDraws
 
@@ -27,20 +28,13 @@ def device_features(devices: DeviceDraws) -> np.ndarray:
 
 
 def own_features(context: PolicyContext) -> np.ndarray:
-    """Each config's own values, the same for every device: shape (configs, 7)."""
+    """Each config's own values, the same for every device: its update information and FLOPs, then the
+    per-device methods' features (raysim.methods.base: bits, rank, pruning, dropout, partial embeddings): shape
+    (configs, 7)."""
     space = context.space
     info = update_information(context)
     flops = np.array([context.oracle.measure(c).flops_per_step for c in space], dtype=np.float64)
-    max_rank = max(1, max(c.lora_rank for c in space))
-    return np.stack([
-        np.log1p(info) / np.log1p(info.max()),
-        flops / flops.max(),
-        np.array([c.bits / 32 for c in space]),
-        np.array([c.lora_rank / max_rank for c in space]),
-        np.array([c.prune_ratio for c in space]),
-        np.array([c.dropout_rate for c in space]),
-        np.array([float(c.partial_embeddings) for c in space]),
-    ], axis=1)
+    return np.stack([np.log1p(info) / np.log1p(info.max()), flops / flops.max(), *methods.features(space)], axis=1)
 
 
 def config_features(own: np.ndarray, prices: Prices, devices: DeviceDraws, *, deadline_s: float | None,
