@@ -79,11 +79,11 @@ def test_bytes_are_the_trainable_state_size(worker):
     assert m.bytes_up == m.bytes_down == 4 * m.trainable_params
 
 
-def _plain_step_costs(cfg, base, *, rank: int, targets: list[str]) -> tuple[float, int]:
-    """One LoRA step of the base model as plain transformers + peft run it (eager attention, the model's own
-    loss, AdamW): FLOPs, and weights + gradients + Adam moments + the tensors autograd saves, each storage
-    once. Written here without raysim's model building or cost code."""
-    from peft import LoraConfig, get_peft_model
+def _plain_step_costs(cfg, base, *, peft_config) -> tuple[float, int]:
+    """One step of the base model with a peft adapter (``peft_config``) as plain transformers + peft run it
+    (eager attention, the model's own loss, AdamW): FLOPs, and weights + gradients + Adam moments + the tensors
+    autograd saves, each storage once. Written here without raysim's model building or cost code."""
+    from peft import get_peft_model
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -92,8 +92,7 @@ def _plain_step_costs(cfg, base, *, rank: int, targets: list[str]) -> tuple[floa
                                              attn_implementation="eager")
     model.load_state_dict(base.state)
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
-                                             fan_in_fan_out=model.config.model_type == "gpt2"))
+    model = get_peft_model(model, peft_config)
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
@@ -122,7 +121,10 @@ def test_the_reference_recipe_prices_a_plain_transformers_and_peft_step(family):
                            "methods.lora_target_modules=[q_proj,v_proj,up_proj]"]}[family]
     worker = make_worker(load_experiment(None, [*TINY, "model.n_layer=2", *overrides]))
     targets = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "up_proj"]}[family]
-    flops, memory = _plain_step_costs(worker.cfg, worker.base, rank=4, targets=targets)
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=family == "gpt2")
+    flops, memory = _plain_step_costs(worker.cfg, worker.base, peft_config=lora)
     m = worker.measure(DeviceConfig(lora_rank=4))
     assert m.flops_per_step == flops
     assert m.peak_memory_bytes == memory

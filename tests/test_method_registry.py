@@ -51,7 +51,7 @@ def test_rl_feature_slots_are_distinct_and_contiguous_from_zero():
     ("methods.prune_ratio=[1.0]", "methods.prune_ratio[0]", "must be in [0, 1)"),
     ("methods.trainable_layers=[3]", "methods.trainable_layers[0]", "must be null (all) or in [1, model.n_layer=2]"),
     ("methods.bits=[17]", "methods.bits[0]", "must be in [1, 16] or 32 (unquantized)"),
-    ("methods.adapter=[lora,prefix]", "methods.adapter[1]", "must be 'lora'"),
+    ("methods.adapter=[lora,prefix]", "methods.adapter[1]", "must be 'lora' or 'ia3'"),
     ("methods.dropout_rate=[]", "methods.dropout_rate", "needs at least one value"),
 ])
 def test_a_bad_axis_value_is_one_error_naming_its_key(override, key, message):

@@ -3,7 +3,7 @@
 Central DP noises the coordinates some config of the method space can change (``Space.support``) and
 releases nothing else. That is private only if no device ever sends anything elsewhere: a method's map-back
 and its support must agree exactly. Here method spaces are drawn on both families (GPT-2 and Llama-style):
-LoRA ranks under every rule (flexlora, hetlora, ffa), full fine-tuning (rank 0), width pruning (heterofl
+LoRA ranks under every rule (flexlora, hetlora, ffa), full fine-tuning (rank 0), (IA)³ vectors, width pruning (heterofl
 and fedrolex's rolling window), federated dropout, top-k blocks, partial embeddings (device-seen and
 server-chosen rows, tied and untied heads), sampled output losses, quantized updates and model dropout.
 Real devices train on a real worker; each decoded, mapped-back update is read where it joins the partial
@@ -68,6 +68,7 @@ def method_spaces(draw) -> list[str]:
         "methods.noise_samples=8",
         f"methods.bits={draw(st.sampled_from(['[32]', '[32,4]']))}",
         f"model.dropout={draw(st.sampled_from([0.0, 0.1]))}",
+        f"methods.adapter={draw(st.sampled_from(['[lora]', '[lora,ia3]', '[ia3]']))}",
     ]
 
 

@@ -38,6 +38,7 @@ class Family:
 
 FAMILIES: Registry[Family] = Registry("adapter family")  # methods.adapter names one
 FAMILIES.register("lora")(Family("raysim.methods.lora_family", ranked=True, private=True))
+FAMILIES.register("ia3")(Family("raysim.methods.ia3", ranked=False, private=False))
 
 
 def family(name: str) -> AdapterFamily:
