@@ -67,7 +67,7 @@ class Aggregator:
 
         Where no element has any weight after the processors (no device came and
         none of them released anything), the state and the optimizer stay as they
-        are. Stats hold the processors' stats and the next round's ``round_params``.
+        are. Stats hold the processors' stats; the next round's parameters are :meth:`round_params`.
         """
         self.round = round
         fetched = (ray.get(p) if isinstance(p, ray.ObjectRef) else p for p in partials)
@@ -88,7 +88,7 @@ class Aggregator:
                 return self.state, {"non_finite": f"round {round}: {failure}"}
             self.state = state
         return self.state, {**stats, "update_norm": update_norm, "num_aggregated": total.num_devices,
-                            "round_params": self.round_params(), **self._truncation()}
+                            **self._truncation()}
 
     def checkpoint(self, round: int) -> State | None:
         """The state after ``round`` (global state, server optimizer, processors), or None if a later round was

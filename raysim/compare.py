@@ -42,6 +42,7 @@ from raysim.config import (
     parse_override,
     result_keys,
     to_yaml,
+    with_defaults,
 )
 from raysim.errors import ConfigError
 from raysim.paths import absolute
@@ -162,7 +163,8 @@ def _stored(run: StudyRun) -> tuple[dict, str | None] | None:
         stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     except (OSError, ValueError):
         return None
-    key = first_difference(result_keys(stored), result_keys(OmegaConf.to_container(OmegaConf.structured(run.cfg))))
+    key = first_difference(result_keys(with_defaults(stored)),
+                           result_keys(OmegaConf.to_container(OmegaConf.structured(run.cfg))))
     if key is None and summary.get("policy") != policy_identity(read_policy(run.cfg.policy)):
         key = "policy"
     return summary, key

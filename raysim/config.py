@@ -190,6 +190,8 @@ class LocalPrivacyConfig:
 class PrivacyConfig:
     """User-level central DP (DP-FedAvg): on when ``clip_norm`` is set; needs Poisson cohorts."""
 
+    # the central mechanism (raysim/privacy/mechanisms.py): dp_fedavg; null: dp_fedavg when clip_norm is set
+    mechanism: str | None = None
     clip_norm: float | None = None  # per-device update L2 norm; None: no central DP
     noise_multiplier: float = 0.0  # noise std on the sum = noise_multiplier * clip_norm; 0: clipping only
     target_epsilon: float | None = None  # calibrate noise_multiplier for all the rounds instead
@@ -460,14 +462,17 @@ def non_finite(value: Any, prefix: str = "") -> tuple[str, float] | None:
 
 
 def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
-    """Range checks the type system cannot express; names are checked against their registries."""
-    from raysim.aggregation.lora import LORA_RULES
-    from raysim.aggregation.server_opt import SERVER_OPTIMIZERS
-    from raysim.architectures import ARCHITECTURES
-
+    """Range checks the type system cannot express, section by section (a bad value is reported against
+    ``source``); names are checked against their registries."""
     c = lambda ok, key, msg: _check(ok, key, msg, source=source)  # noqa: E731
     if (bad := non_finite(cfg)) is not None:
         c(False, bad[0], f"must be finite (got {bad[1]})")
+    for section in (_validate_run, _validate_model, _validate_data, _validate_methods, _validate_aggregation,
+                    _validate_private, _validate_eval, _validate_ray):
+        section(cfg, c)
+
+
+def _validate_run(cfg: ExperimentConfig, c) -> None:
     c(cfg.rounds >= 1, "rounds", "must be >= 1")
     c(cfg.population_size is None or cfg.population_size >= 1, "population_size", "must be >= 1")
     c(cfg.cohort.size >= 1, "cohort.size", "must be >= 1")
@@ -478,6 +483,11 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     c(cfg.train.lr > 0, "train.lr", "must be > 0")
     c(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+
+
+def _validate_model(cfg: ExperimentConfig, c) -> None:
+    from raysim.architectures import ARCHITECTURES
+
     m = cfg.model
     c(m.n_layer >= 1, "model.n_layer", "must be >= 1")
     c(m.n_head >= 1 and m.n_embd % m.n_head == 0, "model.n_head", "must divide model.n_embd")
@@ -489,8 +499,11 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(m.rope_theta > 0, "model.rope_theta", "must be > 0")
     c(m.vocab_size >= 8, "model.vocab_size", "must be >= 8")
     c(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-    d = cfg.data
-    c(2 <= d.seq_len <= m.n_positions, "data.seq_len", f"must be in [2, model.n_positions={m.n_positions}]")
+
+
+def _validate_data(cfg: ExperimentConfig, c) -> None:
+    d, n_positions = cfg.data, cfg.model.n_positions
+    c(2 <= d.seq_len <= n_positions, "data.seq_len", f"must be in [2, model.n_positions={n_positions}]")
     c(d.partition in ("natural", "dirichlet", "iid"), "data.partition", "must be natural, dirichlet or iid")
     c(d.partition != "dirichlet" or d.label_column is not None, "data.label_column",
       "dirichlet partitions need a label column")
@@ -506,14 +519,23 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(p.steps >= 0, "pretrain.steps", "must be >= 0")
     c(p.batch_size >= 1, "pretrain.batch_size", "must be >= 1")
     c(p.lr > 0, "pretrain.lr", "must be > 0")
-    _validate_methods(cfg, c)
-    c(cfg.aggregation.server_optimizer in SERVER_OPTIMIZERS, "aggregation.server_optimizer",
-      f"must be {SERVER_OPTIMIZERS.choices()}")
+
+
+def _validate_aggregation(cfg: ExperimentConfig, c) -> None:
+    from raysim.aggregation.server_opt import SERVER_OPTIMIZERS
+
     g = cfg.aggregation
+    c(g.server_optimizer in SERVER_OPTIMIZERS, "aggregation.server_optimizer", f"must be {SERVER_OPTIMIZERS.choices()}")
     c(g.server_lr > 0, "aggregation.server_lr", "must be > 0")
     c(0 <= g.beta1 < 1, "aggregation.beta1", "must be in [0, 1)")
     c(0 <= g.beta2 < 1, "aggregation.beta2", "must be in [0, 1)")
     c(g.tau > 0, "aggregation.tau", "must be > 0")
+
+
+def _validate_private(cfg: ExperimentConfig, c) -> None:
+    """Privacy, then what the methods and the LoRA rule ask of each other and of it."""
+    from raysim.aggregation.lora import LORA_RULES
+
     _validate_privacy(cfg.privacy, cfg.cohort, c)
     c(not cfg.privacy.local.enabled or cfg.methods.output_loss == "softmax", "methods.output_loss",
       "local DP-SGD trains with the full softmax (privacy.local.enabled)")
@@ -530,6 +552,11 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
           f"{space} needs aggregation.lora=" + (" or ".join(dense) if space == "dense" else
                                                " or ".join(factors) + " (ffa: exact, A frozen)")
           + f", not {cfg.aggregation.lora}")
+
+
+def _validate_eval(cfg: ExperimentConfig, c) -> None:
+    from raysim.costmodel import RECIPES
+
     c(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     c(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     c(cfg.eval.max_examples >= 1, "eval.max_examples", "must be >= 1")
@@ -538,9 +565,10 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c(not cfg.eval.stop_at_target or (cfg.eval.target_accuracy is not None and cfg.eval.every > 0),
       "eval.stop_at_target", "needs eval.target_accuracy and eval.every > 0")
     c(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
-    from raysim.costmodel import RECIPES
-
     c(cfg.costs.recipe in RECIPES, "costs.recipe", f"must be {RECIPES.choices()}")
+
+
+def _validate_ray(cfg: ExperimentConfig, c) -> None:
     r = cfg.ray
     c(r.num_actors is None or r.num_actors >= 1, "ray.num_actors", "must be >= 1")
     c(r.cpus_per_actor > 0, "ray.cpus_per_actor", "must be > 0")
@@ -552,6 +580,7 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
 
 
 def _validate_methods(cfg: ExperimentConfig, c) -> None:
+    """Each per-device method's values, then the method options."""
     from raysim.architectures import ARCHITECTURES
     from raysim.methods.quantize import GRANULARITY
     from raysim.methods.width import PRUNING
@@ -583,6 +612,11 @@ def _validate_methods(cfg: ExperimentConfig, c) -> None:
 
 def _validate_privacy(p: PrivacyConfig, cohort: CohortConfig, c) -> None:
     from raysim.privacy.accounting import ACCOUNTANTS
+    from raysim.privacy.mechanisms import MECHANISMS
+
+    c(p.mechanism is None or p.mechanism in MECHANISMS, "privacy.mechanism",
+      f"must be {MECHANISMS.choices()} (or null)")
+    c(p.mechanism is None or p.clip_norm is not None, "privacy.clip_norm", f"{p.mechanism} needs a clip norm")
 
     c(p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
     c(p.clip_norm is None or p.clip_norm > 0, "privacy.clip_norm", "must be > 0 (or null: no central DP)")
@@ -624,6 +658,20 @@ def result_keys(config: dict) -> dict:
 
 def result_config(cfg: ExperimentConfig) -> dict:
     return result_keys(OmegaConf.to_container(OmegaConf.structured(cfg)))
+
+
+def with_defaults(config: dict, defaults: dict | None = None) -> dict:
+    """A stored resolved config (a run's ``config.yaml`` or checkpoint) with every key it lacks set to today's
+    default: a key added to raysim later defaults to what runs did before it existed, so an old run is still
+    the same run (``raysim compare`` and ``--resume`` compare configs)."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(ExperimentConfig())) if defaults is None else defaults
+    filled = dict(config)
+    for key, value in defaults.items():
+        if key not in filled:
+            filled[key] = value
+        elif isinstance(value, dict) and isinstance(filled[key], dict) and key != "study_axes":
+            filled[key] = with_defaults(filled[key], value)
+    return filled
 
 
 def first_difference(a: dict, b: dict, prefix: str = "") -> str | None:

@@ -14,6 +14,10 @@ cohort alone; each unit's groups are trained in order into one partial sum
 that leaves the worker with the unit's per-device records. Nothing a worker
 computes depends on which other units it was given, so any worker can compute
 any unit (:mod:`raysim.work`). :mod:`raysim.pool` runs workers as Ray actors.
+
+What a worker computes on the global model itself, held-out evaluation and
+each update's utility, is :mod:`raysim.evaluation`'s; the server's embedding
+rows of a round are :class:`raysim.methods.embeddings.ServerRows`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from raysim import costmodel, fastops, rng
 from raysim.aggregation.rules import PartialSum, Tensors, global_norm
 from raysim.config import SERVER_SELECTIONS, ExperimentConfig
 from raysim.data import FederatedDataset
+from raysim.evaluation import HeldOut, Utility
 from raysim.methods import embeddings, output_loss, width
 from raysim.methods.quantize import GRANULARITY
 from raysim.methods.submodel import Encoding, Space, Structure, Submodel, build_model
@@ -49,9 +54,6 @@ def batch_indices(num_examples: int, *, steps: int, batch_size: int, generator: 
     return order[:need].view(steps, batch_size)
 
 
-UTILITY_EXAMPLES = 128  # held-out sequences the utility gradient is taken on
-
-
 @dataclass(frozen=True)
 class RoundInputs:
     """What every unit of a round is trained from: a ref to the round's global state (fetched once per worker
@@ -59,7 +61,7 @@ class RoundInputs:
 
     state: object  # ray.ObjectRef, left unresolved: a worker fetches it at its first unit of the round
     round: int
-    params: list[object] | None
+    params: object  # a ray.ObjectRef of Aggregator.round_params (or the list itself, or None): fetched with it
     utility: bool
 
 
@@ -93,15 +95,12 @@ class DeviceWorker:
         self._round = -1
         self._params: list[object] = [None] * len(self.processors)
         self._local_dp: dict[Structure, local.LocalDPSGD] = {}
-        self._eval: torch.Tensor | None = None
-        self._rows_of = None  # the server's embedding rows of a round (embeddings.server_selection), built on use
-        self._server_rows: tuple[int, torch.Tensor] | None = None  # (round, those rows)
         self._output: output_loss.OutputLoss | None = None  # a sampled output loss, built on first use
-        self._utility_wanted = False
-        self._gradient: tuple[Tensors, float] | None = None
-        self._eval_model = Submodel(space=self.space, base=base, cfg=cfg, device=self.device, structure=Structure(
-            rank=0, heads=self.space.units, mlp=self.space.inner, blocks=(), embeddings=False,
-            adapter=self.space.adapters[0]))
+        self.held_out = HeldOut(space=self.space, base=base, cfg=cfg, dataset=dataset, device=self.device)
+        self.utility = Utility(self.held_out)
+        # the server's embedding rows of a round (methods.embedding_selection: server_*), drawn once per round
+        self.server_rows = embeddings.ServerRows(cfg.methods, dataset.public_examples, vocab_size=self.vocab_size,
+                                                 seed=cfg.seed)
         # Thousands of long-lived module and tensor objects: keep them out of every
         # cyclic-GC pass the per-device loop's garbage triggers.
         gc.freeze()
@@ -172,51 +171,12 @@ class DeviceWorker:
                     utility: bool = False) -> None:
         """Load the round's global state; ``params``: what each update processor's device side needs this round
         (``Aggregator.round_params``); ``utility`` gives every device's record its update's utility
-        (:meth:`_loss_gradient`)."""
+        (:class:`raysim.evaluation.Utility`)."""
         self._round = round
         self._params = [None] * len(self.processors) if params is None else list(params)
         self._state = {k: v.to(self.device) for k, v in state.items()}
         self._factors = {}
-        self._utility_wanted = utility and self.space.rule.dense  # the gradient is taken with respect to ΔW
-        self._gradient = None  # taken on the first update that needs it: an actor without devices skips it
-
-    def _loss_gradient(self) -> tuple[Tensors, float]:
-        """The held-out loss per token at the round's global state, and its gradient with respect to the state.
-
-        A device's utility is then the first-order relative drop of that loss
-        if its decoded update (in full coordinates) were applied alone:
-        ``-<gradient, update> / loss``. FedAvg applies a weighted mean of the
-        updates, so the round's first-order progress is the same mean of the
-        utilities. Computed on the first ``UTILITY_EXAMPLES`` held-out sequences,
-        the data the eval loss is measured on (a dense LoRA rule's ``ΔW`` state only).
-        """
-        model = self._eval_model
-        model.load_frozen(self._state, None, version=object())
-        model.lm.eval()
-        with torch.enable_grad():  # called from inside the update loop's no_grad
-            state = {k: v.detach().requires_grad_(True) for k, v in self._state.items()}
-            weights = {}  # the targeted projections' weights as functions of the state
-            for name, _, _ in self.space.projections():
-                if model.adapted(name):
-                    weights[f"{name}.weight"], bias = model.frozen_weights(state, name, None, None)
-                    if bias is not None:
-                        weights[f"{name}.bias"] = bias
-            if self.space.embedding in state:
-                weights[self.space.embedding] = state[self.space.embedding]
-            batch = self._eval_examples()[:UTILITY_EXAMPLES].to(self.device)
-            logits = torch.func.functional_call(model.lm, weights, args=(), kwargs={"input_ids": batch}).logits
-            logits = logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-            grads = torch.autograd.grad(loss, list(state.values()), allow_unused=True)
-        return {k: g for k, g in zip(state, grads) if g is not None}, loss.item()
-
-    def _utility(self, update: Tensors) -> float:
-        if not self._utility_wanted:
-            return float("nan")
-        if self._gradient is None:
-            self._gradient = self._loss_gradient()
-        grads, loss = self._gradient
-        return -sum(float((grads[k] * update[k]).sum()) for k in grads if k in update) / loss
+        self.utility.begin_round(self._state, wanted=utility)
 
     @ray.method(num_returns=2)  # the records, and the partial sum as its own object (left where it is)
     def train(self, unit: WorkUnit, inputs: RoundInputs | None = None) -> tuple[DeviceRecords, PartialSum]:
@@ -226,7 +186,8 @@ class DeviceWorker:
         or restarted, needs nothing else); without them, :meth:`begin_round` must have been called.
         """
         if inputs is not None and inputs.round != self._round:
-            self.begin_round(ray.get(inputs.state), inputs.round, inputs.params, inputs.utility)
+            params = ray.get(inputs.params) if isinstance(inputs.params, ray.ObjectRef) else inputs.params
+            self.begin_round(ray.get(inputs.state), inputs.round, params, inputs.utility)
         partial = PartialSum.zeros_like(self._state)
         records = DeviceRecords.concat([self._train_group(group, partial) for group in unit.groups])
         return records, partial.to("cpu")
@@ -242,33 +203,11 @@ class DeviceWorker:
         return self.devices_per_pass
 
     def num_eval_batches(self) -> int:
-        return -(-len(self._eval_examples()) // self.cfg.eval.batch_size)
+        return self.held_out.num_batches()
 
     def evaluate(self, state: Tensors, batches: list[int]) -> np.ndarray:
-        """Per held-out batch (``eval.batch_size`` sequences each): summed next-token loss, tokens, top-1 and
-        top-3 hits. A batch's numbers do not depend on which others were evaluated with it."""
-        rows = self._eval_examples()
-        size = self.cfg.eval.batch_size
-        totals = np.zeros((len(batches), 4), dtype=np.float64)
-        model = self._eval_model
-        with torch.no_grad():
-            model.load_frozen({k: v.to(self.device) for k, v in state.items()}, None, version=object())
-            model.lm.eval()
-            for i, b in enumerate(batches):
-                batch = rows[b * size:(b + 1) * size].to(self.device)
-                logits = model.lm(input_ids=batch).logits[:, :-1].float()
-                target = batch[:, 1:]
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
-                top3 = logits.topk(3, dim=-1).indices
-                totals[i] = [loss.item(), target.numel(), (top3[..., 0] == target).sum().item(),
-                             (top3 == target.unsqueeze(-1)).any(-1).sum().item()]
-        return totals
-
-    def _eval_examples(self) -> torch.Tensor:
-        """The held-out sequences, loaded on first use."""
-        if self._eval is None:
-            self._eval = self.dataset.eval_examples()
-        return self._eval
+        """Per held-out batch: summed next-token loss, tokens, top-1 and top-3 hits (:meth:`HeldOut.evaluate`)."""
+        return self.held_out.evaluate(state, batches)
 
     def _train_group(self, group: Group, partial: PartialSum) -> DeviceRecords:
         """Local training of devices that share a config and its slices, in one pass; their updates go into
@@ -314,7 +253,7 @@ class DeviceWorker:
                 update, _ = sub.encode(update, rows=rows, encoding=encoding,
                                        generator=rng.generator(seed, "quantize", round, device_id))
                 update, held = sub.to_global(initial, update, self._state, slices, rows=rows)
-                utilities.append(self._utility(update))
+                utilities.append(self.utility(update))
                 context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config,
                                         num_examples=len(data[j]))
                 norms.append(self._accumulate(partial, update, held=held, context=context))
@@ -322,16 +261,6 @@ class DeviceWorker:
                              train_loss=losses.cpu().double().numpy(),
                              num_examples=np.array([len(x) for x in data], dtype=np.int64),
                              update_norm=np.array(norms), utility=np.array(utilities))
-
-    def server_rows(self, round: int) -> torch.Tensor:
-        """The embedding rows the server picked for ``round`` (``methods.embedding_selection: server_*``), drawn
-        once per round."""
-        if self._server_rows is None or self._server_rows[0] != round:
-            if self._rows_of is None:  # the public unigram counts are taken on first use
-                self._rows_of = embeddings.server_selection(self.cfg.methods, self.dataset.public_examples,
-                                                            vocab_size=self.vocab_size, seed=self.cfg.seed)
-            self._server_rows = round, self._rows_of(round=round)
-        return self._server_rows[1]
 
     def _dp_sgd(self, sub: Submodel) -> local.LocalDPSGD:
         """The submodel wrapped for local DP-SGD (Opacus), once per structure."""

@@ -112,14 +112,15 @@ class DevicePool:
         device_ids: np.ndarray,
         configs: list[DeviceConfig],
         flops: np.ndarray,
-        params: list[object] | None = None,
+        params: ray.ObjectRef | list[object] | None = None,
         utility: bool = False,
     ) -> tuple[DeviceRecords, list[ray.ObjectRef]]:
         """Train ``device_ids``; return their records (id order) and one partial-sum ref per unit, in unit order.
 
         ``flops``: each device's predicted training FLOPs (balances the units). ``params``: the update
-        processors' round parameters (``Aggregator.round_params``). ``utility``: each record carries its update's
-        first-order held-out utility (``DeviceWorker._loss_gradient``), else NaN.
+        processors' round parameters, as a ref to ``Aggregator.round_params``'s result: the actors fetch them
+        from the aggregator with the state, and the driver holds no copy. ``utility``: each record carries its update's
+        first-order held-out utility (:class:`raysim.evaluation.Utility`), else NaN.
         """
         units = work.plan(device_ids, configs, flops, pass_limit=self.pass_limit, max_units=self.cfg.ray.work_units)
         if not units:

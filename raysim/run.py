@@ -37,12 +37,11 @@ import raysim
 from raysim import api, cluster, paths, rng, tracking
 from raysim import callbacks as cb
 from raysim import checkpoint as ckpt
-from raysim.aggregation.lora import LORA_RULES
 from raysim.aggregator import Aggregator, NonFiniteUpdate
 from raysim.caches import Caches
 from raysim.clock import OK, settle_round
 from raysim.cohort import sample_cohort
-from raysim.config import ExperimentConfig, first_difference, result_config, to_yaml
+from raysim.config import ExperimentConfig, first_difference, result_config, result_keys, to_yaml, with_defaults
 from raysim.costmodel import device_costs
 from raysim.data import FederatedDataset, build_dataset
 from raysim.errors import ConfigError, describe_error
@@ -53,8 +52,7 @@ from raysim.models import BaseModel, base_seed, initial_base_model
 from raysim.policies import CostOracle, Policy, PolicyContext, PolicySpec, build_policy, policy_identity, read_policy
 from raysim.pool import DevicePool
 from raysim.pretrain import pretrain
-from raysim.privacy.central import AdaptiveClipNorm, CentralDP
-from raysim.privacy.plan import CentralPlan, plan_central
+from raysim.privacy import mechanisms
 from raysim.processors import UpdateProcessor
 from raysim.profiles import Population, load_population
 from raysim.records import device_columns, round_row
@@ -115,12 +113,11 @@ def run_round(run: Run, rnd: int) -> RoundResult:
     trained = np.flatnonzero(outcome.status == OK)
     records, partials = run.pool.train(run.state_ref, round=rnd, device_ids=cohort.device_id[trained],
                                        configs=[configs[i] for i in trained], flops=costs.flops[trained],
-                                       params=run.params, utility=run.policy.wants_utility)
+                                       params=run.aggregator.round_params.remote(), utility=run.policy.wants_utility)
     run.state_ref, stats_ref = run.aggregator.aggregate.options(num_returns=2).remote(rnd, partials)
     stats = ray.get(stats_ref)
     if "non_finite" in stats:
         raise NonFiniteUpdate(f"{stats['non_finite']}; the run stops with the state of round {rnd - 1}")
-    run.params = stats["round_params"]
     devices = device_columns(rnd, draws, configs, costs, outcome.status, trained, records, cfg)
     row = round_row(rnd, sim_time_s=run.sim_time_s + outcome.duration_s, outcome=outcome, devices=devices,
                     costs=costs, records=records, stats=stats)
@@ -143,7 +140,7 @@ class Run:
     population: Population
     dataset: FederatedDataset
     base: BaseModel
-    privacy: CentralPlan | None
+    privacy: mechanisms.Privacy | None
     spec: PolicySpec
     pool: DevicePool
     policy: Policy
@@ -151,7 +148,6 @@ class Run:
     writer: RunWriter
     callbacks: list[cb.Callback]
     state_ref: ray.ObjectRef
-    params: list[object]  # the update processors' parameters for the next round
     actor_nodes: int
     noised_dims: int = 0  # coordinates central DP noises each round (0 without it)
     sim_time_s: float = 0.0
@@ -224,7 +220,7 @@ class Run:
         if aggregator is None:
             return False
         progress = {"completed": self.completed, "sim_time_s": self.sim_time_s, "epsilon": self.epsilon,
-                    "last": self.last, "totals": self.totals, "params": self.params,
+                    "last": self.last, "totals": self.totals,
                     "wall_time_s": self.wall_time_s(), "config": self.result_config}
         ckpt.save(self.dir / ckpt.FILE, {
             "run": ckpt.State(meta=progress), "aggregator": aggregator, "policy": self.policy.checkpoint(),
@@ -242,7 +238,7 @@ class Run:
             callback.load_state(parts["callbacks"].meta.get(type(callback).__name__, {}))
         self.completed, self.sim_time_s = progress["completed"], progress["sim_time_s"]
         self.epsilon, self.last = progress["epsilon"], progress["last"]
-        self.totals, self.params, self.wall_before_s = progress["totals"], progress["params"], progress["wall_time_s"]
+        self.totals, self.wall_before_s = progress["totals"], progress["wall_time_s"]
         self.writer.resume_after(self.completed)  # rounds past the checkpoint are redone
 
     @functools.cached_property
@@ -264,7 +260,7 @@ class Run:
             "num_actors": len(self.pool), "actor_nodes": self.actor_nodes, "sim_time_s": self.sim_time_s,
             "wall_time_s": self.wall_time_s(), "final": self.last,
             "epsilon": self.epsilon, "delta": self.privacy.delta if self.privacy else 0.0,
-            "privacy": _privacy_summary(self.privacy, cfg, noised_dims=self.noised_dims), "totals": self.totals,
+            "privacy": mechanisms.summary(self.privacy, cfg, noised_dims=self.noised_dims), "totals": self.totals,
             "policy": policy_identity(self.spec), "versions": _versions(),
         }
         if self.cause is not None:
@@ -286,8 +282,7 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
     trackers = tracking.callbacks(cfg.tracking, run_dir=run_dir, name=cfg.name)  # a missing package fails here
     population = load_population(cfg.population, size=cfg.population_size)
     check_cohort(cfg, population)
-    privacy = plan_central(cfg.privacy, rounds=cfg.rounds, cohort_size=cfg.cohort.size,
-                           population_size=population.size)
+    privacy = mechanisms.assemble(cfg, population_size=population.size)
     spec = read_policy(cfg.policy)
     dataset = build_dataset(cfg, caches=caches)
     base = initial_base_model(cfg.model, seed=cfg.seed)
@@ -297,36 +292,24 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
     where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard)
     processors: list[UpdateProcessor] = []
     if privacy:
-        processors.append(CentralDP(plan=privacy, adaptive=_adaptive_clip(cfg, privacy)))
+        processors.append(privacy.processor(cfg))
     pool = DevicePool(cfg=cfg, base=ray.put(base), dataset=ray.put(dataset), processors=processors, caches=caches)
     try:
         policy = _policy(cfg, spec, pool, make_policy)
         space, initial = Space.build(cfg, base), pool.initial_state()
-        support = None
-        if privacy:  # central DP noises what some config of the method space can change, and nothing else
-            rows_of = embeddings.server_selection(cfg.methods, dataset.public_examples, vocab_size=space.vocab_size,
-                                                  seed=cfg.seed)
-            support = Support(space=space, configs=tuple(method_space(cfg.methods)), pruning=cfg.methods.pruning,
-                              embedding_rows=rows_of)
+        support = _support(cfg, space, dataset) if privacy else None
         aggregator = ray.remote(Aggregator).options(num_cpus=0, scheduling_strategy=cluster.on_this_node()).remote(
             state=initial, cfg=cfg.aggregation, seed=cfg.seed, space=space, support=support,
             truncation_rank=truncation_rank(cfg.methods), processors=processors)
-        params = ray.get(aggregator.round_params.remote())
         nodes = len(set(pool.nodes()))
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)  # claim() checked it holds a run: none of its files stays
         writer = RunWriter(run_dir, config_yaml=None if resume else to_yaml(cfg),
                            identity=RunIdentity.of(cfg, run_dir=run_dir, policy=spec.name))
-        last_round = privacy.rounds if privacy else cfg.rounds
-        own = [cb.Evaluation(every=cfg.eval.every, last_round=last_round),
-               cb.TargetAccuracy(target=cfg.eval.target_accuracy, stop=cfg.eval.stop_at_target),
-               cb.PrivacyBudget(last_round=last_round, rounds=cfg.rounds, max_epsilon=cfg.privacy.max_epsilon),
-               cb.Files(writer), cb.PolicyFeedback(), cb.Checkpoints(every=cfg.checkpoint.every),
-               cb.Progress(rounds=cfg.rounds, enabled=cfg.progress, private=privacy is not None), *trackers,
-               *([cb.ReleaseCheck()] if privacy else [])]
         run = Run(cfg=cfg, dir=run_dir, population=population, dataset=dataset, base=base, privacy=privacy,
                   spec=spec, pool=pool, policy=policy, aggregator=aggregator, writer=writer,
-                  callbacks=[*own, *callbacks], state_ref=aggregator.get_state.remote(), params=params,
+                  callbacks=[*_own_callbacks(cfg, privacy, writer), *trackers, *_release(privacy), *callbacks],
+                  state_ref=aggregator.get_state.remote(),
                   actor_nodes=nodes, epsilon=0.0 if privacy else math.inf,
                   noised_dims=support.count(initial) if support else 0)
         if restored is not None:
@@ -339,8 +322,32 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
           f"{population.name} ({population.size:,} devices), model {base.origin} -> {run_dir}{resumed}",
           file=sys.stderr)
     if privacy:
-        print(f"raysim: {_describe(privacy, cfg)}", file=sys.stderr)
+        print(f"raysim: {privacy.describe(cfg)}", file=sys.stderr)
     return run
+
+
+def _support(cfg: ExperimentConfig, space: Space, dataset: FederatedDataset) -> Support:
+    """What central DP noises: what some config of the method space can change, and nothing else."""
+    rows_of = embeddings.server_selection(cfg.methods, dataset.public_examples, vocab_size=space.vocab_size,
+                                          seed=cfg.seed)
+    return Support(space=space, configs=tuple(method_space(cfg.methods)), pruning=cfg.methods.pruning,
+                   embedding_rows=rows_of)
+
+
+def _own_callbacks(cfg: ExperimentConfig, privacy: mechanisms.Privacy | None, writer: RunWriter) -> list[cb.Callback]:
+    """raysim's own callbacks, in the order they run (experiment trackers, the release check and a user's come
+    after them)."""
+    last_round = privacy.rounds if privacy else cfg.rounds
+    return [cb.Evaluation(every=cfg.eval.every, last_round=last_round),
+            cb.TargetAccuracy(target=cfg.eval.target_accuracy, stop=cfg.eval.stop_at_target),
+            cb.PrivacyBudget(last_round=last_round, rounds=cfg.rounds, max_epsilon=cfg.privacy.max_epsilon),
+            cb.Files(writer), cb.PolicyFeedback(), cb.Checkpoints(every=cfg.checkpoint.every),
+            cb.Progress(rounds=cfg.rounds, enabled=cfg.progress, private=privacy is not None)]
+
+
+def _release(privacy: mechanisms.Privacy | None) -> list[cb.Callback]:
+    """Under a central mechanism, the check that nothing un-noised left the server (it fails the run)."""
+    return [cb.ReleaseCheck()] if privacy else []
 
 
 def claim(run_dir: Path, *, overwrite: bool) -> None:
@@ -367,7 +374,7 @@ def resumable(run_dir: Path, cfg: ExperimentConfig) -> dict[str, ckpt.State]:
     if status in COMPLETE:
         raise ConfigError(f"{run_dir}: the run ended ({status}); there is nothing to resume", field="output_dir")
     parts = ckpt.load(run_dir / ckpt.FILE)
-    key = first_difference(parts["run"].meta["config"], result_config(cfg))
+    key = first_difference(result_keys(with_defaults(parts["run"].meta["config"])), result_config(cfg))
     if key is not None:
         raise ConfigError(f"differs from the run's config in {run_dir} (a resumed run keeps its config; only "
                           f"ray.*, progress, checkpoint.* and tracking.* may change)", field=key)
@@ -386,36 +393,6 @@ def _policy(cfg: ExperimentConfig, spec: PolicySpec, pool: DevicePool,
     context = PolicyContext(methods=cfg.methods, space=method_space(cfg.methods), oracle=oracle, seed=cfg.seed,
                             rounds=cfg.rounds)
     return make_policy(context) if make_policy else build_policy(spec, context=context)
-
-
-def _adaptive_clip(cfg: ExperimentConfig, privacy: CentralPlan | None) -> AdaptiveClipNorm | None:
-    a = cfg.privacy.adaptive_clipping
-    if privacy is None or not a.enabled:
-        return None
-    return AdaptiveClipNorm(clip_norm=privacy.clip_norm, target_quantile=a.target_quantile,
-                            learning_rate=a.learning_rate, count_std=privacy.count_std)
-
-
-def _describe(plan: CentralPlan, cfg: ExperimentConfig) -> str:
-    text = (f"DP-FedAvg: noise multiplier {plan.noise_multiplier:.4g}, clip norm {plan.clip_norm:g}"
-            f"{' (adaptive)' if plan.count_std else ''}, Poisson q = {plan.sample_rate:.4g}; "
-            f"ε = {plan.epsilon:.4g} at δ = {plan.delta:g} after {plan.rounds} rounds ({plan.accountant})")
-    if plan.rounds < cfg.rounds:
-        text += f"; privacy.max_epsilon={cfg.privacy.max_epsilon:g} allows {plan.rounds} of {cfg.rounds} rounds"
-    return text
-
-
-def _privacy_summary(plan: CentralPlan | None, cfg: ExperimentConfig, *, noised_dims: int) -> dict:
-    summary = {"local_dp": cfg.privacy.local.enabled}
-    if plan is None:
-        return {"central_dp": False, **summary}
-    return {"central_dp": True, **summary, "noise_multiplier": plan.noise_multiplier,
-            "update_noise_multiplier": plan.update_noise_multiplier, "clip_norm": plan.clip_norm,
-            "sample_rate": plan.sample_rate, "expected_devices": plan.expected_devices,
-            "accountant": plan.accountant, "max_epsilon": cfg.privacy.max_epsilon,
-            "target_epsilon": cfg.privacy.target_epsilon, "rounds_within_budget": plan.rounds,
-            "noise_space": "dense" if LORA_RULES[cfg.aggregation.lora].dense else "factors",
-            "noised_dims": noised_dims}
 
 
 def _versions() -> dict[str, str]:

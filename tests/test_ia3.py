@@ -85,7 +85,7 @@ def test_every_device_starts_from_the_global_model_whichever_family_it_trains(fa
     state = _random_state(worker, seed=3)
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, worker.vocab_size, (4, worker.cfg.data.seq_len), generator=g)
-    model = worker._eval_model
+    model = worker.held_out.model
     model.load_frozen(state, None, version=object())
     model.lm.eval()
     with torch.no_grad():

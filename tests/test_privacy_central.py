@@ -12,8 +12,8 @@ from hypothesis.extra.numpy import arrays
 from raysim.aggregation.rules import PartialSum, combine, global_norm, weighted_mean
 from raysim.aggregator import Aggregator
 from raysim.config import AggregationConfig, PrivacyConfig, load_experiment
-from raysim.privacy.central import AdaptiveClipNorm, CentralDP, clip, gaussian_noise, noisy_sum, update_noise_multiplier
-from raysim.privacy.plan import plan_central
+from raysim.privacy.central import AdaptiveClipping, CentralDP, clip, gaussian_noise, noisy_sum
+from raysim.privacy.plan import plan_central, update_noise_multiplier
 from raysim.processors import UpdateProcessor
 from raysim.types import DeviceConfig
 
@@ -100,18 +100,19 @@ def test_update_noise_multiplier_leaves_the_count_its_share_of_the_budget():
 
 
 def test_adaptive_clip_norm_shrinks_when_more_than_the_quantile_are_unclipped():
-    clip_norm = AdaptiveClipNorm(clip_norm=1.0, target_quantile=0.5, learning_rate=0.2, count_std=1e-9)
-    assert clip_norm.update(num_unclipped=100, expected_devices=100, seed=0, round=1) == pytest.approx(math.exp(-0.1))
-    assert clip_norm.update(num_unclipped=0, expected_devices=100, seed=0, round=2) == pytest.approx(1.0)
+    rule = AdaptiveClipping(target_quantile=0.5, learning_rate=0.2, count_std=1e-9)
+    shrunk = rule.step(1.0, num_unclipped=100, expected_devices=100, seed=0, round=1)
+    assert shrunk == pytest.approx(math.exp(-0.1))
+    assert rule.step(shrunk, num_unclipped=0, expected_devices=100, seed=0, round=2) == pytest.approx(1.0)
 
 
 def test_adaptive_clip_norm_converges_to_the_target_quantile_of_norms():
     norms = np.random.default_rng(0).lognormal(size=1000)
-    clip_norm = AdaptiveClipNorm(clip_norm=0.01, target_quantile=0.5, learning_rate=0.2, count_std=50.0)
+    rule, clip_norm = AdaptiveClipping(target_quantile=0.5, learning_rate=0.2, count_std=50.0), 0.01
     for rnd in range(200):
-        clip_norm.update(num_unclipped=int((norms <= clip_norm.clip_norm).sum()), expected_devices=1000, seed=0,
-                         round=rnd)
-    assert clip_norm.clip_norm == pytest.approx(np.median(norms), rel=0.15)
+        clip_norm = rule.step(clip_norm, num_unclipped=int((norms <= clip_norm).sum()), expected_devices=1000,
+                              seed=0, round=rnd)
+    assert clip_norm == pytest.approx(np.median(norms), rel=0.15)
 
 
 # Clipping on the actors, then summing, against clipping each update at the server.

@@ -83,3 +83,26 @@ def test_adaptive_clipping_spends_part_of_the_budget_on_the_count():
     plan = _plan("privacy.noise_multiplier=1", "privacy.adaptive_clipping.enabled=true",
                  "privacy.adaptive_clipping.count_std=2")
     assert plan.noise_multiplier == 1 and plan.update_noise_multiplier > 1 and plan.count_std == 2
+
+
+def test_dp_fedavg_is_assembled_from_the_config_when_a_clip_norm_is_set():
+    from raysim.privacy import mechanisms
+
+    cfg = load_experiment(None, [*DP, "privacy.noise_multiplier=1.0"])
+    privacy = mechanisms.assemble(cfg, population_size=1000)
+    assert privacy.name == "dp_fedavg" and privacy.rounds == cfg.rounds and privacy.delta == cfg.privacy.delta
+    assert privacy.describe(cfg).startswith("DP-FedAvg: noise multiplier 1, clip norm 0.1")
+    section = mechanisms.summary(privacy, cfg, noised_dims=7)
+    assert section["central_dp"] and section["mechanism"] == "dp_fedavg" and section["noised_dims"] == 7
+    assert mechanisms.assemble(load_experiment(None, TINY), population_size=1000) is None
+    assert mechanisms.summary(None, cfg, noised_dims=0) == {"central_dp": False, "local_dp": False}
+
+
+@pytest.mark.parametrize("override, key, message", [
+    ("privacy.mechanism=laplace", "privacy.mechanism", "must be 'dp_fedavg' (or null)"),
+    ("privacy.mechanism=dp_fedavg", "privacy.clip_norm", "dp_fedavg needs a clip norm"),
+])
+def test_a_bad_mechanism_is_one_error_naming_its_key(override, key, message):
+    with pytest.raises(ConfigError) as err:
+        load_experiment(None, [*TINY, override])
+    assert err.value.field == key and message in str(err.value)

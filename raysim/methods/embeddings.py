@@ -104,6 +104,23 @@ def server_selection(methods: MethodsConfig, public: Callable[[], torch.Tensor],
                              vocab_size=vocab_size, unigram=unigram, seed=seed)
 
 
+class ServerRows:
+    """The server's embedding rows of each round (``methods.embedding_selection: server_*``) as an actor draws
+    them, once per round; the public unigram counts ``server_frequent`` needs are taken on first use."""
+
+    def __init__(self, methods: MethodsConfig, public: Callable[[], torch.Tensor], *, vocab_size: int, seed: int):
+        self._select = functools.partial(server_selection, methods, public, vocab_size=vocab_size, seed=seed)
+        self._rows_of: Callable[..., torch.Tensor] | None = None
+        self._last: tuple[int, torch.Tensor] | None = None  # (round, its rows)
+
+    def __call__(self, round: int) -> torch.Tensor:
+        if self._last is None or self._last[0] != round:
+            if self._rows_of is None:
+                self._rows_of = self._select()
+            self._last = round, self._rows_of(round=round)
+        return self._last[1]
+
+
 def unigram_counts(tokens: torch.Tensor, *, vocab_size: int) -> torch.Tensor:
     """How often each token id occurs in ``tokens`` (public data)."""
     return torch.bincount(tokens.reshape(-1).long(), minlength=vocab_size)[:vocab_size]

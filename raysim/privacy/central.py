@@ -17,7 +17,7 @@ processor.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,7 +28,7 @@ from raysim.checkpoint import State
 from raysim.privacy import accounting
 from raysim.processors import DeviceContext, DeviceUpdate, ServerContext, UpdateProcessor
 
-if TYPE_CHECKING:  # the plan needs this module's update_noise_multiplier
+if TYPE_CHECKING:
     from raysim.privacy.plan import CentralPlan
 
 
@@ -84,42 +84,25 @@ def noisy_sum(total: PartialSum, *, noise_std: float, expected_devices: float, s
     return noisy, signal / noise_norm if noise_norm > 0 else math.inf
 
 
-def update_noise_multiplier(noise_multiplier: float, *, count_std: float) -> float:
-    """The noise multiplier left for the update when the clipped count takes its share of the budget.
-
-    Andrew et al. 2021 (Theorem 1): releasing the count with noise std
-    ``count_std`` and the update with multiplier z_Δ = (z^-2 - (2 count_std)^-2)^-1/2
-    is as private as one Gaussian mechanism with multiplier z.
-    """
-    if noise_multiplier == 0:
-        return 0.0
-    rest = noise_multiplier ** -2 - (2 * count_std) ** -2
-    if rest <= 0:
-        raise ValueError(f"count noise std {count_std} must exceed noise_multiplier / 2 = {noise_multiplier / 2}")
-    return rest ** -0.5
-
-
-class AdaptiveClipNorm:
-    """A clip norm that tracks a quantile of update norms (Andrew et al. 2021, geometric update).
+@dataclass(frozen=True)
+class AdaptiveClipping:
+    """How the clip norm tracks a quantile of update norms (Andrew et al. 2021, geometric update).
 
     Each round the server learns how many devices were not clipped, with
     Gaussian noise of std ``count_std``, and moves C by
     ``exp(-learning_rate * (noisy fraction - target_quantile))``.
     """
 
-    def __init__(self, *, clip_norm: float, target_quantile: float, learning_rate: float, count_std: float):
-        self.clip_norm = clip_norm
-        self.target_quantile = target_quantile
-        self.learning_rate = learning_rate
-        self.count_std = count_std
+    target_quantile: float
+    learning_rate: float
+    count_std: float
 
-    def update(self, *, num_unclipped: int, expected_devices: float, seed: int, round: int) -> float:
-        """Step C from this round's count of unclipped updates; return the new C."""
+    def step(self, clip_norm: float, *, num_unclipped: int, expected_devices: float, seed: int, round: int) -> float:
+        """The next round's C, from this round's C and its count of unclipped updates."""
         g = rng.generator(seed, "adaptive-clip-count", round)
         noisy = (num_unclipped + self.count_std * float(torch.randn((), generator=g, dtype=torch.float64)))
         fraction = noisy / expected_devices
-        self.clip_norm *= math.exp(-self.learning_rate * (fraction - self.target_quantile))
-        return self.clip_norm
+        return clip_norm * math.exp(-self.learning_rate * (fraction - self.target_quantile))
 
 
 class CentralDP(UpdateProcessor):
@@ -127,10 +110,10 @@ class CentralDP(UpdateProcessor):
     the keyed noise, sets the fixed denominator, steps adaptive clipping and the accountant, and reports the
     round's clip norm, noise, signal-to-noise and ε."""
 
-    def __init__(self, *, plan: CentralPlan, adaptive: AdaptiveClipNorm | None):
+    def __init__(self, *, plan: CentralPlan, adaptive: AdaptiveClipping | None):
         self.plan = plan
         self.adaptive = adaptive
-        self.clip_norm = plan.clip_norm
+        self.clip_norm = plan.clip_norm  # the round's: the one copy (the actors get it with the round's state)
         self.accountant = accounting.make_accountant(plan.accountant)
 
     def round_params(self) -> float:
@@ -155,9 +138,9 @@ class CentralDP(UpdateProcessor):
         stats = {"clip_norm": self.clip_norm, "noise_std": noise_std, "signal_to_noise": snr, "noised_dims": noised,
                  "off_support_norm": off_support_norm(total.sums, context.support)}
         if self.adaptive is not None:
-            self.clip_norm = self.adaptive.update(num_unclipped=int(total.counts.get("unclipped", 0)),
-                                                  expected_devices=plan.expected_devices, seed=context.seed,
-                                                  round=context.round)
+            self.clip_norm = self.adaptive.step(self.clip_norm, num_unclipped=int(total.counts.get("unclipped", 0)),
+                                                expected_devices=plan.expected_devices, seed=context.seed,
+                                                round=context.round)
         self.accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
         return noisy, stats | {"epsilon": accounting.spent(self.accountant, delta=plan.delta), "delta": plan.delta}
 
@@ -166,6 +149,4 @@ class CentralDP(UpdateProcessor):
 
     def restore(self, state: State) -> None:
         self.clip_norm = state.meta["clip_norm"]
-        if self.adaptive is not None:
-            self.adaptive.clip_norm = self.clip_norm
         self.accountant.history = [tuple(h) for h in state.meta["history"]]

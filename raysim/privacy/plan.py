@@ -10,11 +10,13 @@ must leave the update a positive noise multiplier.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from raysim.config import PrivacyConfig
 from raysim.errors import ConfigError
 from raysim.privacy import accounting
-from raysim.privacy.central import update_noise_multiplier
+
+if TYPE_CHECKING:
+    from raysim.config import PrivacyConfig
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,21 @@ class CentralPlan:
     rounds: int  # rounds that run: all, or the last one within privacy.max_epsilon
     epsilon: float  # ε after those rounds
     count_std: float | None  # adaptive clipping's noise on the unclipped count; None: fixed clip norm
+
+
+def update_noise_multiplier(noise_multiplier: float, *, count_std: float) -> float:
+    """The noise multiplier left for the update when the clipped count takes its share of the budget.
+
+    Andrew et al. 2021 (Theorem 1): releasing the count with noise std
+    ``count_std`` and the update with multiplier z_Δ = (z^-2 - (2 count_std)^-2)^-1/2
+    is as private as one Gaussian mechanism with multiplier z.
+    """
+    if noise_multiplier == 0:
+        return 0.0
+    rest = noise_multiplier ** -2 - (2 * count_std) ** -2
+    if rest <= 0:
+        raise ValueError(f"count noise std {count_std} must exceed noise_multiplier / 2 = {noise_multiplier / 2}")
+    return rest ** -0.5
 
 
 def plan_central(cfg: PrivacyConfig, *, rounds: int, cohort_size: int, population_size: int) -> CentralPlan | None:

@@ -1,0 +1,109 @@
+"""What an actor computes on the global model itself: held-out evaluation, and each update's utility.
+
+:class:`HeldOut` scores the held-out sequences on the round's global state
+(every adapter family's state applied, :meth:`Submodel.frozen_weights`).
+:class:`Utility` turns the gradient of that loss into each device update's
+first-order utility, the feedback the ``rl`` policy learns from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from raysim.data import FederatedDataset
+from raysim.methods.submodel import Space, Structure, Submodel
+
+Tensors = dict[str, torch.Tensor]
+UTILITY_EXAMPLES = 128  # held-out sequences the utility gradient is taken on
+
+
+class HeldOut:
+    """The held-out sequences (loaded on first use) and the global model they are scored on."""
+
+    def __init__(self, *, space: Space, base, cfg, dataset: FederatedDataset, device: torch.device):
+        self.space, self.dataset, self.device = space, dataset, device
+        self.batch_size = cfg.eval.batch_size
+        self.model = Submodel(space=space, base=base, cfg=cfg, device=device, structure=Structure(
+            rank=0, heads=space.units, mlp=space.inner, blocks=(), embeddings=False, adapter=space.adapters[0]))
+        self._examples: torch.Tensor | None = None
+
+    def examples(self) -> torch.Tensor:
+        if self._examples is None:
+            self._examples = self.dataset.eval_examples()
+        return self._examples
+
+    def num_batches(self) -> int:
+        return -(-len(self.examples()) // self.batch_size)
+
+    def evaluate(self, state: Tensors, batches: list[int]) -> np.ndarray:
+        """Per held-out batch (``eval.batch_size`` sequences each): summed next-token loss, tokens, top-1 and
+        top-3 hits. A batch's numbers do not depend on which others were evaluated with it."""
+        rows, size = self.examples(), self.batch_size
+        totals = np.zeros((len(batches), 4), dtype=np.float64)
+        model = self.model
+        with torch.no_grad():
+            model.load_frozen({k: v.to(self.device) for k, v in state.items()}, None, version=object())
+            model.lm.eval()
+            for i, b in enumerate(batches):
+                batch = rows[b * size:(b + 1) * size].to(self.device)
+                logits = model.lm(input_ids=batch).logits[:, :-1].float()
+                target = batch[:, 1:]
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
+                top3 = logits.topk(3, dim=-1).indices
+                totals[i] = [loss.item(), target.numel(), (top3[..., 0] == target).sum().item(),
+                             (top3 == target.unsqueeze(-1)).any(-1).sum().item()]
+        return totals
+
+    def loss_gradient(self, state: Tensors) -> tuple[Tensors, float]:
+        """The held-out loss per token at ``state``, and its gradient with respect to every state entry, taken
+        through the same composition of adapter families the devices start from (on the first
+        ``UTILITY_EXAMPLES`` held-out sequences, the data the eval loss is measured on)."""
+        model = self.model
+        model.load_frozen(state, None, version=object())
+        model.lm.eval()
+        with torch.enable_grad():  # called from inside the update loop's no_grad
+            leaves = {k: v.detach().requires_grad_(True) for k, v in state.items()}
+            weights = {}  # the targeted projections' weights as functions of the state
+            for name, _, _ in self.space.projections():
+                if model.adapted(name):
+                    weights[f"{name}.weight"], bias = model.frozen_weights(leaves, name, None, None)
+                    if bias is not None:
+                        weights[f"{name}.bias"] = bias
+            if self.space.embedding in leaves:
+                weights[self.space.embedding] = leaves[self.space.embedding]
+            batch = self.examples()[:UTILITY_EXAMPLES].to(self.device)
+            logits = torch.func.functional_call(model.lm, weights, args=(), kwargs={"input_ids": batch}).logits
+            logits = logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        return {k: g for k, g in zip(leaves, grads) if g is not None}, loss.item()
+
+
+class Utility:
+    """Each update's utility in one round: the first-order relative drop of the held-out loss if the decoded
+    update (in full coordinates) were applied alone, ``-<gradient, update> / loss``.
+
+    FedAvg applies a weighted mean of the updates, so the round's first-order
+    progress is the same mean of the utilities. The gradient is taken on the
+    first update that needs it (an actor without devices skips it); NaN unless
+    asked, and under a LoRA rule that holds factors rather than ``ΔW``.
+    """
+
+    def __init__(self, held_out: HeldOut):
+        self.held_out = held_out
+        self._state: Tensors = {}
+        self._wanted = False
+        self._gradient: tuple[Tensors, float] | None = None
+
+    def begin_round(self, state: Tensors, *, wanted: bool) -> None:
+        self._state, self._gradient = state, None
+        self._wanted = wanted and self.held_out.space.rule.dense  # the gradient is taken with respect to ΔW
+
+    def __call__(self, update: Tensors) -> float:
+        if not self._wanted:
+            return float("nan")
+        if self._gradient is None:
+            self._gradient = self.held_out.loss_gradient(self._state)
+        grads, loss = self._gradient
+        return -sum(float((grads[k] * update[k]).sum()) for k in grads if k in update) / loss
