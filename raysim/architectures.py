@@ -21,16 +21,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from raysim.config import ModelConfig
 from raysim.errors import ConfigError
 from raysim.methods.width import head_columns
 from raysim.registry import Registry
+
+if TYPE_CHECKING:
+    from raysim.config import ModelConfig
 
 # What a projection's output or input features are indexed by, under width pruning
 QUERY, KEY_VALUE, FUSED_QKV, MLP = "q", "kv", "qkv", "mlp"

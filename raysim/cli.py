@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 from raysim.errors import ConfigError, describe_error
 
@@ -157,6 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="raysim COMMAND --help shows its options and examples")
     cmd = functools.partial(_command, sub, debug=debug)
+    _add_run(cmd)
+    _add_compare(cmd)
+    _add_report(cmd)
+    _add_train_policy(cmd)
+    _add_profiles(cmd("profiles", help="list, show or validate device classes and populations",
+                      description="list, show or validate device classes and populations (default: list)",
+                      examples="  raysim profiles list\n  raysim profiles show gboard\n"
+                               "  raysim profiles validate my_phones.yaml"), debug)
+    _add_privacy(cmd)
+    return parser
+
+
+def _add_run(cmd: Callable[..., argparse.ArgumentParser]) -> None:
     run = cmd("run", help="run one experiment (default: the shipped quickstart)",
               examples="  raysim run\n"
                        "  raysim run experiments/dp_fedavg.yaml rounds=3 cohort.size=32\n"
@@ -171,12 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved config as YAML and run nothing")
     run.set_defaults(func=_run)
+
+
+def _add_compare(cmd: Callable[..., argparse.ArgumentParser]) -> None:
     compare = cmd("compare", help="run a comparison study (policies x seeds x populations)",
                   examples="  raysim compare experiments/compare_policies.yaml\n"
                            "  raysim compare experiments/compare_policies.yaml 'axes.seed=[0,1]' rounds=4 parallel=2")
     compare.add_argument("study", help="study YAML, e.g. experiments/compare_policies.yaml")
     compare.add_argument("overrides", nargs="*", help="key=value: experiment keys, or study keys (axes.seed=[0,1])")
     compare.set_defaults(func=_compare)
+
+
+def _add_report(cmd: Callable[..., argparse.ArgumentParser]) -> None:
     report = cmd("report", help="report.md and plots from finished runs (or study folders)",
                  examples="  raysim report runs/quickstart-20250101-120000 --out report\n"
                           "  raysim report runs/compare_policies --target 0.3 --include-unfinished")
@@ -188,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--overwrite", action="store_true",
                         help="replace a report already in the --out folder (default: refuse)")
     report.set_defaults(func=_report)
+
+
+def _add_train_policy(cmd: Callable[..., argparse.ArgumentParser]) -> None:
     train = cmd("train-policy", help="train the rl policy over several episodes and save it",
                 examples="  raysim train-policy experiments/quickstart.yaml policy=rl --episodes 5 "
                          "--out runs/rl-policy.safetensors")
@@ -200,10 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="replace the checkpoint and its episodes' runs (default: refuse)")
     train.set_defaults(func=_train_policy)
-    _add_profiles(cmd("profiles", help="list, show or validate device classes and populations",
-                      description="list, show or validate device classes and populations (default: list)",
-                      examples="  raysim profiles list\n  raysim profiles show gboard\n"
-                               "  raysim profiles validate my_phones.yaml"), debug)
+
+
+def _add_privacy(cmd: Callable[..., argparse.ArgumentParser]) -> None:
     privacy = cmd("privacy", help="plan DP: epsilon for a noise multiplier, or the reverse",
                   description=_privacy.__doc__,
                   examples="  raysim privacy --noise-multiplier 1.2 --sample-rate 0.01 --rounds 100 --delta 1e-5\n"
@@ -215,7 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--delta", type=float, required=True, help="delta of the (epsilon, delta) guarantee")
     privacy.add_argument("--accountant", default="rdp", help="as privacy.accountant (default: rdp)")
     privacy.set_defaults(func=_privacy)
-    return parser
 
 
 def _add_profiles(profiles: argparse.ArgumentParser, debug: argparse.ArgumentParser) -> None:

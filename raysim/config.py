@@ -473,10 +473,12 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
 
 
 def _validate_run(cfg: ExperimentConfig, c) -> None:
+    from raysim.cohort import SAMPLING
+
     c(cfg.rounds >= 1, "rounds", "must be >= 1")
     c(cfg.population_size is None or cfg.population_size >= 1, "population_size", "must be >= 1")
     c(cfg.cohort.size >= 1, "cohort.size", "must be >= 1")
-    c(cfg.cohort.sampling in ("fixed", "poisson"), "cohort.sampling", "must be 'fixed' or 'poisson'")
+    c(cfg.cohort.sampling in SAMPLING, "cohort.sampling", f"must be {SAMPLING.choices()}")
     c(cfg.cohort.over_selection >= 1.0, "cohort.over_selection", "must be >= 1.0")
     c(cfg.cohort.deadline_s is None or cfg.cohort.deadline_s > 0, "cohort.deadline_s", "must be > 0")
     c(cfg.train.local_steps >= 1, "train.local_steps", "must be >= 1")

@@ -124,8 +124,3 @@ def add_lora(model: PreTrainedModel, *, rank: int, methods: MethodsConfig, seed:
     )
     torch.manual_seed(rng.torch_seed(seed, "lora", rank))  # the same adapter init on every actor
     return get_peft_model(model, lora)
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name (views, not copies)."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}

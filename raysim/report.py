@@ -143,48 +143,45 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
     if earlier and not overwrite:
         raise ConfigError(f"{out_dir} holds a report ({', '.join(earlier)}): pass --overwrite to replace it",
                           field="--out")
+    runs = _read_runs(run_dirs, target=target, unfinished=unfinished)
+    populations = len({r["label"]["population"] for r in runs})
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        if not r["left_out"]:
+            groups.setdefault(group_name(r["label"], populations=populations), []).append(r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _plot(runs, groups, out_dir=out_dir)
+    report = out_dir / REPORT
+    text = _markdown(runs, groups, title=title, unfinished=unfinished)
+    atomic_write(report, lambda tmp: tmp.write_text(text))
+    return report
+
+
+def _read_runs(run_dirs: list[Path], *, target: float | None, unfinished: str) -> list[dict]:
+    """Per run: its folder, label, metrics and curve, and whether it finished or is left out."""
+    runs = []
+    for d in run_dirs:
+        config, summary, rounds = read_run(d)
+        metrics = run_metrics(d, target=target)
+        complete = metrics["status"] in COMPLETE
+        runs.append({"dir": d, "label": run_label(config), "metrics": metrics, "curve": curve(summary, rounds),
+                     "complete": complete, "left_out": not complete and unfinished == "leave-out"})
+    return runs
+
+
+def _plot(runs: list[dict], groups: dict[str, list[dict]], *, out_dir: Path) -> None:
+    """One PNG per x axis of :data:`PLOTS`: each group's mean curve with a ±std band."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
-
-    runs = []
-    for d in run_dirs:
-        config, summary, rounds = read_run(d)
-        runs.append({"dir": d, "label": run_label(config), "metrics": run_metrics(d, target=target),
-                     "curve": curve(summary, rounds)})
-    for r in runs:
-        r["complete"] = r["metrics"]["status"] in COMPLETE
-        r["left_out"] = not r["complete"] and unfinished == "leave-out"
-    left_out = sum(r["left_out"] for r in runs)
-    populations = len({r["label"]["population"] for r in runs})
-    groups: dict[str, list[dict]] = {}
-    for r in runs:
-        if r["left_out"]:
-            continue
-        groups.setdefault(group_name(r["label"], populations=populations), []).append(r)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     for file, (x_key, x_label, scale) in PLOTS.items():
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         drawn = False
         for name, members in groups.items():
             curves = [(m["curve"][x_key] * scale, m["curve"][METRIC]) for m in members]
-            curves = [(x, y) for x, y in curves if len(x) and np.isfinite(x).all()]
-            if not curves:
-                continue
-            grid = np.linspace(0.0, max(x[-1] for x, _ in curves), 200)
-            ys = np.stack([np.where(grid <= x[-1], np.interp(grid, x, y), np.nan) for x, y in curves])
-            mean, std = np.nanmean(ys, axis=0), np.nanstd(ys, axis=0)  # the longest run covers the whole grid
-            # mean and band where every run has data; past the first run's end (a stop at the
-            # target, a spent budget) a dashed mean of the runs still going, without a band
-            every = grid <= min(x[-1] for x, _ in curves)
-            line, = ax.plot(grid[every], mean[every], label=f"{name} (n={len(curves)})")
-            ax.fill_between(grid[every], (mean - std)[every], (mean + std)[every], alpha=0.2, color=line.get_color())
-            tail = ~every | np.roll(~every, -1)  # joins the solid part
-            if (~every).any():
-                ax.plot(grid[tail], mean[tail], linestyle="--", linewidth=1, color=line.get_color())
-            drawn = True
+            drawn |= _group_curve(ax, name, [(x, y) for x, y in curves if len(x) and np.isfinite(x).all()])
         targets = {r["metrics"]["target_accuracy"] for r in runs}
         if x_key != "epsilon" and len(targets) == 1 and math.isfinite(target_line := targets.pop()):
             ax.axhline(target_line, color="grey", linestyle=":", linewidth=1, label="target")
@@ -200,9 +197,29 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
         atomic_write(out_dir / file, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110))
         plt.close(fig)
 
+
+def _group_curve(ax, name: str, curves: list[tuple[np.ndarray, np.ndarray]]) -> bool:
+    """A group's mean and band on ``ax``, where every run has data; past the first run's end (a stop at the
+    target, a spent budget) a dashed mean of the runs still going, without a band. False: nothing to draw."""
+    if not curves:
+        return False
+    grid = np.linspace(0.0, max(x[-1] for x, _ in curves), 200)
+    ys = np.stack([np.where(grid <= x[-1], np.interp(grid, x, y), np.nan) for x, y in curves])
+    mean, std = np.nanmean(ys, axis=0), np.nanstd(ys, axis=0)  # the longest run covers the whole grid
+    every = grid <= min(x[-1] for x, _ in curves)
+    line, = ax.plot(grid[every], mean[every], label=f"{name} (n={len(curves)})")
+    ax.fill_between(grid[every], (mean - std)[every], (mean + std)[every], alpha=0.2, color=line.get_color())
+    tail = ~every | np.roll(~every, -1)  # joins the solid part
+    if (~every).any():
+        ax.plot(grid[tail], mean[tail], linestyle="--", linewidth=1, color=line.get_color())
+    return True
+
+
+def _markdown(runs: list[dict], groups: dict[str, list[dict]], *, title: str, unfinished: str) -> str:
+    """report.md: the groups' table (mean ± std over seeds), the target, the plots and the runs."""
+    left_out = sum(r["left_out"] for r in runs)
     header = ["group", "runs", *(h for _, h, _, _ in TABLE)]
-    averaged = len(runs) - left_out
-    lines = [f"# {title}", "", f"{averaged} runs; mean ± std over seeds; "
+    lines = [f"# {title}", "", f"{len(runs) - left_out} runs; mean ± std over seeds; "
              "a count (k/n) marks a column only k of n runs reached."]
     if left_out:
         lines.append(f"{left_out} run{'s' * (left_out > 1)} that did not finish "
@@ -226,6 +243,4 @@ def write_report(run_dirs: list[Path], *, out_dir: Path, title: str = "raysim re
             f"{met['status']} after {met['rounds_completed']} rounds" + (", left out" if r["left_out"] else ""))
         lines.append(f"| {r['dir']} | {lab['policy']} | {lab['seed']} | {lab['population']} | {status} "
                      f"| {met['final_eval_accuracy']:.4f} |")
-    report = out_dir / REPORT
-    atomic_write(report, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
-    return report
+    return "\n".join(lines) + "\n"

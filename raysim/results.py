@@ -3,7 +3,7 @@
 Parquet files are written a part per round as the run goes, each atomically,
 so a run stopped at any moment (kill -9 included) keeps every finished round. Schemas are fixed here (a round's
 row is the typed :class:`RoundRow`); the column names are a contract
-(DESIGN.md) that users script against. Every row also carries its run's
+(README, *The run directory*) that users script against. Every row also carries its run's
 :class:`RunIdentity` (run id, name, seed, policy, a study's axis values), so
 that the parts of many runs read as one labelled table.
 """

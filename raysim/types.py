@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -10,26 +10,9 @@ from raysim.methods import DeviceConfig  # noqa: F401  (one field per per-device
 
 
 @dataclass(frozen=True)
-class DeviceProfile:
-    """One device's draw from its class: what it can do, in SI units."""
-
-    device_id: int
-    device_class: str
-    train_flops_per_s: float
-    memory_bytes: float
-    uplink_bps: float
-    downlink_bps: float
-    rtt_s: float
-    dropout_prob: float
-
-
-@dataclass(frozen=True)
 class DeviceDraws:
-    """Profile draws for many devices at once, one numpy array per field.
-
-    The columnar twin of :class:`DeviceProfile`: the scheduler and cost model
-    work on whole cohorts with array arithmetic; ``row(i)`` gives one profile.
-    """
+    """One profile draw per device of a cohort, in SI units: one numpy array per field, so that the scheduler
+    and the cost model work on whole cohorts with array arithmetic."""
 
     device_id: np.ndarray  # int64
     device_class: np.ndarray  # str (object)
@@ -42,10 +25,6 @@ class DeviceDraws:
 
     def __len__(self) -> int:
         return len(self.device_id)
-
-    def row(self, i: int) -> DeviceProfile:
-        numbers = {f.name: float(getattr(self, f.name)[i]) for f in fields(self)[2:]}
-        return DeviceProfile(device_id=int(self.device_id[i]), device_class=str(self.device_class[i]), **numbers)
 
 
 @dataclass(frozen=True)

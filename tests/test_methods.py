@@ -7,10 +7,11 @@ from raysim.aggregation.rules import combine, weighted_mean
 from raysim.config import load_experiment
 from raysim.methods import method_space
 from raysim.methods.lora import product
-from raysim.methods.submodel import EMBEDDING
 from raysim.types import DeviceConfig
 
 from conftest import TINY, make_worker, new_state, train_unit, trained_alone
+
+EMBEDDING = "transformer.wte.weight"  # GPT-2's token embedding, tied to its output head
 
 TWO_BLOCKS = [*TINY, "model.n_layer=2", "methods.lora_target_modules=[c_attn,c_fc]"]
 C_ATTN = "transformer.h.1.attn.c_attn"

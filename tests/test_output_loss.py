@@ -8,10 +8,12 @@ import torch.nn.functional as F
 
 from raysim.config import load_experiment
 from raysim.methods.output_loss import OutputLoss, corrected_logits, nce, proposal, sampled_softmax
-from raysim.methods.submodel import EMBEDDING, OUTPUT_EMBEDDING
+from raysim.methods.submodel import OUTPUT_EMBEDDING
 from raysim.types import DeviceConfig
 
 from conftest import TINY, make_worker, train_unit
+
+EMBEDDING = "transformer.wte.weight"  # GPT-2's token embedding, tied to its output head
 
 V, D = 11, 5
 

@@ -10,13 +10,15 @@ server.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from raysim.checkpoint import State
-from raysim.config import AggregationConfig
 from raysim.registry import Registry
+
+if TYPE_CHECKING:
+    from raysim.config import AggregationConfig
 
 Tensors = dict[str, torch.Tensor]
 

@@ -21,6 +21,7 @@ maps back to, the rows it sends) lives in its module, next to its class.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -88,8 +89,10 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+@functools.cache
 def device_config_class() -> type:
-    """:class:`DeviceConfig` as the registered methods define it: one frozen, hashable field per method."""
+    """:class:`DeviceConfig` as the registered methods define it: one frozen, hashable field per method (made once,
+    after :mod:`raysim.methods` has registered them all)."""
     cls = dataclasses.make_dataclass(
         "DeviceConfig", [(m.key, m.type, dataclasses.field(default=m.default)) for m in METHODS.values()],
         frozen=True)

@@ -46,14 +46,6 @@ def product(*, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torc
     return scale * (lora_B @ lora_A)
 
 
-def product_space_mean(factors: list[tuple[torch.Tensor, torch.Tensor]], *, weights: list[float],
-                       scale: float) -> torch.Tensor:
-    """``Σ p_k s B_k A_k`` with ``p_k = w_k / Σ w``, for (A, B) pairs of any ranks."""
-    total = sum(weights)
-    return sum(w / total * product(lora_A=a.double(), lora_B=b.double(), scale=scale)
-               for (a, b), w in zip(factors, weights))
-
-
 def refactor(delta: torch.Tensor, *, rank: int, scale: float,
              fallback_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``rank`` factors (A, B) with ``s · B A`` = the truncated SVD of ``delta``.

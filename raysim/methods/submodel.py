@@ -40,7 +40,6 @@ from raysim.models import BaseModel, instantiate
 from raysim.types import DeviceConfig
 
 Tensors = dict[str, torch.Tensor]
-EMBEDDING = ARCHITECTURES["gpt2"].embedding  # GPT-2's token embedding, tied to its output head
 OUTPUT_EMBEDDING = "lm_head.weight"  # the head, where it is its own matrix (every family's name)
 
 
