@@ -71,7 +71,7 @@ def test_shipped_library_has_proposed_classes_and_populations():
 
 def _row(draws, i: int) -> tuple:
     """Device ``i``'s draw, every field."""
-    return tuple(getattr(draws, f.name)[i].item() for f in dataclasses.fields(draws))
+    return tuple(getattr(draws, f.name)[i] for f in dataclasses.fields(draws))
 
 
 @settings(max_examples=25, deadline=None)

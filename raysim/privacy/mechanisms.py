@@ -48,7 +48,6 @@ class Mechanism(ABC):
 MECHANISMS: Registry[Mechanism] = Registry("privacy mechanism")  # privacy.mechanism names one
 
 
-@MECHANISMS.register("dp_fedavg")
 class DPFedAvg(Mechanism):
     """User-level DP-FedAvg (McMahan et al. 2018) with optional adaptive clipping (Andrew et al. 2021):
     :mod:`raysim.privacy.central`."""
@@ -79,6 +78,9 @@ class DPFedAvg(Mechanism):
                 "rounds_within_budget": plan.rounds,
                 "noise_space": "dense" if LORA_RULES[cfg.aggregation.lora].dense else "factors",
                 "noised_dims": noised_dims}
+
+
+MECHANISMS.register("dp_fedavg")(DPFedAvg())
 
 
 def mechanism_name(cfg: ExperimentConfig) -> str | None:
