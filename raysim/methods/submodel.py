@@ -152,8 +152,7 @@ class Space:
         masks = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in state.items()}
         for config in dict.fromkeys(configs):
             structure = self.structure(config)
-            slices = width.slices(config, n_layer=self.n_layer, units=self.units, inner=self.inner, pruning=pruning,
-                                  seed=0, round=round, device_id=0, with_dropout=False)
+            slices = self.slices(config, pruning=pruning, seed=0, round=round, device_id=0, with_dropout=False)
             fam = adapter.family(structure.adapter)
             for t in fam.targets(self):
                 if t.layer not in structure.blocks:
@@ -175,10 +174,11 @@ class Space:
                     adapter=self.adapters[0])
         return Structure(**structure_fields(config, self, full))
 
-    def slices(self, config: DeviceConfig, *, pruning: str, seed: int, round: int, device_id: int) -> Slices:
-        """The heads and MLP units each block of the device's submodel holds this round."""
+    def slices(self, config: DeviceConfig, *, pruning: str, seed: int, round: int, device_id: int,
+               with_dropout: bool = True) -> Slices:
+        """The heads and MLP units each block of the device's submodel holds this round (:func:`width.slices`)."""
         return width.slices(config, n_layer=self.n_layer, units=self.units, inner=self.inner, pruning=pruning,
-                            seed=seed, round=round, device_id=device_id)
+                            seed=seed, round=round, device_id=device_id, with_dropout=with_dropout)
 
     def index(self, kind: str, slices: Slices, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(out, in) feature indices a block's projection keeps (None: all)."""
@@ -286,9 +286,9 @@ class Submodel:
 
     def _hook_rescaling(self) -> None:
         """Hooks that rescale a trained projection's input or output by a family applied around the device's."""
-        names = [n for n, _ in self.space.families()]
-        after = names[names.index(self.structure.adapter) + 1:] if self.structure.adapter in names else []
-        around = {t.name for name, fam, targets in self._families if name in after for t in targets.values()}
+        adapters, own = self.space.adapters, self.structure.adapter
+        after = adapters[adapters.index(own) + 1:] if own in adapters else ()
+        around = {name for family_name, _, targets in self._families if family_name in after for name in targets}
         for t in self.trained:
             if t.name not in around:
                 continue

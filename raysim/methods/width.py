@@ -99,7 +99,7 @@ Slices = tuple[tuple[torch.Tensor, torch.Tensor], ...] | None  # per block (atte
 
 def slices(config: Any, *, n_layer: int, units: int, inner: int, pruning: str, seed: int, round: int,
            device_id: int, with_dropout: bool = True) -> Slices:
-    """The heads and MLP units each block of the device's submodel holds in ``round``. ``dropout`` False: the
+    """The heads and MLP units each block of the device's submodel holds in ``round``. ``with_dropout`` False: the
     whole pruning window, of which federated dropout keeps a random part."""
     rate = config.dropout_rate if with_dropout else 0.0
     if config.prune_ratio == 0 and rate == 0:
