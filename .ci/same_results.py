@@ -111,7 +111,7 @@ def differences(expected: dict[str, dict[str, str]], results: dict[str, dict[str
 def run_all() -> dict[str, dict[str, str]]:
     from raysim import cluster
     from raysim.config import load_experiment
-    from raysim.run import run_experiment
+    from raysim.engine.run import run_experiment
 
     cluster.connect(address=None, num_cpus=2)
     results = {}

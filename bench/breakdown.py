@@ -23,9 +23,9 @@ from common import W2
 
 
 def driver_phases(rounds: int = 6) -> None:
-    import raysim.callbacks as callbacks
-    import raysim.profiles as profiles
-    import raysim.run as run_module
+    import raysim.emulation.profiles as profiles
+    import raysim.engine.callbacks as callbacks
+    import raysim.engine.run as run_module
     from raysim.config import load_experiment
     from raysim.policies import static
 
@@ -104,12 +104,12 @@ def actor_ops() -> None:
     import numpy as np
     from torch.profiler import ProfilerActivity, profile
 
-    from raysim import work
     from raysim.config import load_experiment
     from raysim.data import build_dataset
-    from raysim.device import DeviceWorker
+    from raysim.engine import work
+    from raysim.engine.device import DeviceWorker
     from raysim.methods.space import default_config
-    from raysim.models import initial_base_model
+    from raysim.models.build import initial_base_model
 
     cfg = load_experiment(None, W2.overrides(num_actors=None))
     worker = DeviceWorker(cfg=cfg, base=initial_base_model(cfg.model, seed=0), dataset=build_dataset(cfg),

@@ -20,7 +20,7 @@ def measure(wl) -> tuple[float, float]:
     import pyarrow.parquet as pq
 
     from raysim.config import load_experiment
-    from raysim.run import run_experiment
+    from raysim.engine.run import run_experiment
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_experiment(None, [*wl.overrides(num_actors=None), f"output_dir={tmp}/run", "checkpoint.every=1"])

@@ -183,7 +183,7 @@ def raysim_rounds(wl: Workload, *, num_actors: int | None = None, population: in
     import pyarrow.parquet as pq
 
     from raysim.config import load_experiment
-    from raysim.run import run_experiment
+    from raysim.engine.run import run_experiment
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_experiment(None, [*wl.overrides(num_actors=num_actors, population=population),

@@ -11,8 +11,6 @@ __all__ = ["RunResults", "StudyResults", "load_run", "load_study", "run"]
 
 
 def __getattr__(name: str):
-    if name == "run":  # the submodule raysim.run, callable as raysim.api.run (see raysim/run.py)
-        return importlib.import_module("raysim.run")
     if name in __all__:
         return getattr(importlib.import_module("raysim.api"), name)
     raise AttributeError(f"module 'raysim' has no attribute {name!r}")

@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
-from raysim import shipped
 from raysim.config import QUICKSTART, ExperimentConfig, load_experiment, parse_override
 from raysim.errors import ConfigError
-from raysim.results import DEVICES_SCHEMA, ROUNDS_SCHEMA, part_files
+from raysim.io import shipped
+from raysim.io.results import DEVICES_SCHEMA, ROUNDS_SCHEMA, part_files
 
 OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")  # ``raysim run``'s rule: a first argument like this is an override
 
@@ -58,7 +58,7 @@ def run(experiment: str | Path | ExperimentConfig | None = None, *overrides: str
     own config; then give no experiment); ``overwrite``: replace the run in ``output_dir``. Bad input raises
     :class:`~raysim.errors.ConfigError` before anything runs.
     """
-    from raysim.run import run_experiment
+    from raysim.engine.run import run_experiment
 
     if resume is not None and overwrite:
         raise ConfigError("resume continues a run and overwrite replaces it: give one")

@@ -19,9 +19,9 @@ from raysim.errors import ConfigError, describe_error
 
 
 def _run(args: argparse.Namespace) -> int:
-    from raysim import shipped
     from raysim.api import experiment_config
     from raysim.config import QUICKSTART, load_experiment, to_yaml
+    from raysim.io import shipped
 
     path, overrides = args.experiment, list(args.overrides)
     if path is not None and re.match(r"[A-Za-z_][\w.]*=", path):  # no file, only overrides
@@ -37,7 +37,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from raysim.run import run_experiment  # imports Ray: not needed to print a config
+    from raysim.engine.run import run_experiment  # imports Ray: not needed to print a config
 
     run_dir = run_experiment(cfg, resume=args.resume is not None, overwrite=args.overwrite)
     print(f"run directory: {run_dir}")
@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from raysim.compare import load_study, run_study
+    from raysim.study.compare import load_study, run_study
 
     study_dir = run_study(load_study(args.study, list(args.overrides)))
     print(f"comparison: {study_dir / 'comparison.parquet'}\nreport: {study_dir / 'report.md'}")
@@ -55,7 +55,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from raysim.report import write_report
+    from raysim.study.report import write_report
 
     dirs = []
     for given in map(Path, args.run_dirs):
@@ -71,7 +71,7 @@ def _train_policy(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from raysim.config import load_experiment
-    from raysim.train_policy import train_policy
+    from raysim.study.train_policy import train_policy
 
     cfg = load_experiment(args.experiment, list(args.overrides))
     print(f"checkpoint: {train_policy(cfg, episodes=args.episodes, out=Path(args.out), overwrite=args.overwrite)}")
@@ -79,7 +79,7 @@ def _train_policy(args: argparse.Namespace) -> int:
 
 
 def _profiles(args: argparse.Namespace) -> int:
-    from raysim.profiles import profiles_command
+    from raysim.emulation.profiles import profiles_command
 
     return profiles_command([args.action or "list", *args.targets])
 

@@ -24,8 +24,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from raysim import shipped
 from raysim.errors import ConfigError
+from raysim.io import shipped
 from raysim.methods import METHODS, Method
 from raysim.methods.embedding_updates import EMBEDDING_SELECTIONS, SERVER_SELECTIONS
 
@@ -228,7 +228,7 @@ class RayConfig:
     """Where the device actors run. Results do not depend on ``num_actors`` or on the nodes they land on.
 
     What shapes a run's float rounding is fixed from the cohort and these keys
-    (raysim/work.py): ``tokens_per_pass``, ``work_units`` and the torch threads
+    (raysim/engine/work.py): ``tokens_per_pass``, ``work_units`` and the torch threads
     per actor (one per whole CPU in ``cpus_per_actor``).
     """
 
@@ -238,7 +238,7 @@ class RayConfig:
     gpus_per_actor: float = 0.0
     include_dashboard: bool = False
     # Devices with the same config train together in one pass of up to this many tokens per step
-    # (raysim/grouped.py): each gets the update it would get alone, up to float32 rounding. 0: one per pass.
+    # (raysim/models/grouped.py): each gets the update it would get alone, up to float32 rounding. 0: one per pass.
     tokens_per_pass: int = 4096
     # A round's passes are packed into at most this many units of work, each one partial sum; the
     # aggregator adds them in unit order. More units keep more actors busy; fewer send fewer partial sums.
@@ -253,7 +253,7 @@ class RayConfig:
 
 @dataclass
 class CostsConfig:
-    """What the cost model prices (raysim/costmodel.py): a declared training recipe, measured on a model built
+    """What the cost model prices (raysim/emulation/costmodel.py): a declared training recipe, measured on a model built
     for the measurement alone, so that how raysim computes (``speedups``, grouped passes) changes no cost."""
 
     # reference: the Hugging Face model as transformers builds it (its own activation module, eager
@@ -265,7 +265,7 @@ class CostsConfig:
 
 @dataclass
 class SpeedupsConfig:
-    """How raysim computes faster than transformers does (raysim/fastops.py). Each changes results at most by
+    """How raysim computes faster than transformers does (raysim/models/fastops.py). Each changes results at most by
     float rounding, and no cost column (``costs.recipe`` decides those); all off, raysim trains as the plain
     Hugging Face model would."""
 
@@ -473,7 +473,7 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
 
 
 def _validate_run(cfg: ExperimentConfig, c) -> None:
-    from raysim.cohort import SAMPLING
+    from raysim.emulation.cohort import SAMPLING
 
     c(cfg.rounds >= 1, "rounds", "must be >= 1")
     c(cfg.population_size is None or cfg.population_size >= 1, "population_size", "must be >= 1")
@@ -488,7 +488,7 @@ def _validate_run(cfg: ExperimentConfig, c) -> None:
 
 
 def _validate_model(cfg: ExperimentConfig, c) -> None:
-    from raysim.architectures import ARCHITECTURES
+    from raysim.models.architectures import ARCHITECTURES
 
     m = cfg.model
     c(m.n_layer >= 1, "model.n_layer", "must be >= 1")
@@ -557,7 +557,7 @@ def _validate_private(cfg: ExperimentConfig, c) -> None:
 
 
 def _validate_eval(cfg: ExperimentConfig, c) -> None:
-    from raysim.costmodel import RECIPES
+    from raysim.emulation.costmodel import RECIPES
 
     c(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     c(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
@@ -583,9 +583,9 @@ def _validate_ray(cfg: ExperimentConfig, c) -> None:
 
 def _validate_methods(cfg: ExperimentConfig, c) -> None:
     """Each per-device method's values, then the method options."""
-    from raysim.architectures import ARCHITECTURES
     from raysim.methods.quantize import GRANULARITY
     from raysim.methods.width import PRUNING
+    from raysim.models.architectures import ARCHITECTURES
 
     methods, model = cfg.methods, cfg.model
     for method in METHODS.values():
@@ -598,7 +598,7 @@ def _validate_methods(cfg: ExperimentConfig, c) -> None:
     c(methods.lora_target_modules is None or len(methods.lora_target_modules) >= 1, "methods.lora_target_modules",
       "needs at least one module (null: the family's default)")
     if model.path is None and model.family in ARCHITECTURES:  # with model.path, the folder's family decides
-        from raysim.architectures import check_targets
+        from raysim.models.architectures import check_targets
         check_targets(ARCHITECTURES[model.family], methods.lora_target_modules, c)
     c(methods.pruning in PRUNING, "methods.pruning", f"must be {PRUNING.choices()}")
     c(methods.quantization in GRANULARITY, "methods.quantization", f"must be {GRANULARITY.choices()}")

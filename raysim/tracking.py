@@ -10,7 +10,7 @@ a tracker would draw a false point or none. The resolved config is logged
 once: TensorBoard as a text summary (``config``) and hparams, MLflow as
 params (dotted keys, ``model.n_layer``) and ``config.yaml`` as an artifact.
 
-Both callbacks come after the files' (:class:`~raysim.callbacks.Files`), so
+Both callbacks come after the files' (:class:`~raysim.engine.callbacks.Files`), so
 the row they see is the one written, ``wall_time_s`` included. A resumed run
 continues: TensorBoard writes a new event file that purges the steps after
 the checkpoint (``purge_step``: readers drop the old values of the rounds
@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raysim.callbacks import Callback, Step
 from raysim.config import ExperimentConfig, TrackingConfig
+from raysim.engine.callbacks import Callback, Step
 from raysim.errors import ConfigError
-from raysim.results import RoundResult, RoundRow
+from raysim.io.results import RoundResult, RoundRow
 
 if TYPE_CHECKING:
-    from raysim.run import Run
+    from raysim.engine.run import Run
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(RoundRow) if f.name != "round")  # the round is the step
 MLFLOW_STATUS = {"failed": "FAILED", "interrupted": "KILLED"}  # the other statuses end a run cleanly: FINISHED

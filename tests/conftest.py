@@ -77,8 +77,8 @@ def assert_same_columns(x_table, y_table, *, where: str) -> None:
 def make_worker(cfg):
     """A DeviceWorker in this process, built the way the pool builds one."""
     from raysim.data import build_dataset
-    from raysim.device import DeviceWorker
-    from raysim.models import initial_base_model
+    from raysim.engine.device import DeviceWorker
+    from raysim.models.build import initial_base_model
 
     return DeviceWorker(cfg=cfg, base=initial_base_model(cfg.model, seed=cfg.seed), dataset=build_dataset(cfg),
                         num_threads=1)
@@ -91,7 +91,7 @@ def train_unit(worker, state, ids, configs, *, round=3, utility=False):
 
     import numpy as np
 
-    from raysim.work import WorkUnit, make_groups
+    from raysim.engine.work import WorkUnit, make_groups
 
     worker.begin_round(state, round, None, utility)
     groups = make_groups(ids, configs, pass_limit=worker.pass_limit)

@@ -21,7 +21,7 @@ import raysim
 from raysim.api import experiment_config
 from raysim.config import ExperimentConfig
 from raysim.errors import ConfigError
-from raysim.results import IDENTITY_SCHEMA
+from raysim.io.results import IDENTITY_SCHEMA
 
 from conftest import TINY, assert_same_columns, assert_same_results
 
@@ -50,7 +50,7 @@ def _unlabel(run_dir: Path) -> None:
 def study(ray_session, tmp_path_factory):
     """A finished two-run study (policy x seed x a dotted key) as raysim compare writes it, in
     <folder>/runs/compare_policies, where the README's example looks for one."""
-    from raysim.compare import load_study, run_study
+    from raysim.study.compare import load_study, run_study
 
     folder = tmp_path_factory.mktemp("notebook")
     experiment = OmegaConf.to_container(OmegaConf.from_dotlist([*TINY, "rounds=2"]))
@@ -90,12 +90,13 @@ def test_import_raysim_loads_neither_torch_nor_ray():
     assert done.stdout.strip() == "[]"
 
 
-def test_raysim_run_is_the_api_even_once_its_submodule_is_imported():
-    """The package's attribute ``run`` becomes the submodule raysim.run when anything imports it: the module is
-    the function."""
-    import raysim.run
+def test_raysim_run_is_the_api_even_once_the_engine_is_imported():
+    """``raysim.run`` is :func:`raysim.api.run` whatever was imported before: the engine's run module lives in
+    ``raysim.engine``, so nothing shadows the package's attribute."""
+    import raysim.api
+    import raysim.engine.run
 
-    assert raysim.run is sys.modules["raysim.run"] and callable(raysim.run) and raysim.run.run_experiment
+    assert raysim.run is raysim.api.run and raysim.engine.run.run_experiment
     with pytest.raises(ConfigError, match="rounds: must be >= 1"):
         raysim.run("quickstart", "rounds=0")
 
@@ -208,7 +209,7 @@ def test_load_study_gives_every_run_and_the_comparison(study):
 
 def test_a_study_started_again_labels_the_finished_runs_it_skips(study, tmp_path):
     """Runs that finished before rows were labelled are not run again, but they are labelled."""
-    from raysim.compare import load_study, run_study
+    from raysim.study.compare import load_study, run_study
 
     study_dir, folder = study
     copy = tmp_path / "compare_policies"

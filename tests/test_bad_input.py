@@ -153,8 +153,8 @@ def test_a_jsonl_file_that_does_not_parse_names_file_and_row(tmp_path):
 def test_a_run_whose_aggregate_turns_non_finite_fails_and_keeps_its_state(tiny_cfg, ray_session):
     """lr = 1e30 is finite, so it passes validation; round 1's update overflows. The run must end ``failed``
     with the cause, record no round it could not finish, and leave no final state."""
-    from raysim.aggregator import NonFiniteUpdate
-    from raysim.run import run_experiment
+    from raysim.engine.aggregator import NonFiniteUpdate
+    from raysim.engine.run import run_experiment
 
     cfg = tiny_cfg("train.lr=1e30", "ray.cpus_per_actor=0.5", "ray.num_actors=1")
     with pytest.raises(NonFiniteUpdate, match="round 1: the aggregated update is not finite"):

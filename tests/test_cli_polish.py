@@ -13,8 +13,8 @@ import pytest
 import raysim
 from raysim.cli import build_parser, main
 from raysim.config import QUICKSTART, load_experiment, to_yaml
+from raysim.emulation.profiles import SHIPPED_PROFILES
 from raysim.errors import ConfigError
-from raysim.profiles import SHIPPED_PROFILES
 
 
 def run_cli(argv, capsys) -> tuple[int, list[str], str]:
@@ -47,8 +47,8 @@ PARSERS = [("raysim", build_parser()), *SUBCOMMANDS]
 
 @pytest.fixture
 def no_run(monkeypatch):
-    """Importing raysim.run (the only way to a run, and to Ray) fails the test."""
-    monkeypatch.setitem(sys.modules, "raysim.run", None)
+    """Importing raysim.engine.run (the only way to a run, and to Ray) fails the test."""
+    monkeypatch.setitem(sys.modules, "raysim.engine.run", None)
 
 
 def test_version_prints_the_package_version_and_exits_0(capsys):

@@ -1,6 +1,6 @@
 import numpy as np
 
-from raysim.clock import settle_round, settle_rounds
+from raysim.emulation.clock import settle_round, settle_rounds
 
 
 def _settle(finish, *, target, deadline=None, available=None, fits=None, dropped=None):

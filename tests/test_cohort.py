@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from raysim import rng
-from raysim.cohort import sample_cohort
 from raysim.config import CohortConfig
-from raysim.profiles import load_population
+from raysim.emulation.cohort import sample_cohort
+from raysim.emulation.profiles import load_population
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from raysim.cli import main
-from raysim.compare import is_finished, load_study, run_study
+from raysim.study.compare import is_finished, load_study, run_study
 
 from conftest import TINY
 
@@ -74,10 +74,10 @@ def test_a_resumed_study_reruns_only_unfinished_runs(finished_study, tmp_path, m
     summary = json.loads(summary_file.read_text())
     summary_file.write_text(json.dumps(summary | {"status": "interrupted"}))
     ran = []
-    import raysim.run
+    import raysim.engine.run
 
-    real = raysim.run.run_experiment
-    monkeypatch.setattr(raysim.run, "run_experiment", lambda cfg, **kw: ran.append(cfg.name) or real(cfg, **kw))
+    real = raysim.engine.run.run_experiment
+    monkeypatch.setattr(raysim.engine.run, "run_experiment", lambda cfg, **kw: ran.append(cfg.name) or real(cfg, **kw))
     run_study(load_study(path))
     assert ran == ["tiny-policy-rl_seed-0"]
     assert all(is_finished(r) for r in load_study(path).runs)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from raysim.config import load_experiment
-from raysim.costmodel import Measurement, device_costs
+from raysim.emulation.costmodel import Measurement, device_costs
 from raysim.types import DeviceConfig, DeviceDraws
 
 from conftest import TINY, make_worker

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from raysim.config import load_experiment
-from raysim.device import batch_indices
+from raysim.engine.device import batch_indices
 from raysim.types import DeviceConfig
 
 from conftest import TINY, make_worker, train_unit
@@ -67,7 +67,7 @@ def test_model_dropout_masks_differ_between_devices_and_repeat_per_device(worker
 
 def test_units_split_across_workers_add_up_to_one_unit_of_the_same_groups(workers):
     from raysim.aggregation.rules import combine
-    from raysim.work import Group, WorkUnit
+    from raysim.engine.work import Group, WorkUnit
 
     a, b = workers
     state = a.initial_state()
@@ -107,7 +107,7 @@ def test_batches_cover_every_example_once_per_epoch():
 
 
 def test_a_units_partial_sum_counts_its_devices_and_records_follow_the_units_order(workers):
-    from raysim.work import Group, WorkUnit
+    from raysim.engine.work import Group, WorkUnit
 
     a, _ = workers
     a.begin_round(a.initial_state(), 1)

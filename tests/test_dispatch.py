@@ -1,4 +1,5 @@
-"""raysim.dispatch on real Ray actors: lost actors' work is sent again, replacements take work once they answer."""
+"""raysim.engine.dispatch on real Ray actors: lost actors' work is sent again, and replacements take work
+once they answer."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 import pytest
 import ray
 
-from raysim.dispatch import Actors, WorkLost, dispatch
+from raysim.engine.dispatch import Actors, WorkLost, dispatch
 
 
 def squarer_class():

@@ -7,9 +7,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.activations import NewGELUActivation
 
-from raysim import fastops
-from raysim.fastops import TanhGELU, device_losses, fuse_activations
-from raysim.grouped import KeyedDropout, keyed, per_device_loss
+from raysim.models import fastops
+from raysim.models.fastops import TanhGELU, device_losses, fuse_activations
+from raysim.models.grouped import KeyedDropout, keyed, per_device_loss
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -55,7 +55,7 @@ def test_kept_memory_serves_a_freed_large_tensor_again_without_page_faults():
     process-wide."""
     code = textwrap.dedent("""
         import resource, sys, torch
-        from raysim.fastops import keep_freed_memory
+        from raysim.models.fastops import keep_freed_memory
         applied = keep_freed_memory() if sys.argv[1] == "keep" else None
         def faults():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -3,7 +3,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from raysim.grouped import KEYED_ATTENTION, KeyedDropout, install_keyed_dropout, keyed, per_device_loss, stacked
+from raysim.models.grouped import KEYED_ATTENTION, KeyedDropout, install_keyed_dropout, keyed, per_device_loss, stacked
 
 
 def test_per_device_loss_is_each_devices_causal_lm_loss():

@@ -39,7 +39,7 @@ def test_an_ia3_config_has_no_rank_and_the_adapter_axis_multiplies_only_lora():
 def test_an_ia3_device_trains_peft_ia3_vectors_on_peft_default_targets(family):
     from peft import IA3Config, get_peft_model
 
-    from raysim.models import instantiate
+    from raysim.models.build import instantiate
 
     worker = _worker(family)
     trained = set(worker.submodel(IA3).params)
@@ -111,7 +111,7 @@ def test_an_ia3_step_is_priced_as_plain_transformers_and_peft_price_it(family):
 
 
 def _private_run(tiny_cfg, tmp_path, policy: str):
-    from raysim.run import run_experiment
+    from raysim.engine.run import run_experiment
 
     cfg = tiny_cfg("model.n_layer=2", "methods.adapter=[lora,ia3]", "methods.lora_rank=[4,2]", f"policy={policy}",
                    "cohort.sampling=poisson", "cohort.size=6", "privacy.clip_norm=0.05",

@@ -18,7 +18,7 @@ from raysim.aggregation.rules import combine, weighted_mean
 from raysim.config import load_experiment
 from raysim.errors import ConfigError
 from raysim.methods.lora import product
-from raysim.models import initial_base_model, instantiate
+from raysim.models.build import initial_base_model, instantiate
 from raysim.types import DeviceConfig
 
 from conftest import TINY, make_worker, new_state, train_unit, trained_alone
@@ -138,7 +138,7 @@ def test_mixed_ranks_on_every_projection_aggregate_to_the_weighted_sum_of_produc
 
 
 def test_full_weights_train_in_one_grouped_pass_to_fedavg_of_the_weights(llama):
-    """nn.Linear weights stack (raysim/grouped.py), so two rank-0 devices share one pass; each gets what it
+    """nn.Linear weights stack (raysim/models/grouped.py), so two rank-0 devices share one pass; each gets what it
     would alone, and ΔW (out, in) is the weights' mean change with no transpose."""
     config = DeviceConfig(lora_rank=0)
     assert llama.submodel(config).stackable
@@ -232,7 +232,7 @@ def test_llama_updates_aggregate_to_the_same_bits_on_one_or_two_actors(ray_sessi
     import ray
 
     from raysim.data import build_dataset
-    from raysim.pool import DevicePool
+    from raysim.engine.pool import DevicePool
 
     cfg = load_experiment(None, [*LLAMA, "methods.lora_rank=[4,2,0]", "methods.partial_embeddings=[false,true]",
                                  "methods.embedding_rows=16", "model.dropout=0.1"])
@@ -253,7 +253,7 @@ def test_llama_updates_aggregate_to_the_same_bits_on_one_or_two_actors(ray_sessi
 
 
 def test_a_llama_run_finishes_with_finite_results(ray_session, tiny_cfg):
-    from raysim.run import run_experiment
+    from raysim.engine.run import run_experiment
 
     cfg = tiny_cfg(*LLAMA[len(TINY):], "methods.lora_rank=[4,0]", "methods.prune_ratio=[0.0,0.5]", "policy=random",
                    "methods.bits=[32,8]", "rounds=2", "eval.every=1")

@@ -13,9 +13,9 @@ import pytest
 
 from raysim.config import MethodsConfig, load_experiment
 from raysim.errors import ConfigError
+from raysim.io.results import DEVICES_SCHEMA
 from raysim.methods import METHODS, DeviceConfig, method_space
 from raysim.methods.base import config_key
-from raysim.results import DEVICES_SCHEMA
 
 RAYSIM = Path(__file__).resolve().parents[1] / "raysim"
 

@@ -142,8 +142,8 @@ def test_heterogeneous_configs_aggregate_to_the_same_bits_on_one_or_two_actors(r
     import ray
 
     from raysim.data import build_dataset
-    from raysim.models import initial_base_model
-    from raysim.pool import DevicePool
+    from raysim.engine.pool import DevicePool
+    from raysim.models.build import initial_base_model
 
     cfg = load_experiment(None, [*TWO_BLOCKS, "methods.lora_rank=[4,2,0]", "methods.partial_embeddings=[false,true]",
                                  "methods.embedding_rows=16"])

@@ -3,7 +3,7 @@ import torch
 
 from raysim.config import MethodsConfig, ModelConfig
 from raysim.errors import ConfigError
-from raysim.models import add_lora, initial_base_model, instantiate
+from raysim.models.build import add_lora, initial_base_model, instantiate
 
 TINY = ModelConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
 

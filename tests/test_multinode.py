@@ -106,7 +106,7 @@ def test_a_run_on_two_nodes_writes_every_file_where_its_driver_runs(on_two_nodes
 
 def test_a_run_on_two_nodes_gives_the_results_of_a_local_run(on_two_nodes, ray_session, tmp_path):
     from raysim.config import load_experiment
-    from raysim.run import run_experiment
+    from raysim.engine.run import run_experiment
 
     work, _ = on_two_nodes
     cfg = load_experiment(work / "tiny.yaml", [f"output_dir={tmp_path / 'local'}", "ray.num_actors=1"])
@@ -149,7 +149,7 @@ print(json.dumps({"rc": driver.returncode, "stderr": err[-4000:], "at_removal": 
 @pytest.mark.slow
 def test_a_run_that_loses_a_node_mid_run_finishes_with_the_results_of_a_local_run(tmp_path, ray_session):
     from raysim.config import load_experiment
-    from raysim.run import run_experiment
+    from raysim.engine.run import run_experiment
 
     (tmp_path / "raylets").mkdir()
     (tmp_path / "tiny.yaml").write_text(_as_yaml([*SPREAD, "rounds=30"]))

@@ -13,7 +13,7 @@ from raysim.aggregation.rules import PartialSum
 from raysim.config import load_experiment
 from raysim.methods import method_space
 from raysim.methods.submodel import Space, Support
-from raysim.models import initial_base_model
+from raysim.models.build import initial_base_model
 from raysim.privacy.central import gaussian_noise, noisy_sum, off_support_norm
 
 TINY = ["model.n_layer=2", "model.n_embd=16", "model.n_head=2", "model.vocab_size=32", "model.n_positions=16",
@@ -90,8 +90,8 @@ def test_what_devices_send_off_the_support_is_measured_and_never_released():
 def test_the_aggregator_keeps_every_coordinate_off_the_support_exactly():
     """Central DP on the aggregator, with a sum that leaks into block 0: the new state equals the old one in
     block 0 bit for bit, moves in block 1, and the round's stats report the leak."""
-    from raysim.aggregator import Aggregator
     from raysim.config import AggregationConfig
+    from raysim.engine.aggregator import Aggregator
     from raysim.privacy.central import CentralDP
     from raysim.privacy.plan import plan_central
 

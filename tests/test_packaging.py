@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from raysim import shipped
 from raysim.errors import ConfigError
+from raysim.io import shipped
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 

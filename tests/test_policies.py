@@ -11,18 +11,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raysim import checkpoint as ckpt
-from raysim.clock import settle_round
 from raysim.config import MethodsConfig
-from raysim.costmodel import Measurement, device_costs
+from raysim.emulation.clock import settle_round
+from raysim.emulation.costmodel import Measurement, device_costs
 from raysim.errors import ConfigError
+from raysim.io import checkpoint as ckpt
+from raysim.io.results import ROUNDS_SCHEMA, RoundResult, RoundRow
 from raysim.methods import method_space
 from raysim.policies import CostOracle, PolicyContext, PolicySpec, build_policy, read_policy
 from raysim.policies.rl.critic import fit
 from raysim.policies.rl.planning import Proposal
 from raysim.policies.rl.policy import pack
 from raysim.policies.static import richness_order
-from raysim.results import ROUNDS_SCHEMA, RoundResult, RoundRow
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
 
 METHODS = MethodsConfig(lora_rank=[8, 2, 16], prune_ratio=[0.0, 0.5], trainable_layers=[None, 1], bits=[32, 8, 4])

@@ -3,8 +3,8 @@ import torch
 
 from raysim.config import PretrainConfig, load_experiment
 from raysim.data import build_dataset
-from raysim.models import initial_base_model, instantiate
-from raysim.pretrain import cache_key, lr_at, pretrain
+from raysim.models.build import initial_base_model, instantiate
+from raysim.models.pretrain import cache_key, lr_at, pretrain
 
 from conftest import TINY
 
@@ -66,13 +66,13 @@ def test_the_cache_key_changes_with_the_recipe_or_a_library_version_and_only_the
     """Weights cached by another recipe, or computed by another torch or transformers, are not reused."""
     import transformers
 
-    import raysim.pretrain
+    import raysim.models.pretrain
 
     base = initial_base_model(load_experiment(None, TINY).model, seed=0)
     public, settings = torch.zeros((2, 16), dtype=torch.long), PretrainConfig(steps=2)
     key = cache_key(base, public, settings, seed=0)
     assert cache_key(base, public, settings, seed=0) == key
-    for module, name, value in [(raysim.pretrain, "RECIPE_VERSION", raysim.pretrain.RECIPE_VERSION + 1),
+    for module, name, value in [(raysim.models.pretrain, "RECIPE_VERSION", raysim.models.pretrain.RECIPE_VERSION + 1),
                                 (torch, "__version__", "0.0.1"), (transformers, "__version__", "0.0.1")]:
         with monkeypatch.context() as patch:
             patch.setattr(module, name, value)

@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from raysim.aggregation.rules import PartialSum, combine, global_norm, weighted_mean
-from raysim.aggregator import Aggregator
 from raysim.config import AggregationConfig, PrivacyConfig, load_experiment
+from raysim.engine.aggregator import Aggregator
+from raysim.engine.processors import UpdateProcessor
 from raysim.privacy.central import AdaptiveClipping, CentralDP, clip, gaussian_noise, noisy_sum
 from raysim.privacy.plan import plan_central, update_noise_multiplier
-from raysim.processors import UpdateProcessor
 from raysim.types import DeviceConfig
 
 from conftest import TINY
@@ -140,8 +140,8 @@ def _plan(clip_norm):
 @pytest.fixture(scope="module")
 def workers():
     from raysim.data import build_dataset
-    from raysim.device import DeviceWorker
-    from raysim.models import initial_base_model
+    from raysim.engine.device import DeviceWorker
+    from raysim.models.build import initial_base_model
 
     cfg = load_experiment(None, [*TINY, "ray.tokens_per_pass=128"])  # two devices per pass: three units
     base, dataset = initial_base_model(cfg.model, seed=cfg.seed), build_dataset(cfg)
@@ -153,7 +153,7 @@ def workers():
 
 
 def _units(worker):
-    from raysim.work import plan
+    from raysim.engine.work import plan
 
     return plan(IDS, [CONFIG] * len(IDS), np.ones(len(IDS)), pass_limit=worker.pass_limit, max_units=64)
 

@@ -6,8 +6,8 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
+from raysim.engine.run import run_experiment
 from raysim.privacy import accounting, local
-from raysim.run import run_experiment
 
 from conftest import TINY, assert_same_results
 

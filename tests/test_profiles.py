@@ -12,8 +12,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raysim.errors import ConfigError
-from raysim.profiles import (
+from raysim.emulation.profiles import (
     PROFILE_DIRS,
     list_profiles,
     load_class,
@@ -21,6 +20,7 @@ from raysim.profiles import (
     load_profile,
     profiles_command,
 )
+from raysim.errors import ConfigError
 
 SHIPPED_ROOT = PROFILE_DIRS[-1]
 SHIPPED = sorted(SHIPPED_ROOT.glob("*/*.yaml"))

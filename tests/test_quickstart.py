@@ -5,8 +5,8 @@ import json
 import pytest
 
 from raysim.config import load_experiment
-from raysim.run import run_experiment
-from raysim.shipped import experiment
+from raysim.engine.run import run_experiment
+from raysim.io.shipped import experiment
 
 
 @pytest.mark.slow

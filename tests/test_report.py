@@ -8,8 +8,8 @@ import pytest
 
 from raysim.cli import main
 from raysim.config import load_experiment, to_yaml
-from raysim.report import PLOTS, run_metrics, write_report
-from raysim.results import DEVICES_SCHEMA, ROUNDS_SCHEMA, RoundResult, RoundRow, RunWriter
+from raysim.io.results import DEVICES_SCHEMA, ROUNDS_SCHEMA, RoundResult, RoundRow, RunWriter
+from raysim.study.report import PLOTS, run_metrics, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

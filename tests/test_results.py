@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from raysim.results import RunWriter, atomic_write
+from raysim.io.results import RunWriter, atomic_write
 
 
 def test_two_writers_of_one_file_at_once_never_share_a_temporary_file(tmp_path):

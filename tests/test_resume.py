@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from raysim.callbacks import Callback
 from raysim.config import load_experiment
+from raysim.engine.callbacks import Callback
+from raysim.engine.run import run_experiment
 from raysim.errors import ConfigError
-from raysim.run import run_experiment
 
 from conftest import TINY, assert_same_results
 

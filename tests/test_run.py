@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raysim.run import run_experiment
+from raysim.engine.run import run_experiment
 
 from conftest import assert_same_results
 
@@ -153,12 +153,12 @@ def test_a_device_actor_killed_mid_round_costs_no_round_and_changes_no_result(ru
     actor, or the one that replaced the killed one) and the run's files are the bytes of the run never killed."""
     import ray
 
-    import raysim.pool
+    import raysim.engine.pool
     from raysim.config import load_experiment
 
     from conftest import TINY
 
-    real = raysim.pool.dispatch
+    real = raysim.engine.pool.dispatch
     killed = []
 
     def killing(actors, items, call, *, what, **kw):
@@ -171,7 +171,7 @@ def test_a_device_actor_killed_mid_round_costs_no_round_and_changes_no_result(ru
 
         return real(actors, items, call_then_kill, what=what, **kw)
 
-    monkeypatch.setattr(raysim.pool, "dispatch", killing)
+    monkeypatch.setattr(raysim.engine.pool, "dispatch", killing)
     spread = ["policy=random", "methods.lora_rank=[4,2]", "methods.bits=[32,8]", "ray.tokens_per_pass=128",
               "eval.batch_size=8", "ray.cpus_per_actor=0.5", "ray.num_actors=2"]
     cfg = load_experiment(None, [*TINY, f"output_dir={tmp_path / 'run'}", "cohort.deadline_s=0.12", *spread])

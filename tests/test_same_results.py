@@ -50,7 +50,7 @@ def test_column_digest_reads_text_by_value_whatever_its_objects_and_chunks():
 def two_runs(tmp_path_factory, ray_session) -> tuple[Path, Path]:
     """The same tiny experiment run twice, in folders of different names."""
     from raysim.config import load_experiment
-    from raysim.run import run_experiment
+    from raysim.engine.run import run_experiment
 
     out = tmp_path_factory.mktemp("same_results")
     return tuple(run_experiment(load_experiment(None, [*same_results.TINY, "rounds=2", f"output_dir={out / name}"]))

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from raysim.compare import load_study
 from raysim.config import load_experiment
-from raysim.costmodel import Measurement
+from raysim.emulation.costmodel import Measurement
+from raysim.emulation.profiles import load_population
 from raysim.methods import method_space
 from raysim.policies import CostOracle, PolicyContext, build_policy, read_policy
-from raysim.profiles import load_population
+from raysim.study.compare import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "experiments" / "compare_policies.yaml"

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysim.config import load_experiment
+from raysim.engine.run import run_experiment
 from raysim.policies import Policy
-from raysim.run import run_experiment
 
 from conftest import TINY, make_worker
 
@@ -72,7 +72,7 @@ def test_each_speedup_off_leaves_every_cost_column_as_it_was(fast_run, tmp_path,
 def test_speedups_off_train_the_plain_transformers_modules():
     from transformers.activations import NewGELUActivation
 
-    from raysim.fastops import TanhGELU
+    from raysim.models.fastops import TanhGELU
     from raysim.types import DeviceConfig
 
     def activations(*overrides):

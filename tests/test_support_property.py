@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raysim.config import SERVER_SELECTIONS, load_experiment
+from raysim.engine.processors import UpdateProcessor
 from raysim.methods import method_space
-from raysim.processors import UpdateProcessor
 
 from conftest import TINY, make_worker, train_unit
 

@@ -17,12 +17,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from raysim import tracking
-from raysim.callbacks import Callback, Step
 from raysim.cli import main
 from raysim.config import TrackingConfig, load_experiment
+from raysim.engine.callbacks import Callback, Step
+from raysim.engine.run import run_experiment
 from raysim.errors import ConfigError
-from raysim.results import IDENTITY_SCHEMA
-from raysim.run import run_experiment
+from raysim.io.results import IDENTITY_SCHEMA
 
 from conftest import TINY, assert_same_results
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 
-from raysim import checkpoint as ckpt
 from raysim.cli import main
+from raysim.io import checkpoint as ckpt
 from raysim.policies.rl.policy import unpack
 
 from conftest import TINY
 
 
 def test_trained_rl_policy_is_saved_and_a_later_run_loads_it(ray_session, tmp_path, tiny_cfg, capsys):
-    from raysim.run import run_experiment
+    from raysim.engine.run import run_experiment
 
     (tmp_path / "rl.yaml").write_text("policy: rl\nparams: {w_progress: 10.0}\n")
     exp = tmp_path / "exp.yaml"

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from raysim.engine.work import make_groups, pack, plan, split_evenly
 from raysim.types import DeviceConfig
-from raysim.work import make_groups, pack, plan, split_evenly
 
 A, B, C = DeviceConfig(lora_rank=8), DeviceConfig(lora_rank=4), DeviceConfig(lora_rank=4, dropout_rate=0.25)
 LIMITS = {A: 4, B: 3, C: 1}

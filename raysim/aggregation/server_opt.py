@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from raysim.checkpoint import State
+from raysim.io.checkpoint import State
 from raysim.registry import Registry
 
 if TYPE_CHECKING:

@@ -6,12 +6,12 @@ the device actors through the object store.
 
 from __future__ import annotations
 
-from raysim.caches import Caches
 from raysim.config import ExperimentConfig, frozen, split_seed
 from raysim.data.base import FederatedDataset
 from raysim.data.synthetic import SyntheticTokens
 from raysim.data.text import TextDataset, build_text_dataset
-from raysim.models import model_vocab_size
+from raysim.io.caches import Caches
+from raysim.models.build import model_vocab_size
 
 __all__ = ["FederatedDataset", "SyntheticTokens", "TextDataset", "build_dataset"]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysim.results import atomic_write
+from raysim.io.results import atomic_write
 
 SHIPPED = Path(__file__).resolve().parent.parent / "corpora" / "python_docs.parquet"
 PUBLIC_USER = "__public__"

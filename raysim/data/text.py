@@ -25,7 +25,7 @@ from raysim.data.corpus import PUBLIC_USER, SHIPPED
 from raysim.data.sources import partition, read_table
 from raysim.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from raysim.errors import ConfigError
-from raysim.models import folder_tokenizer, model_vocab_size
+from raysim.models.build import folder_tokenizer, model_vocab_size
 
 
 @dataclass

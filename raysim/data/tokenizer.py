@@ -12,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from raysim.errors import ConfigError
-from raysim.results import atomic_write
+from raysim.io.results import atomic_write
 
 EOS = "<|endoftext|>"
 

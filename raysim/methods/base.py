@@ -30,8 +30,8 @@ import pyarrow as pa
 from raysim.registry import Registry
 
 if TYPE_CHECKING:
-    from raysim.architectures import Sizes
     from raysim.config import ExperimentConfig
+    from raysim.models.architectures import Sizes
 
 
 class Method:

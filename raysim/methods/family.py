@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from raysim.config import ExperimentConfig
     from raysim.methods.lora import Target
     from raysim.methods.submodel import Space, Structure
-    from raysim.models import BaseModel
+    from raysim.models.build import BaseModel
 
 Tensors = dict[str, torch.Tensor]
 Index = torch.Tensor | None  # feature indices a width-sliced device holds (None: all)

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from raysim.config import ExperimentConfig
     from raysim.methods.lora import Target
     from raysim.methods.submodel import Space, Structure
-    from raysim.models import BaseModel
+    from raysim.models.build import BaseModel
 
 
 def _named(target: Target, suffixes: list[str]) -> bool:

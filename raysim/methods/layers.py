@@ -16,8 +16,8 @@ import pyarrow as pa
 from raysim.methods.base import Method, register
 
 if TYPE_CHECKING:
-    from raysim.architectures import Sizes
     from raysim.config import ExperimentConfig
+    from raysim.models.architectures import Sizes
 
 
 def trained_blocks(n_layer: int, k: int | None) -> tuple[int, ...]:

@@ -17,7 +17,7 @@ import torch
 from raysim.methods import width
 from raysim.methods.family import AdapterFamily, Index, Piece, Reach, Tensors
 from raysim.methods.lora import lora_init
-from raysim.models import add_lora
+from raysim.models.build import add_lora
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from raysim.config import ExperimentConfig
     from raysim.methods.lora import Target
     from raysim.methods.submodel import Space, Structure
-    from raysim.models import BaseModel
+    from raysim.models.build import BaseModel
 
 
 class LoRA(AdapterFamily):

@@ -17,8 +17,8 @@ import pyarrow as pa
 from raysim.methods.base import Method, register
 
 if TYPE_CHECKING:
-    from raysim.architectures import Sizes
     from raysim.config import ExperimentConfig, MethodsConfig
+    from raysim.models.architectures import Sizes
 
 ADAPTERS_ONLY = "local DP-SGD trains LoRA adapters only: no rank 0, no partial embeddings"
 

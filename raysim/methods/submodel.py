@@ -25,18 +25,18 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from raysim.aggregation.lora import LORA_RULES, LoraRule
-from raysim.architectures import ARCHITECTURES, Architecture, Sizes, check_targets, features, lora_targets
 from raysim.config import ExperimentConfig
 from raysim.errors import ConfigError
-from raysim.fastops import fuse_activations
-from raysim.grouped import install_keyed_dropout, stackable
 from raysim.methods import adapter, embedding_updates, quantize, width
 from raysim.methods.base import structure_fields
 from raysim.methods.family import AdapterFamily
 from raysim.methods.lora import Target
 from raysim.methods.rank import max_rank
 from raysim.methods.width import Slices
-from raysim.models import BaseModel, instantiate
+from raysim.models.architectures import ARCHITECTURES, Architecture, Sizes, check_targets, features, lora_targets
+from raysim.models.build import BaseModel, instantiate
+from raysim.models.fastops import fuse_activations
+from raysim.models.grouped import install_keyed_dropout, stackable
 from raysim.types import DeviceConfig
 
 Tensors = dict[str, torch.Tensor]
@@ -64,7 +64,7 @@ class Space:
     max_rank: int
     scale: float  # LoRA alpha / rank
     embeddings: bool
-    family: str  # the model family (raysim.architectures)
+    family: str  # the model family (raysim.models.architectures)
     sizes: Sizes
     embedding: str  # the embedding partial-embedding devices train: the tied table or the head
     adapters: tuple[str, ...] = ("lora",)  # the adapter families of the method space, in the order they compose
@@ -244,7 +244,7 @@ def build_model(*, space: Space, structure: Structure, base: BaseModel, cfg: Exp
     adapter family's parameters (peft's) trainable in its blocks, and the embedding where it trains.
 
     Nothing of raysim's own computing is in it: the cost model measures it as it is
-    (:mod:`raysim.costmodel`), and :class:`Submodel` adds keyed dropout and the speed-ups on top.
+    (:mod:`raysim.emulation.costmodel`), and :class:`Submodel` adds keyed dropout and the speed-ups on top.
     """
     model = instantiate(base)
     if structure.heads < space.units or structure.mlp < space.inner:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from raysim import shipped
 from raysim.config import load_mapping
 from raysim.errors import ConfigError
+from raysim.io import shipped
 from raysim.policies import rl, static  # noqa: F401  (registers the shipped policies)
 from raysim.policies.base import REGISTRY, CostOracle, Policy, PolicyContext, Prices
 

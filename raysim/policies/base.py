@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from raysim.checkpoint import State
 from raysim.config import MethodsConfig
-from raysim.costmodel import Measurement, device_costs
+from raysim.emulation.costmodel import Measurement, device_costs
+from raysim.io.checkpoint import State
 from raysim.registry import Registry
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
 
 if TYPE_CHECKING:
-    from raysim.results import RoundResult
+    from raysim.io.results import RoundResult
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ import torch
 
 from raysim import rng
 from raysim.aggregation.rules import PartialSum, Tensors, global_norm
-from raysim.checkpoint import State
+from raysim.engine.processors import DeviceContext, DeviceUpdate, ServerContext, UpdateProcessor
+from raysim.io.checkpoint import State
 from raysim.privacy import accounting
-from raysim.processors import DeviceContext, DeviceUpdate, ServerContext, UpdateProcessor
 
 if TYPE_CHECKING:
     from raysim.privacy.plan import CentralPlan

@@ -3,7 +3,7 @@
 
 A :class:`Mechanism` owns its plan (fixed before any training from the config
 and the population: every setting it depends on is checked there), the update
-processor it runs as (a device and a server hook, :mod:`raysim.processors`),
+processor it runs as (a device and a server hook, :mod:`raysim.engine.processors`),
 the one line a run prints about it, and its ``summary.json`` section. A run
 reads nothing else of it but the rounds its budget allows, its δ and whether
 it noises a support (:class:`Privacy`). A second mechanism is one class here.
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from raysim.aggregation.lora import LORA_RULES
+from raysim.engine.processors import UpdateProcessor
 from raysim.privacy.central import AdaptiveClipping, CentralDP
 from raysim.privacy.plan import CentralPlan, plan_central
-from raysim.processors import UpdateProcessor
 from raysim.registry import Registry
 
 if TYPE_CHECKING:

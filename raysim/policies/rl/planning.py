@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from raysim.clock import settle_rounds
+from raysim.emulation.clock import settle_rounds
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,15 @@ import torch
 
 import raysim.policies.rl.features as features
 import raysim.policies.rl.planning as planning
-from raysim import checkpoint as ckpt
 from raysim import rng
-from raysim.checkpoint import State
-from raysim.clock import OK
+from raysim.emulation.clock import OK
 from raysim.errors import ConfigError
+from raysim.io import checkpoint as ckpt
+from raysim.io.checkpoint import State
+from raysim.io.results import RoundResult
 from raysim.policies.base import Policy, PolicyContext, register
 from raysim.policies.rl.critic import Critic
 from raysim.policies.rl.planning import Proposal, Rewards
-from raysim.results import RoundResult
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
 
 

@@ -3,12 +3,12 @@
 The pool knows nothing of training; it places work. Its actors are reserved
 as one placement group (:func:`raysim.cluster.reserve`), so a request the
 cluster cannot hold fails in bounded time instead of hanging. Each round it
-plans the round's units of work from the cohort alone (:mod:`raysim.work`),
+plans the round's units of work from the cohort alone (:mod:`raysim.engine.work`),
 gives each idle actor the next unit with a ref to the round's state, and
 returns one partial-sum ref per unit, in unit order, for the aggregator.
 Which actor computed a unit changes nothing in its result, so a unit lost
 with its actor or node is computed again elsewhere, and the round comes out
-the same (:mod:`raysim.dispatch`); a lost actor is replaced by a new one, up
+the same (:mod:`raysim.engine.dispatch`); a lost actor is replaced by a new one, up
 to ``ray.max_retries`` times per actor.
 """
 
@@ -20,15 +20,16 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raysim import cluster, work
+from raysim import cluster
 from raysim.aggregation.rules import Tensors
-from raysim.caches import Caches
 from raysim.config import ExperimentConfig, frozen
-from raysim.costmodel import Measurement
-from raysim.device import DeviceWorker, RoundInputs
-from raysim.dispatch import Actors, dispatch
-from raysim.processors import UpdateProcessor
-from raysim.records import DeviceRecords
+from raysim.emulation.costmodel import Measurement
+from raysim.engine import work
+from raysim.engine.device import DeviceWorker, RoundInputs
+from raysim.engine.dispatch import Actors, dispatch
+from raysim.engine.processors import UpdateProcessor
+from raysim.engine.records import DeviceRecords
+from raysim.io.caches import Caches
 from raysim.types import DeviceConfig
 
 # Units queued on one actor at a time: the next one is there when the current one ends.
@@ -120,7 +121,7 @@ class DevicePool:
         ``flops``: each device's predicted training FLOPs (balances the units). ``params``: the update
         processors' round parameters, as a ref to ``Aggregator.round_params``'s result: the actors fetch them
         from the aggregator with the state, and the driver holds no copy. ``utility``: each record carries its update's
-        first-order held-out utility (:class:`raysim.evaluation.Utility`), else NaN.
+        first-order held-out utility (:class:`raysim.engine.evaluation.Utility`), else NaN.
         """
         units = work.plan(device_ids, configs, flops, pass_limit=self.pass_limit, max_units=self.cfg.ray.work_units)
         if not units:

@@ -14,7 +14,7 @@ from pathlib import Path
 from raysim.errors import ConfigError
 
 KINDS = ("device_profiles", "policies", "experiments")
-CHECKOUT = Path(__file__).resolve().parent.parent
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def folder(kind: str) -> Path:

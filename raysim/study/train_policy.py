@@ -13,13 +13,13 @@ import math
 import sys
 from pathlib import Path
 
-from raysim import checkpoint as ckpt
-from raysim.caches import Caches
 from raysim.config import ExperimentConfig
+from raysim.engine.run import claim, run_experiment
 from raysim.errors import ConfigError
+from raysim.io import checkpoint as ckpt
+from raysim.io.caches import Caches
 from raysim.policies import PolicyContext, build_policy, read_policy
 from raysim.policies.rl.policy import pack
-from raysim.run import claim, run_experiment
 
 
 def train_policy(cfg: ExperimentConfig, *, episodes: int, out: Path, overwrite: bool = False) -> Path:
@@ -71,7 +71,7 @@ def train_policy(cfg: ExperimentConfig, *, episodes: int, out: Path, overwrite: 
 
 
 def _final(run_dir: Path) -> dict:
-    from raysim.report import run_metrics
+    from raysim.study.report import run_metrics
 
     m = run_metrics(run_dir)
     return {"eval_accuracy": m["final_eval_accuracy"], "sim_time_s": m["sim_time_s"]}

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from raysim import rng
 from raysim.config import PretrainConfig
-from raysim.models import BaseModel, instantiate
-from raysim.results import atomic_write
+from raysim.io.results import atomic_write
+from raysim.models.build import BaseModel, instantiate
 
 # Bump whenever a change to this module changes what pre-training computes (the schedule, the optimizer, how
 # batches are drawn, the loss): weights cached by an older recipe are then trained anew, not reused.

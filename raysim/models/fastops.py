@@ -15,7 +15,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from transformers.activations import FastGELUActivation, NewGELUActivation
 
-from raysim.grouped import per_device_loss
+from raysim.models.grouped import per_device_loss
 
 
 class TanhGELU(nn.Module):

@@ -15,8 +15,8 @@ import dataclasses
 from pathlib import Path
 
 from raysim.config import ExperimentConfig
+from raysim.emulation.profiles import is_shipped_population, population_file
 from raysim.policies import SHIPPED_POLICIES, resolve_policy_file
-from raysim.profiles import is_shipped_population, population_file
 
 DATA_NAMES = ("python-docs", "synthetic")  # data.source values that are not paths
 

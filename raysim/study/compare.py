@@ -9,7 +9,7 @@ of these are keyed by the seed, so policies meet identical conditions.
 The study folder holds ``runs/<run id>/`` and, once all runs are done,
 ``comparison.parquet`` (one row per run) and ``report.md`` with plots. Every
 row of a run's tables carries its axis values (``axis.<key>``, see
-:class:`raysim.results.RunIdentity`), so the runs' parts read as one labelled
+:class:`raysim.io.results.RunIdentity`), so the runs' parts read as one labelled
 table. A study started again skips every run whose summary says it stopped cleanly under the
 same resolved config, resumes unfinished ones from their checkpoints, and moves any other run it replaces to
 ``superseded/<timestamp>/runs/``. With ``parallel: N > 1`` up to N runs share the Ray
@@ -32,8 +32,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from raysim import checkpoint as ckpt
-from raysim.caches import Caches
 from raysim.config import (
     ExperimentConfig,
     first_difference,
@@ -45,10 +43,12 @@ from raysim.config import (
     with_defaults,
 )
 from raysim.errors import ConfigError
-from raysim.paths import absolute
+from raysim.io import checkpoint as ckpt
+from raysim.io.caches import Caches
+from raysim.io.paths import absolute
+from raysim.io.results import COMPLETE, RunIdentity, atomic_write, label_parts
 from raysim.policies import policy_identity, read_policy
-from raysim.report import run_label, run_metrics, write_report
-from raysim.results import COMPLETE, RunIdentity, atomic_write, label_parts
+from raysim.study.report import run_label, run_metrics, write_report
 
 STUDY_KEYS = ("name", "description", "output_dir", "parallel", "experiment", "axes")
 LABELS = ("policy", "seed", "population")
@@ -216,7 +216,7 @@ def comparison_table(study: Study) -> pa.Table:
 def run_study(study: Study) -> Path:
     """Run every unfinished run of ``study``, then write comparison.parquet and the report."""
     from raysim import cluster
-    from raysim.run import run_experiment
+    from raysim.engine.run import run_experiment
 
     todo = []
     for run in study.runs:
@@ -256,8 +256,8 @@ def _run_parallel(todo: list[StudyRun], *, parallel: int, caches: Caches) -> Non
 
     from raysim import cluster
     from raysim.data import build_dataset
-    from raysim.models import base_seed, initial_base_model
-    from raysim.pretrain import pretrain
+    from raysim.models.build import base_seed, initial_base_model
+    from raysim.models.pretrain import pretrain
 
     # Pre-train in the driver first: concurrent runs would race to fill the same cache entry.
     for cfg in {to_yaml(_pretrain_part(r.cfg)): r.cfg for r in todo}.values():
@@ -282,14 +282,14 @@ def _run_parallel(todo: list[StudyRun], *, parallel: int, caches: Caches) -> Non
 
 
 def _run_one(cfg: ExperimentConfig, resume: bool) -> str:
-    from raysim.run import run_experiment
+    from raysim.engine.run import run_experiment
 
     return str(run_experiment(cfg, resume=resume))
 
 
 def _pretrain_part(cfg: ExperimentConfig) -> ExperimentConfig:
     """The fields that decide the pre-trained weights (the cache key's inputs)."""
-    from raysim.models import base_seed
+    from raysim.models.build import base_seed
 
     return dataclasses.replace(ExperimentConfig(), seed=base_seed(cfg.model, seed=cfg.seed), model=cfg.model,
                                data=cfg.data, pretrain=cfg.pretrain)

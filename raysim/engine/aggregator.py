@@ -2,7 +2,7 @@
 
 Run as a Ray actor on the driver's node. It receives the units' partial sums
 as object refs (the driver never fetches the tensors), fetches them one at a
-time and adds them in unit order (:mod:`raysim.work`), so neither the memory
+time and adds them in unit order (:mod:`raysim.engine.work`), so neither the memory
 it needs nor the float64 rounding of the sum depends on the actors. The
 processor chain's server side transforms the sum (central DP adds its noise
 and its fixed denominator: :class:`raysim.privacy.central.CentralDP`), the
@@ -20,10 +20,10 @@ import torch
 
 from raysim.aggregation.rules import PartialSum, Tensors, combine, weighted_mean
 from raysim.aggregation.server_opt import make_server_optimizer
-from raysim.checkpoint import State, nest, sub
 from raysim.config import AggregationConfig
+from raysim.engine.processors import ServerContext, UpdateProcessor, run_on_server
+from raysim.io.checkpoint import State, nest, sub
 from raysim.methods.submodel import Space, Support
-from raysim.processors import ServerContext, UpdateProcessor, run_on_server
 
 
 class NonFiniteUpdate(ArithmeticError):

@@ -13,12 +13,12 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from raysim.clock import DROPPED, OK, OOM, STRAGGLER, UNAVAILABLE, RoundOutcome
 from raysim.config import ExperimentConfig
-from raysim.costmodel import DeviceCosts
+from raysim.emulation.clock import DROPPED, OK, OOM, STRAGGLER, UNAVAILABLE, RoundOutcome
+from raysim.emulation.costmodel import DeviceCosts
+from raysim.io.results import ROW_FIELDS, RoundRow
 from raysim.methods import base as methods
 from raysim.privacy import local
-from raysim.results import ROW_FIELDS, RoundRow
 from raysim.types import DeviceConfig, DeviceDraws
 
 

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from raysim import rng, shipped
+from raysim import rng
 from raysim.errors import ConfigError
+from raysim.io import shipped
 from raysim.types import DeviceDraws
 
 SHIPPED_PROFILES = shipped.folder("device_profiles")

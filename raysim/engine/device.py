@@ -9,14 +9,14 @@ device would send it, maps the decoded update back to full coordinates, runs
 it through the update processors' device side (central DP clips there) and
 adds it into a float64 partial sum (:meth:`DeviceWorker._accumulate`).
 
-Work arrives as :class:`raysim.work.WorkUnit`s, planned by the driver from the
+Work arrives as :class:`raysim.engine.work.WorkUnit`s, planned by the driver from the
 cohort alone; each unit's groups are trained in order into one partial sum
 that leaves the worker with the unit's per-device records. Nothing a worker
 computes depends on which other units it was given, so any worker can compute
-any unit (:mod:`raysim.work`). :mod:`raysim.pool` runs workers as Ray actors.
+any unit (:mod:`raysim.engine.work`). :mod:`raysim.engine.pool` runs workers as Ray actors.
 
 What a worker computes on the global model itself, held-out evaluation and
-each update's utility, is :mod:`raysim.evaluation`'s; the server's embedding
+each update's utility, is :mod:`raysim.engine.evaluation`'s; the server's embedding
 rows of a round are :class:`raysim.methods.embeddings.ServerRows`.
 """
 
@@ -29,21 +29,23 @@ import numpy as np
 import ray
 import torch
 
-from raysim import costmodel, fastops, rng
+from raysim import rng
 from raysim.aggregation.rules import PartialSum, Tensors, global_norm
 from raysim.config import SERVER_SELECTIONS, ExperimentConfig
 from raysim.data import FederatedDataset
-from raysim.evaluation import HeldOut, Utility
+from raysim.emulation import costmodel
+from raysim.engine.evaluation import HeldOut, Utility
+from raysim.engine.processors import DeviceContext, DeviceUpdate, UpdateProcessor, run_on_device
+from raysim.engine.records import DeviceRecords
+from raysim.engine.training import DPSGD, LocalData, train_group
+from raysim.engine.work import Group, WorkUnit
 from raysim.methods import embeddings, output_loss, width
 from raysim.methods.quantize import GRANULARITY
 from raysim.methods.submodel import Encoding, Space, Structure, Submodel, build_model
-from raysim.models import BaseModel
+from raysim.models import fastops
+from raysim.models.build import BaseModel
 from raysim.privacy import local
-from raysim.processors import DeviceContext, DeviceUpdate, UpdateProcessor, run_on_device
-from raysim.records import DeviceRecords
-from raysim.training import DPSGD, LocalData, train_group
 from raysim.types import DeviceConfig
-from raysim.work import Group, WorkUnit
 
 
 def batch_indices(num_examples: int, *, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -87,7 +89,7 @@ class DeviceWorker:
         self.vocab_size = base.vocab_size
         self.space = Space.build(cfg, base)
         self._submodels: dict[Structure, Submodel] = {}
-        # Devices with one stackable config train together, this many per pass (raysim/grouped.py).
+        # Devices with one stackable config train together, this many per pass (raysim/models/grouped.py).
         self.devices_per_pass = max(1, cfg.ray.tokens_per_pass // (cfg.train.batch_size * cfg.data.seq_len))
         self.processors = list(processors)
         self._state: Tensors = {}
@@ -171,7 +173,7 @@ class DeviceWorker:
                     utility: bool = False) -> None:
         """Load the round's global state; ``params``: what each update processor's device side needs this round
         (``Aggregator.round_params``); ``utility`` gives every device's record its update's utility
-        (:class:`raysim.evaluation.Utility`)."""
+        (:class:`raysim.engine.evaluation.Utility`)."""
         self._round = round
         self._params = [None] * len(self.processors) if params is None else list(params)
         self._state = {k: v.to(self.device) for k, v in state.items()}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raysim.aggregation.rules import PartialSum
-from raysim.checkpoint import State
+from raysim.io.checkpoint import State
 from raysim.types import DeviceConfig
 
 Tensors = dict[str, torch.Tensor]

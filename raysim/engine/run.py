@@ -6,10 +6,10 @@ files). :func:`run_round` is one round: sample a cohort at virtual time t,
 let the policy assign configs, price every device with the cost model, settle
 who arrives in time, train those devices for real on the pool and aggregate
 their partial sums. Each round's result then passes through the run's
-callbacks (:mod:`raysim.callbacks`): evaluation, the accuracy target, the
+callbacks (:mod:`raysim.engine.callbacks`): evaluation, the accuracy target, the
 privacy budget, the files, the policy's feedback, progress, experiment
 tracking (:mod:`raysim.tracking`, when on) and any the caller adds. Central
-DP is an update processor (:mod:`raysim.processors`): the plan is fixed
+DP is an update processor (:mod:`raysim.engine.processors`): the plan is fixed
 before anything trains and the accountant is stepped with the noise it
 releases.
 """
@@ -23,7 +23,6 @@ import platform
 import shutil
 import sys
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,29 +33,30 @@ import ray
 import torch
 
 import raysim
-from raysim import api, cluster, paths, rng, tracking
-from raysim import callbacks as cb
-from raysim import checkpoint as ckpt
-from raysim.aggregator import Aggregator, NonFiniteUpdate
-from raysim.caches import Caches
-from raysim.clock import OK, settle_round
-from raysim.cohort import sample_cohort
+from raysim import cluster, rng, tracking
 from raysim.config import ExperimentConfig, first_difference, result_config, result_keys, to_yaml, with_defaults
-from raysim.costmodel import device_costs
 from raysim.data import FederatedDataset, build_dataset
+from raysim.emulation.clock import OK, settle_round
+from raysim.emulation.cohort import sample_cohort
+from raysim.emulation.costmodel import device_costs
+from raysim.emulation.profiles import Population, load_population
+from raysim.engine import callbacks as cb
+from raysim.engine.aggregator import Aggregator, NonFiniteUpdate
+from raysim.engine.pool import DevicePool
+from raysim.engine.processors import UpdateProcessor
+from raysim.engine.records import device_columns, round_row
 from raysim.errors import ConfigError, describe_error
+from raysim.io import checkpoint as ckpt
+from raysim.io import paths
+from raysim.io.caches import Caches
+from raysim.io.results import COMPLETE, RoundResult, RunIdentity, RunWriter, atomic_write, run_summary
 from raysim.methods import METHODS, embeddings, method_space
 from raysim.methods.rank import truncation_rank
 from raysim.methods.submodel import Space, Support
-from raysim.models import BaseModel, base_seed, initial_base_model
+from raysim.models.build import BaseModel, base_seed, initial_base_model
+from raysim.models.pretrain import pretrain
 from raysim.policies import CostOracle, Policy, PolicyContext, PolicySpec, build_policy, policy_identity, read_policy
-from raysim.pool import DevicePool
-from raysim.pretrain import pretrain
 from raysim.privacy import mechanisms
-from raysim.processors import UpdateProcessor
-from raysim.profiles import Population, load_population
-from raysim.records import device_columns, round_row
-from raysim.results import COMPLETE, RoundResult, RunIdentity, RunWriter, atomic_write, run_summary
 from raysim.types import RoundState
 
 
@@ -83,8 +83,8 @@ def run_experiment(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContex
 
     ``make_policy`` builds the policy in place of ``cfg.policy`` (``raysim
     train-policy`` carries one learned policy across runs); ``callbacks`` watch
-    every round after the run's own (:mod:`raysim.callbacks`); ``caches`` are
-    shared with the caller's other runs (:mod:`raysim.caches`). ``resume``
+    every round after the run's own (:mod:`raysim.engine.callbacks`); ``caches`` are
+    shared with the caller's other runs (:mod:`raysim.io.caches`). ``resume``
     continues the run in ``output_dir`` from its checkpoint; ``overwrite``
     replaces the run there; without either, an ``output_dir`` that holds
     anything is refused.
@@ -402,13 +402,3 @@ def _versions() -> dict[str, str]:
 
     return {"raysim": raysim.__version__, "python": platform.python_version(), "torch": torch.__version__,
             "ray": ray.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-
-
-class _CallableModule(types.ModuleType):
-    """``raysim.run(experiment, *overrides)`` is :func:`raysim.api.run`: once anything imports this module it is
-    the package's attribute ``run``, so the module is made callable rather than shadowed."""
-
-    __call__ = staticmethod(api.run)
-
-
-sys.modules[__name__].__class__ = _CallableModule

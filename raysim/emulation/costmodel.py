@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from raysim.fastops import device_losses, fuse_activations
+from raysim.models.fastops import device_losses, fuse_activations
 from raysim.registry import Registry
 from raysim.types import DeviceDraws
 
@@ -61,7 +61,7 @@ RECIPES: Registry[Recipe] = Registry("cost recipe")  # costs.recipe names one
 RECIPES.register("reference")(Recipe(attention="eager", prepare=_unchanged, loss=_transformers_loss))
 # The same step as a memory-frugal trainer runs it: the tanh GELU as one kernel, and the next-token loss
 # fused with its gradient chunk by chunk through the head, which keeps the hidden states' gradient
-# instead of the (positions x vocabulary) log-probabilities (raysim/fastops.py).
+# instead of the (positions x vocabulary) log-probabilities (raysim/models/fastops.py).
 RECIPES.register("fused")(Recipe(attention="eager", prepare=fuse_activations,
                                  loss=lambda model, tokens: device_losses(model, tokens, devices=1).sum()))
 

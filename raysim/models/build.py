@@ -1,7 +1,7 @@
 """Models: a Hugging Face causal LM, its starting weights, and peft LoRA adapters.
 
 A :class:`BaseModel` is what every actor starts from: the model's config and
-its weights (initial, pretrained by :mod:`raysim.pretrain`, or loaded from a
+its weights (initial, pretrained by :mod:`raysim.models.pretrain`, or loaded from a
 local folder). The driver builds it once and ships it through the object
 store, so every actor holds bit-identical frozen weights and no node needs
 the cache or the folder. The *trainable state* is the ordered dict of the
@@ -22,9 +22,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from raysim import rng
-from raysim.architectures import ARCHITECTURES, Architecture, Sizes, lora_targets, of_config, of_model_type
 from raysim.config import MethodsConfig, ModelConfig
 from raysim.errors import ConfigError
+from raysim.models.architectures import ARCHITECTURES, Architecture, Sizes, lora_targets, of_config, of_model_type
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()  # loading a model.path folder draws no bars over the run's own

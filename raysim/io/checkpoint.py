@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from raysim.errors import ConfigError
-from raysim.results import atomic_write
+from raysim.io.results import atomic_write
 
 FILE = "checkpoint.safetensors"
 VERSION = 1

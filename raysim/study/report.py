@@ -22,7 +22,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from raysim.errors import ConfigError
-from raysim.results import COMPLETE, ROUNDS_SCHEMA, atomic_write, read_parts
+from raysim.io.results import COMPLETE, ROUNDS_SCHEMA, atomic_write, read_parts
 
 METRIC = "eval_accuracy"
 REPORT = "report.md"

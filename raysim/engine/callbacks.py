@@ -1,6 +1,6 @@
 """Callbacks: what watches a run, round by round (as pfl-research's callbacks).
 
-Each round's :class:`~raysim.results.RoundResult` passes through the run's
+Each round's :class:`~raysim.io.results.RoundResult` passes through the run's
 callbacks in order. A callback may add metrics to the round's row (later
 callbacks see them), ask the run to stop with a status, and contribute to
 ``summary.json``. Evaluation, the accuracy target, the privacy budget, the
@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from raysim.results import RoundResult, RunWriter
+from raysim.io.results import RoundResult, RunWriter
 
 if TYPE_CHECKING:
-    from raysim.run import Run
+    from raysim.engine.run import Run
 
 EVAL_COLUMNS = ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_top3_accuracy")
 
@@ -197,7 +197,7 @@ class Files(Callback):
 
 class Checkpoints(Callback):
     """The run's whole state every ``every`` rounds (and where it stops), to resume from
-    (:mod:`raysim.checkpoint`); 0: only where it stops."""
+    (:mod:`raysim.io.checkpoint`); 0: only where it stops."""
 
     def __init__(self, *, every: int):
         self.every = every

@@ -2,7 +2,7 @@
 
 Three ways a pass goes, chosen by the group: several devices of one LoRA-only
 config train *stacked* (each trainable weight gets a leading device
-dimension, :mod:`raysim.grouped`, one fused AdamW over the stacks); one
+dimension, :mod:`raysim.models.grouped`, one fused AdamW over the stacks); one
 device trains on the submodel's own tensors and optimizer; one device under
 local DP-SGD trains through Opacus (:mod:`raysim.privacy.local`). Model
 dropout draws from each device's own generator in every case.
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from raysim.fastops import device_losses
-from raysim.grouped import keyed, stacked
 from raysim.methods.output_loss import OutputLoss
 from raysim.methods.submodel import Submodel
+from raysim.models.fastops import device_losses
+from raysim.models.grouped import keyed, stacked
 from raysim.privacy.local import LocalDPSGD
 
 
