@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from raysim import config as config_module
 from raysim.cli import main
 from raysim.config import ExperimentConfig, load_experiment
+from raysim.config import schema as config_module
 from raysim.errors import ConfigError
 
 from conftest import TINY

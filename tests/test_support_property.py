@@ -17,9 +17,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raysim.config import SERVER_SELECTIONS, load_experiment
+from raysim.config import load_experiment
 from raysim.engine.processors import UpdateProcessor
 from raysim.methods import method_space
+from raysim.methods.embedding_updates import SERVER_SELECTIONS
 
 from conftest import TINY, make_worker, train_unit
 

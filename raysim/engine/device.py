@@ -31,7 +31,7 @@ import torch
 
 from raysim import rng
 from raysim.aggregation.rules import PartialSum, Tensors, global_norm
-from raysim.config import SERVER_SELECTIONS, ExperimentConfig
+from raysim.config import ExperimentConfig
 from raysim.data import FederatedDataset
 from raysim.emulation import costmodel
 from raysim.engine.evaluation import HeldOut, Utility
@@ -40,6 +40,7 @@ from raysim.engine.records import DeviceRecords
 from raysim.engine.training import DPSGD, LocalData, train_group
 from raysim.engine.work import Group, WorkUnit
 from raysim.methods import embeddings, output_loss, width
+from raysim.methods.embedding_updates import SERVER_SELECTIONS
 from raysim.methods.quantize import GRANULARITY
 from raysim.methods.submodel import Encoding, Space, Structure, Submodel, build_model
 from raysim.models import fastops
