@@ -288,7 +288,7 @@ def test_a_llama_folder_gives_sizes_vocabulary_and_tokenizer(tmp_path):
     dataset = build_dataset(run)
     assert dataset.vocab_size == tok.get_vocab_size() <= 512  # the folder's tokenizer, not BPE at model.vocab_size
 
-    from raysim.methods.submodel import Space
+    from raysim.methods.coordinates import Space
 
     with pytest.raises(ConfigError, match=r"methods.lora_target_modules\[0\].*llama has no projection 'c_attn'"):
         Space.build(load_experiment(None, [f"model.path={folder}", "methods.lora_target_modules=[c_attn]"]), base)

@@ -12,7 +12,7 @@ import torch
 from raysim.aggregation.rules import PartialSum
 from raysim.config import load_experiment
 from raysim.methods import method_space
-from raysim.methods.submodel import Space, Support
+from raysim.methods.coordinates import Space, Support
 from raysim.models.build import initial_base_model
 from raysim.privacy.central import gaussian_noise, noisy_sum, off_support_norm
 

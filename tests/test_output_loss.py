@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from raysim.config import load_experiment
+from raysim.methods.coordinates import OUTPUT_EMBEDDING
 from raysim.methods.output_loss import OutputLoss, corrected_logits, nce, proposal, sampled_softmax
-from raysim.methods.submodel import OUTPUT_EMBEDDING
 from raysim.types import DeviceConfig
 
 from conftest import TINY, make_worker, train_unit

@@ -23,7 +23,7 @@ from raysim.aggregation.server_opt import make_server_optimizer
 from raysim.config import AggregationConfig
 from raysim.engine.processors import ServerContext, UpdateProcessor, run_on_server
 from raysim.io.checkpoint import State, nest, sub
-from raysim.methods.submodel import Space, Support
+from raysim.methods.coordinates import Space, Support
 
 
 class NonFiniteUpdate(ArithmeticError):

@@ -40,9 +40,10 @@ from raysim.engine.records import DeviceRecords
 from raysim.engine.training import DPSGD, LocalData, train_group
 from raysim.engine.work import Group, WorkUnit
 from raysim.methods import embeddings, output_loss, width
+from raysim.methods.coordinates import Space, Structure
 from raysim.methods.embedding_updates import SERVER_SELECTIONS
 from raysim.methods.quantize import GRANULARITY
-from raysim.methods.submodel import Encoding, Space, Structure, Submodel, build_model
+from raysim.methods.submodel import Encoding, Submodel, build_model
 from raysim.models import fastops
 from raysim.models.build import BaseModel
 from raysim.privacy import local

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from raysim.data import FederatedDataset
-from raysim.methods.submodel import Space, Structure, Submodel
+from raysim.methods.coordinates import Space, Structure
+from raysim.methods.submodel import Submodel
 
 Tensors = dict[str, torch.Tensor]
 UTILITY_EXAMPLES = 128  # held-out sequences the utility gradient is taken on

@@ -17,7 +17,6 @@ releases.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import platform
 import shutil
@@ -34,7 +33,7 @@ import torch
 
 import raysim
 from raysim import cluster, rng, tracking
-from raysim.config import ExperimentConfig, first_difference, result_config, result_keys, to_yaml, with_defaults
+from raysim.config import ExperimentConfig, result_config, to_yaml
 from raysim.data import FederatedDataset, build_dataset
 from raysim.emulation.clock import OK, settle_round
 from raysim.emulation.cohort import sample_cohort
@@ -49,10 +48,11 @@ from raysim.errors import ConfigError, describe_error
 from raysim.io import checkpoint as ckpt
 from raysim.io import paths
 from raysim.io.caches import Caches
-from raysim.io.results import COMPLETE, RoundResult, RunIdentity, RunWriter, atomic_write, run_summary
+from raysim.io.results import COMPLETE, RoundResult, RunIdentity, RunWriter, atomic_write
+from raysim.io.rundir import claim, resumable
 from raysim.methods import METHODS, embeddings, method_space
+from raysim.methods.coordinates import Space, Support
 from raysim.methods.rank import truncation_rank
-from raysim.methods.submodel import Space, Support
 from raysim.models.build import BaseModel, base_seed, initial_base_model
 from raysim.models.pretrain import pretrain
 from raysim.policies import CostOracle, Policy, PolicyContext, PolicySpec, build_policy, policy_identity, read_policy
@@ -348,37 +348,6 @@ def _own_callbacks(cfg: ExperimentConfig, privacy: mechanisms.Privacy | None, wr
 def _release(privacy: mechanisms.Privacy | None) -> list[cb.Callback]:
     """Under a central mechanism, the check that nothing un-noised left the server (it fails the run)."""
     return [cb.ReleaseCheck()] if privacy else []
-
-
-def claim(run_dir: Path, *, overwrite: bool) -> None:
-    """Refuse to write a new run where one is, unless asked to replace it (and raysim wrote it: its summary)."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return
-    summary = run_summary(run_dir)
-    if overwrite and summary is not None:
-        return
-    if overwrite:
-        raise ConfigError(f"{run_dir} is not a raysim run directory; --overwrite replaces only those (a "
-                          f"summary.json that raysim wrote marks one)", field="output_dir")
-    what = (f"a run (status {summary['status']}, {summary['rounds_completed']} of {summary['rounds']} rounds)"
-            if summary is not None else "files")
-    raise ConfigError(f"{run_dir} holds {what}: pass --resume to continue it or --overwrite to replace it",
-                      field="output_dir")
-
-
-def resumable(run_dir: Path, cfg: ExperimentConfig) -> dict[str, ckpt.State]:
-    """The checkpoint to resume ``run_dir`` from, checked against ``cfg`` (keys that change results must match)."""
-    if not (run_dir / ckpt.FILE).is_file():
-        raise ConfigError(f"{run_dir} has no checkpoint to resume from", field="output_dir")
-    status = json.loads((run_dir / "summary.json").read_text()).get("status")
-    if status in COMPLETE:
-        raise ConfigError(f"{run_dir}: the run ended ({status}); there is nothing to resume", field="output_dir")
-    parts = ckpt.load(run_dir / ckpt.FILE)
-    key = first_difference(result_keys(with_defaults(parts["run"].meta["config"])), result_config(cfg))
-    if key is not None:
-        raise ConfigError(f"differs from the run's config in {run_dir} (a resumed run keeps its config; only "
-                          f"ray.*, progress, checkpoint.* and tracking.* may change)", field=key)
-    return parts
 
 
 def check_cohort(cfg: ExperimentConfig, population: Population) -> None:

@@ -7,7 +7,7 @@ owns everything about it, so that nothing else in raysim lists the methods:
   default), their type and their checks, with one-line errors;
 - the :class:`DeviceConfig` field of the same name, one value per device;
 - how a value shapes the device's submodel (:meth:`Method.shape`, the fields
-  of :class:`raysim.methods.submodel.Structure` it sets);
+  of :class:`raysim.methods.coordinates.Structure` it sets);
 - its ``devices.parquet`` column, how configs sort into work groups, and what
   the ``rl`` policy's network sees of it.
 

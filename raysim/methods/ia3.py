@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from raysim.config import ExperimentConfig
+    from raysim.methods.coordinates import Space, Structure
     from raysim.methods.lora import Target
-    from raysim.methods.submodel import Space, Structure
     from raysim.models.build import BaseModel
 
 

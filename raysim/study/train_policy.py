@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 
 from raysim.config import ExperimentConfig
-from raysim.engine.run import claim, run_experiment
+from raysim.engine.run import run_experiment
 from raysim.errors import ConfigError
 from raysim.io import checkpoint as ckpt
 from raysim.io.caches import Caches
+from raysim.io.rundir import claim
 from raysim.policies import PolicyContext, build_policy, read_policy
 from raysim.policies.rl.policy import pack
 
