@@ -113,14 +113,14 @@ def run_all() -> dict[str, dict[str, str]]:
     from raysim.config import load_experiment
     from raysim.engine.run import run_experiment
 
-    cluster.connect(address=None, num_cpus=2)
+    connection = cluster.connect(address=None, num_cpus=2)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in RUNS.items():
             cfg = load_experiment(None, [*TINY, *overrides, f"output_dir={Path(tmp) / name}"])
             results[name] = fingerprint(run_experiment(cfg))
             print(f"{name}: done", file=sys.stderr)
-    cluster.shutdown()
+    connection.shutdown()
     return results
 
 

@@ -105,7 +105,7 @@ def actor_ops() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from raysim.config import load_experiment
-    from raysim.data import build_dataset
+    from raysim.data.build import build_dataset
     from raysim.engine import work
     from raysim.engine.device import DeviceWorker
     from raysim.methods.space import default_config

@@ -92,7 +92,7 @@ def _build(wl: Workload):
 
 def _data(wl: Workload):
     from raysim.config import DataConfig
-    from raysim.data import SyntheticTokens
+    from raysim.data.synthetic import SyntheticTokens
 
     return SyntheticTokens(DataConfig(examples_per_user=wl.examples, seq_len=wl.seq_len),
                            vocab_size=wl.vocab_size, seed=0)

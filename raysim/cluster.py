@@ -28,6 +28,7 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import ray
 import ray._private.ray_constants as ray_constants
@@ -49,9 +50,31 @@ _AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
 LOCAL_PLACEMENT_TIMEOUT_S = 30.0
 CLUSTER_PLACEMENT_TIMEOUT_S = 600.0
 
-_initialised_here = False
-_private_local = False  # this process started the Ray it uses: nothing can join it or add nodes
-_saved_auth: dict[str, str | None] = {}
+# A custom resource on the one node of a private local Ray that raysim started: nothing can join that Ray or add
+# nodes to it. Every process that uses the Ray (the driver, a study's run tasks) reads it there, not from state of
+# its own.
+PRIVATE_LOCAL = "raysim_private_local"
+
+
+@dataclass
+class Connection:
+    """The Ray :func:`connect` set up: its one-line description, and how to leave the process as it was."""
+
+    description: str
+    started: bool  # connect() started or joined it; False: it reused a Ray this process already had
+    saved_auth: dict[str, str | None] = field(default_factory=dict)  # the auth variables before a local start
+
+    def shutdown(self) -> None:
+        """Stop the Ray that :func:`connect` started or joined; a reused one is left running."""
+        if self.started:
+            ray.shutdown()
+            self.started = False
+            _restore_auth(self.saved_auth)
+
+
+def private_local() -> bool:
+    """Whether the Ray this process uses is a private local one (:data:`PRIVATE_LOCAL`)."""
+    return ray.cluster_resources().get(PRIVATE_LOCAL, 0.0) > 0
 
 
 def resolve_address(*, address: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -67,38 +90,27 @@ def connect(
     num_gpus: int | None = None,
     include_dashboard: bool = False,
     connect_timeout_s: float = 30.0,
-) -> str:
-    """Initialise Ray for a run and describe it in one line.
+) -> Connection:
+    """Initialise Ray for a run; ``.description`` says which in one line, ``.shutdown()`` stops it.
 
     ``num_cpus``/``num_gpus``/``include_dashboard`` size a local Ray only; a
     cluster brings its own. A Ray already initialised in this process is reused.
     """
-    global _initialised_here, _private_local
     if ray.is_initialized():
-        return f"Ray already running in this process ({_resources()})"
+        return Connection(f"Ray already running in this process ({_resources()})", started=False)
     target = resolve_address(address=address)
     if target is None:
+        saved_auth = _private_token()
         description = _start_local(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard)
-    else:
-        description = _join(target=target, timeout_s=connect_timeout_s)
-    _initialised_here, _private_local = True, target is None
-    return description
-
-
-def shutdown() -> None:
-    """Stop the Ray that :func:`connect` started or joined; a reused one is left running."""
-    global _initialised_here, _private_local
-    if _initialised_here:
-        ray.shutdown()
-        _initialised_here = _private_local = False
-        _restore_auth()
+        return Connection(description, started=True, saved_auth=saved_auth)
+    return Connection(_join(target=target, timeout_s=connect_timeout_s), started=True)
 
 
 def placement_timeout_s(timeout_s: float | None) -> float:
     """``ray.placement_timeout_s``, or its default for the Ray this process uses."""
     if timeout_s is not None:
         return timeout_s
-    return LOCAL_PLACEMENT_TIMEOUT_S if _private_local else CLUSTER_PLACEMENT_TIMEOUT_S
+    return LOCAL_PLACEMENT_TIMEOUT_S if private_local() else CLUSTER_PLACEMENT_TIMEOUT_S
 
 
 def on_this_node() -> NodeAffinitySchedulingStrategy:
@@ -116,7 +128,7 @@ def actors_that_fit(*, cpus_per_actor: float, gpus_per_actor: float) -> int:
     n = _fits(total.get("CPU", 0.0), cpus_per_actor)
     if gpus_per_actor > 0:
         n = min(n, _fits(total.get("GPU", 0.0), gpus_per_actor))
-    if n < 1 and _private_local:
+    if n < 1 and private_local():
         raise ConfigError(f"this local Ray has {_have()}: not enough for one device actor of "
                           f"{_size(cpus_per_actor, gpus_per_actor)}", field="ray.cpus_per_actor")
     if n < 1:
@@ -139,7 +151,7 @@ def reserve(*, num_actors: int, cpus_per_actor: float, gpus_per_actor: float,
     total = ray.cluster_resources()
     too_big = (num_actors * cpus_per_actor > total.get("CPU", 0.0) + 1e-9
                or num_actors * gpus_per_actor > total.get("GPU", 0.0) + 1e-9)
-    if _private_local and too_big:  # nothing can join a private local Ray
+    if too_big and private_local():  # nothing can join a private local Ray
         raise ConfigError(f"{need}; this local Ray has {_have()}", field="ray.num_actors")
     timeout = placement_timeout_s(timeout_s)
     group = placement_group([bundle] * num_actors, strategy="PACK")
@@ -181,12 +193,12 @@ def _keep_sigterm():
 
 
 def _start_local(*, num_cpus: int | None, num_gpus: int | None, include_dashboard: bool) -> str:
-    _private_token()
     with _single_machine_mode(), _token_notice_silenced(), _keep_sigterm():
         context = ray.init(
             address="local",  # never attach to a Ray found on the machine
             num_cpus=num_cpus,
             num_gpus=num_gpus,
+            resources={PRIVATE_LOCAL: 1.0},
             include_dashboard=include_dashboard,
             dashboard_host=LOOPBACK,
             _node_ip_address=LOOPBACK,
@@ -270,24 +282,25 @@ def _single_machine_mode() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
-def _private_token() -> None:
-    """Token authentication with a fresh token in the environment (inherited by Ray's daemons), no file."""
+def _private_token() -> dict[str, str | None]:
+    """Token authentication with a fresh token in the environment (inherited by Ray's daemons), no file; what
+    the variables were before."""
     from ray._raylet import Config
 
-    _saved_auth.update({key: os.environ.get(key) for key in _AUTH_ENV})
+    saved = {key: os.environ.get(key) for key in _AUTH_ENV}
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     Config.initialize("")  # Ray caches its config at import: make this process see token mode too
+    return saved
 
 
-def _restore_auth() -> None:
+def _restore_auth(saved: dict[str, str | None]) -> None:
     from ray._raylet import Config
 
-    for key, value in _saved_auth.items():
+    for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    _saved_auth.clear()
     Config.initialize("")
 
 

@@ -76,7 +76,7 @@ def assert_same_columns(x_table, y_table, *, where: str) -> None:
 
 def make_worker(cfg):
     """A DeviceWorker in this process, built the way the pool builds one."""
-    from raysim.data import build_dataset
+    from raysim.data.build import build_dataset
     from raysim.engine.device import DeviceWorker
     from raysim.models.build import initial_base_model
 
@@ -123,9 +123,9 @@ def new_state(state, partial):
 def ray_session():
     from raysim import cluster
 
-    cluster.connect(address=None, num_cpus=2)
+    connection = cluster.connect(address=None, num_cpus=2)
     yield
-    cluster.shutdown()
+    connection.shutdown()
 
 
 @pytest.fixture

@@ -95,7 +95,7 @@ def test_local_ray_listens_on_loopback_only():
         from raysim import cluster
 
         start = time.monotonic()
-        description = cluster.connect(address=None, num_cpus=1)
+        connection = cluster.connect(address=None, num_cpus=1)
         init_s = time.monotonic() - start
         ray.get(ray.remote(lambda: 1).remote())  # a worker process is up too
         me = psutil.Process()
@@ -112,8 +112,8 @@ def test_local_ray_listens_on_loopback_only():
             return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
         exposed = sorted(f"{ip}:{port}" for ip, port in listening if not loopback(ip))
-        cluster.shutdown()
-        print(json.dumps({"description": description, "n": len(listening), "exposed": exposed,
+        connection.shutdown()
+        print(json.dumps({"description": connection.description, "n": len(listening), "exposed": exposed,
                           "init_s": init_s, "after_shutdown": ray.is_initialized()}))
         """,
         timeout_s=90,
@@ -126,7 +126,23 @@ def test_local_ray_listens_on_loopback_only():
 
 
 def test_initialised_ray_is_reused(ray_session):
-    assert cluster.connect(address="127.0.0.1:1").startswith("Ray already running in this process")
+    assert cluster.connect(address="127.0.0.1:1").description.startswith("Ray already running in this process")
+
+
+def test_every_process_on_a_private_local_ray_knows_it_without_state_of_its_own(ray_session):
+    """A private local Ray carries its mark (a resource of its node), so a reused connection, and a task in
+    another process, see that nothing can join it: its placement timeout is the local one."""
+    import ray
+
+    reused = cluster.connect(address=None)
+    assert not reused.started and cluster.private_local()
+    assert cluster.placement_timeout_s(None) == cluster.LOCAL_PLACEMENT_TIMEOUT_S
+    in_task = ray.get(ray.remote(num_cpus=0)(lambda: (cluster.private_local(), cluster.placement_timeout_s(None)))
+                      .remote())
+    assert in_task == (True, cluster.LOCAL_PLACEMENT_TIMEOUT_S)
+    assert cluster.placement_timeout_s(7.0) == 7.0
+    reused.shutdown()  # a reused Ray is left running
+    assert ray.is_initialized()
 
 
 def test_local_ray_authenticates_without_leaving_a_token_file(tmp_path):
@@ -138,9 +154,9 @@ def test_local_ray_authenticates_without_leaving_a_token_file(tmp_path):
         import ray
         from raysim import cluster
 
-        cluster.connect(address=None, num_cpus=1)
+        connection = cluster.connect(address=None, num_cpus=1)
         mode = ray.get(ray.remote(lambda: os.environ.get("RAY_AUTH_MODE")).remote())
-        cluster.shutdown()
+        connection.shutdown()
         print(json.dumps({{"worker_mode": mode, "files": sorted(os.listdir({str(tmp_path)!r})),
                           "after": os.environ.get("RAY_AUTH_MODE")}}))
         """,

@@ -198,7 +198,7 @@ def test_data_seed_fixes_the_held_out_users_across_run_seeds(docs):
 def test_runs_that_share_caches_share_a_dataset_only_when_it_would_come_out_the_same(docs):
     from dataclasses import replace
 
-    from raysim.data import build_dataset
+    from raysim.data.build import build_dataset
     from raysim.io.caches import Caches
 
     cfg, ds = docs

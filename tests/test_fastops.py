@@ -9,7 +9,7 @@ from transformers.activations import NewGELUActivation
 
 from raysim.models import fastops
 from raysim.models.fastops import TanhGELU, device_losses, fuse_activations
-from raysim.models.grouped import KeyedDropout, keyed, per_device_loss
+from raysim.models.grouped import DropoutKeys, KeyedDropout, keyed, per_device_loss
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -37,9 +37,10 @@ def test_fusing_swaps_every_gelu_of_a_gpt2_and_keeps_its_function():
 
 
 def test_keyed_dropout_keeps_each_element_with_probability_q_scaled_by_one_over_q():
-    drop = KeyedDropout(0.1)
+    keys = DropoutKeys()
+    drop = KeyedDropout(0.1, keys)
     x = torch.full((4, 250_000), 3.0)
-    with keyed([torch.Generator().manual_seed(s) for s in range(4)]):
+    with keyed(keys, [torch.Generator().manual_seed(s) for s in range(4)]):
         y = drop(x)
     kept = y != 0
     assert torch.all(y[kept] == 3.0 * (torch.tensor(1.0) / 0.9))  # x · (1/q), as F.dropout scales

@@ -3,7 +3,15 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from raysim.models.grouped import KEYED_ATTENTION, KeyedDropout, install_keyed_dropout, keyed, per_device_loss, stacked
+from raysim.models.grouped import (
+    KEYED_ATTENTION,
+    DropoutKeys,
+    KeyedDropout,
+    install_keyed_dropout,
+    keyed,
+    per_device_loss,
+    stacked,
+)
 
 
 def test_per_device_loss_is_each_devices_causal_lm_loss():
@@ -35,11 +43,12 @@ def test_stacked_linear_gives_each_device_its_own_weights_and_gradient():
 
 
 def test_keyed_dropout_masks_come_from_each_devices_generator():
-    drop = KeyedDropout(0.5)
+    keys = DropoutKeys()
+    drop = KeyedDropout(0.5, keys)
     x = torch.ones(4, 100)
-    with keyed([torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]):
+    with keyed(keys, [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]):
         both = drop(x)
-    with keyed([torch.Generator().manual_seed(2)]):
+    with keyed(keys, [torch.Generator().manual_seed(2)]):
         second = drop(x[2:])
     torch.testing.assert_close(both[2:], second)
     assert set(both.unique().tolist()) == {0.0, 2.0}

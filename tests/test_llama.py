@@ -231,7 +231,7 @@ def test_llama_updates_aggregate_to_the_same_bits_on_one_or_two_actors(ray_sessi
     import numpy as np
     import ray
 
-    from raysim.data import build_dataset
+    from raysim.data.build import build_dataset
     from raysim.engine.pool import DevicePool
 
     cfg = load_experiment(None, [*LLAMA, "methods.lora_rank=[4,2,0]", "methods.partial_embeddings=[false,true]",
@@ -269,7 +269,7 @@ def test_a_llama_folder_gives_sizes_vocabulary_and_tokenizer(tmp_path):
     import pyarrow.parquet as pq
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from raysim.data import build_dataset
+    from raysim.data.build import build_dataset
     from raysim.data.corpus import SHIPPED
 
     folder = tmp_path / "llama"

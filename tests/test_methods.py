@@ -141,7 +141,7 @@ def test_heterogeneous_configs_aggregate_to_the_same_bits_on_one_or_two_actors(r
     import numpy as np
     import ray
 
-    from raysim.data import build_dataset
+    from raysim.data.build import build_dataset
     from raysim.engine.pool import DevicePool
     from raysim.models.build import initial_base_model
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from raysim.config import PretrainConfig, load_experiment
-from raysim.data import build_dataset
+from raysim.data.build import build_dataset
 from raysim.models.build import initial_base_model, instantiate
 from raysim.models.pretrain import cache_key, lr_at, pretrain
 

@@ -139,7 +139,7 @@ def _plan(clip_norm):
 
 @pytest.fixture(scope="module")
 def workers():
-    from raysim.data import build_dataset
+    from raysim.data.build import build_dataset
     from raysim.engine.device import DeviceWorker
     from raysim.models.build import initial_base_model
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from raysim.config import load_experiment
 from raysim.engine.processors import UpdateProcessor
 from raysim.methods import method_space
-from raysim.methods.embedding_updates import SERVER_SELECTIONS
+from raysim.methods.embeddings import SELECTIONS, server_picks
 
 from conftest import TINY, make_worker, train_unit
 
@@ -50,8 +50,8 @@ def method_spaces(draw) -> list[str]:
     ranks = draw(st.lists(st.sampled_from([4, 2, 0] if rule == "flexlora" else [4, 2]), min_size=1, max_size=3,
                           unique=True))
     peu = draw(st.sampled_from([[False], [False, True], [True]]))
-    selection = draw(st.sampled_from(["device_seen", *SERVER_SELECTIONS]))
-    rows = 6 if selection in SERVER_SELECTIONS else draw(st.sampled_from([None, 6]))
+    selection = draw(st.sampled_from(list(SELECTIONS)))
+    rows = 6 if server_picks(selection) else draw(st.sampled_from([None, 6]))
     return [
         *FAMILIES[family],
         f"methods.lora_target_modules={draw(st.sampled_from(TARGETS[family]))}",
@@ -89,7 +89,7 @@ def _check_updates_stay_on_their_support(data) -> None:
     state = worker.initial_state()
     train_unit(worker, state, ids, configs, round=round)
 
-    server = cfg.methods.embedding_selection in SERVER_SELECTIONS
+    server = server_picks(cfg.methods.embedding_selection)
     assert sorted(d for d, _, _ in recorder.updates) == sorted(ids)
     sent = 0.0
     for device_id, config, update in recorder.updates:

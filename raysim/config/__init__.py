@@ -21,7 +21,6 @@ from raysim.config.load import (
     with_defaults,
 )
 from raysim.config.schema import (
-    OUTPUT_LOSSES,
     AdaptiveClippingConfig,
     AggregationConfig,
     CheckpointConfig,
@@ -46,7 +45,7 @@ from raysim.config.schema import (
 from raysim.config.validate import non_finite, validate
 
 __all__ = [
-    "NOT_RESULTS", "OUTPUT_LOSSES", "QUICKSTART", "AdaptiveClippingConfig", "AggregationConfig", "CheckpointConfig",
+    "NOT_RESULTS", "QUICKSTART", "AdaptiveClippingConfig", "AggregationConfig", "CheckpointConfig",
     "CohortConfig", "CostsConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "LocalPrivacyConfig",
     "MethodOptions", "MethodsConfig", "ModelConfig", "PretrainConfig", "PrivacyConfig", "RayConfig",
     "SpeedupsConfig", "TokenizerConfig", "TrackingConfig", "TrainConfig", "first_difference", "frozen",

@@ -97,9 +97,6 @@ class PretrainConfig:
     cache_dir: str = "~/.cache/raysim"
 
 
-OUTPUT_LOSSES = ("softmax", "nce", "sampled_softmax")  # raysim/methods/output_loss.py
-
-
 @dataclass
 class MethodOptions:
     """The ``methods.*`` keys that are not per-device axes: how the methods the axes choose are set up."""

@@ -10,10 +10,9 @@ import dataclasses
 import math
 from typing import Any
 
-from raysim.config.schema import OUTPUT_LOSSES, CohortConfig, ExperimentConfig, PrivacyConfig
+from raysim.config.schema import CohortConfig, ExperimentConfig, PrivacyConfig
 from raysim.errors import ConfigError
 from raysim.methods import METHODS
-from raysim.methods.embedding_updates import EMBEDDING_SELECTIONS, SERVER_SELECTIONS
 
 
 def _check(ok: bool, field_name: str, message: str, *, source: str) -> None:
@@ -83,9 +82,11 @@ def _validate_model(cfg: ExperimentConfig, c) -> None:
 
 
 def _validate_data(cfg: ExperimentConfig, c) -> None:
+    from raysim.data.sources import PARTITIONS
+
     d, n_positions = cfg.data, cfg.model.n_positions
     c(2 <= d.seq_len <= n_positions, "data.seq_len", f"must be in [2, model.n_positions={n_positions}]")
-    c(d.partition in ("natural", "dirichlet", "iid"), "data.partition", "must be natural, dirichlet or iid")
+    c(d.partition in PARTITIONS, "data.partition", f"must be {PARTITIONS.choices()}")
     c(d.partition != "dirichlet" or d.label_column is not None, "data.label_column",
       "dirichlet partitions need a label column")
     c(d.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
@@ -162,6 +163,8 @@ def _validate_ray(cfg: ExperimentConfig, c) -> None:
 
 def _validate_methods(cfg: ExperimentConfig, c) -> None:
     """Each per-device method's values, then the method options."""
+    from raysim.methods.embeddings import SELECTIONS
+    from raysim.methods.output_loss import SAMPLED
     from raysim.methods.quantize import GRANULARITY
     from raysim.methods.width import PRUNING
     from raysim.models.architectures import ARCHITECTURES
@@ -183,11 +186,12 @@ def _validate_methods(cfg: ExperimentConfig, c) -> None:
     c(methods.quantization in GRANULARITY, "methods.quantization", f"must be {GRANULARITY.choices()}")
     c(methods.embedding_rows is None or methods.embedding_rows >= 1, "methods.embedding_rows", "must be >= 1")
     selection = methods.embedding_selection
-    c(selection is None or selection in EMBEDDING_SELECTIONS, "methods.embedding_selection",
-      f"must be {' | '.join(EMBEDDING_SELECTIONS)} (or null)")
-    c(methods.output_loss in OUTPUT_LOSSES, "methods.output_loss", f"must be {' | '.join(OUTPUT_LOSSES)}")
+    c(selection is None or selection in SELECTIONS, "methods.embedding_selection",
+      f"must be {' | '.join(SELECTIONS)} (or null)")
+    losses = ("softmax", *SAMPLED)  # the full softmax, or a sampled loss (raysim.methods.output_loss)
+    c(methods.output_loss in losses, "methods.output_loss", f"must be {' | '.join(losses)}")
     c(methods.noise_samples >= 1, "methods.noise_samples", "must be >= 1")
-    c(selection not in SERVER_SELECTIONS or methods.embedding_rows is not None,
+    c(selection not in SELECTIONS or not SELECTIONS[selection].server or methods.embedding_rows is not None,
       "methods.embedding_selection", f"{selection} needs methods.embedding_rows (the rows the server picks)")
 
 

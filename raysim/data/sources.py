@@ -11,7 +11,9 @@ there or does not parse, a missing column, an empty user — raise one
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +22,11 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from raysim import rng
-from raysim.config import DataConfig
 from raysim.errors import ConfigError
+from raysim.registry import Registry
+
+if TYPE_CHECKING:
+    from raysim.config import DataConfig
 
 FIELD = "data.source"
 
@@ -67,6 +72,11 @@ def _column(table: pa.Table, name: str | None, *, key: str, source: str) -> list
     return table.column(name).to_pylist()
 
 
+# ``data.partition`` names one: (table, its texts, the data config, a generator keyed by (seed, "partition"), the
+# source for messages) -> texts per user
+PARTITIONS: Registry[Callable[..., dict[str, list[str]]]] = Registry("data partition")
+
+
 def partition(table: pa.Table, cfg: DataConfig, *, seed: int, source: str) -> dict[str, list[str]]:
     """Texts per user, users in a stable order, by ``data.partition``."""
     texts = _column(table, cfg.text_column, key="data.text_column", source=source)
@@ -74,22 +84,47 @@ def partition(table: pa.Table, cfg: DataConfig, *, seed: int, source: str) -> di
     if bad is not None:
         raise ConfigError(f"row {bad} holds {texts[bad]!r}: the text column must hold strings (no nulls; rows "
                           "count from 0)", file=source, field="data.text_column")
-    if cfg.partition == "natural":
-        users = _column(table, cfg.user_column, key="data.user_column", source=source)
-        out: dict[str, list[str]] = {}
-        for row, (user, text) in enumerate(zip(users, texts)):
-            if user is None or str(user).strip() == "":
-                raise ConfigError(f"row {row} has an empty user (rows count from 0)", file=source,
-                                  field="data.user_column")
-            out.setdefault(str(user), []).append(text)
-        return out
-    n_users = cfg.num_users or len(set(_column(table, cfg.user_column, key="data.user_column", source=source)))
     gen = np.random.default_rng(rng.key(seed, "partition"))
-    if cfg.partition == "iid":
-        owner = gen.permutation(len(texts)) % n_users
-    else:
-        labels = _column(table, cfg.label_column, key="data.label_column", source=source)
-        owner = dirichlet_owners(labels, n_users=n_users, alpha=cfg.dirichlet_alpha, gen=gen)
+    return PARTITIONS[cfg.partition](table, texts, cfg, gen=gen, source=source)
+
+
+@PARTITIONS.register("natural")
+def natural(table: pa.Table, texts: list[str], cfg: DataConfig, *, gen: np.random.Generator,
+            source: str) -> dict[str, list[str]]:
+    """By the user column: each user's rows, as the data holds them."""
+    users = _column(table, cfg.user_column, key="data.user_column", source=source)
+    out: dict[str, list[str]] = {}
+    for row, (user, text) in enumerate(zip(users, texts)):
+        if user is None or str(user).strip() == "":
+            raise ConfigError(f"row {row} has an empty user (rows count from 0)", file=source,
+                              field="data.user_column")
+        out.setdefault(str(user), []).append(text)
+    return out
+
+
+@PARTITIONS.register("dirichlet")
+def dirichlet(table: pa.Table, texts: list[str], cfg: DataConfig, *, gen: np.random.Generator,
+              source: str) -> dict[str, list[str]]:
+    """Every label's rows split over users by a Dirichlet(``data.dirichlet_alpha``) draw (:func:`dirichlet_owners`)."""
+    n_users = _n_users(table, cfg, source)
+    labels = _column(table, cfg.label_column, key="data.label_column", source=source)
+    return _by_owner(texts, dirichlet_owners(labels, n_users=n_users, alpha=cfg.dirichlet_alpha, gen=gen),
+                     n_users=n_users)
+
+
+@PARTITIONS.register("iid")
+def iid(table: pa.Table, texts: list[str], cfg: DataConfig, *, gen: np.random.Generator,
+        source: str) -> dict[str, list[str]]:
+    """Rows dealt to users in a random order: every user the same mixture."""
+    n_users = _n_users(table, cfg, source)
+    return _by_owner(texts, gen.permutation(len(texts)) % n_users, n_users=n_users)
+
+
+def _n_users(table: pa.Table, cfg: DataConfig, source: str) -> int:
+    return cfg.num_users or len(set(_column(table, cfg.user_column, key="data.user_column", source=source)))
+
+
+def _by_owner(texts: list[str], owner: np.ndarray, *, n_users: int) -> dict[str, list[str]]:
     out = {f"user{u:06d}": [] for u in range(n_users)}
     for text, u in zip(texts, owner):
         out[f"user{u:06d}"].append(text)

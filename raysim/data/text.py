@@ -12,6 +12,7 @@ tokenizer and the central pre-training stage and is never a device's data.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from raysim.data.sources import partition, read_table
 from raysim.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from raysim.errors import ConfigError
 from raysim.models.build import folder_tokenizer, model_vocab_size
+from raysim.registry import Registry
 
 
 @dataclass
@@ -74,13 +76,27 @@ def _pack(ids: list[list[int]], *, eos: int, seq_len: int, max_blocks: int | Non
     return flat[: n * seq_len].reshape(n, seq_len)
 
 
+# ``data.source`` names one of these corpora (texts per user, and their source for messages); any other value
+# of it is a file or folder of text (:func:`from_file`)
+CORPORA: Registry[Callable[[ExperimentConfig], tuple[dict[str, list[str]], str]]] = Registry("text corpus")
+
+
 def load_user_texts(cfg: ExperimentConfig) -> tuple[dict[str, list[str]], str]:
     """Texts per user from ``data.source``, and the source name for messages."""
-    if cfg.data.source == "python-docs":
-        table, source = pq.read_table(SHIPPED), str(SHIPPED)
-        # The shipped corpus is always split naturally, by module.
-        natural = replace(cfg.data, partition="natural", user_column="user", text_column="text")
-        return partition(table, natural, seed=split_seed(cfg), source=source), source
+    return CORPORA.get(cfg.data.source, from_file)(cfg)
+
+
+@CORPORA.register("python-docs")
+def python_docs(cfg: ExperimentConfig) -> tuple[dict[str, list[str]], str]:
+    """The shipped corpus (:mod:`raysim.data.corpus`), always split naturally, by module."""
+    table, source = pq.read_table(SHIPPED), str(SHIPPED)
+    natural = replace(cfg.data, partition="natural", user_column="user", text_column="text")
+    return partition(table, natural, seed=split_seed(cfg), source=source), source
+
+
+def from_file(cfg: ExperimentConfig) -> tuple[dict[str, list[str]], str]:
+    """A .parquet or .jsonl file or a ``datasets`` folder (:func:`~raysim.data.sources.read_table`), split by
+    ``data.partition``."""
     source = str(Path(cfg.data.source).expanduser())
     return partition(read_table(source), cfg.data, seed=split_seed(cfg), source=source), source
 

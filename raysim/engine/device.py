@@ -32,7 +32,7 @@ import torch
 from raysim import rng
 from raysim.aggregation.rules import PartialSum, Tensors, global_norm
 from raysim.config import ExperimentConfig
-from raysim.data import FederatedDataset
+from raysim.data.base import FederatedDataset
 from raysim.emulation import costmodel
 from raysim.engine.evaluation import HeldOut, Utility
 from raysim.engine.processors import DeviceContext, DeviceUpdate, UpdateProcessor, run_on_device
@@ -41,7 +41,6 @@ from raysim.engine.training import DPSGD, LocalData, train_group
 from raysim.engine.work import Group, WorkUnit
 from raysim.methods import embeddings, output_loss, width
 from raysim.methods.coordinates import Space, Structure
-from raysim.methods.embedding_updates import SERVER_SELECTIONS
 from raysim.methods.quantize import GRANULARITY
 from raysim.methods.submodel import Encoding, Submodel, build_model
 from raysim.models import fastops
@@ -127,7 +126,7 @@ class DeviceWorker:
     def _encoding(self, config: DeviceConfig) -> Encoding:
         m = self.cfg.methods
         return Encoding(bits=config.bits, per_row=GRANULARITY[m.quantization], embedding_rows=m.embedding_rows,
-                        row_indices=m.embedding_selection not in SERVER_SELECTIONS)
+                        row_indices=not embeddings.server_picks(m.embedding_selection))
 
     def _slices(self, config: DeviceConfig, *, round: int, device_id: int):
         return self.space.slices(config, pruning=self.cfg.methods.pruning, seed=self.cfg.seed, round=round,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from raysim.data import FederatedDataset
+from raysim.data.base import FederatedDataset
 from raysim.methods.coordinates import Space, Structure
 from raysim.methods.submodel import Submodel
 

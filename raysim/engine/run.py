@@ -34,7 +34,8 @@ import torch
 import raysim
 from raysim import cluster, rng, tracking
 from raysim.config import ExperimentConfig, result_config, to_yaml
-from raysim.data import FederatedDataset, build_dataset
+from raysim.data.base import FederatedDataset
+from raysim.data.build import build_dataset
 from raysim.emulation.clock import OK, settle_round
 from raysim.emulation.cohort import sample_cohort
 from raysim.emulation.costmodel import device_costs
@@ -289,7 +290,7 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
     check_compatible(cfg, base)
     base = pretrain(base, dataset.public_examples(), cfg.pretrain, seed=base_seed(cfg.model, seed=cfg.seed),
                     progress=cfg.progress)
-    where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard)
+    where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard).description
     processors: list[UpdateProcessor] = []
     if privacy:
         processors.append(privacy.processor(cfg))

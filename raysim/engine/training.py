@@ -60,7 +60,7 @@ def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, s
         tensors, optimizer, weights = _single(sub, starts)
     device = starts[0].device
     loss_sum = torch.zeros(k, device=device)
-    with weights, keyed(data.generators):
+    with weights, keyed(sub.dropout_keys, data.generators):
         if dp is not None:  # k == 1: DP-SGD on Poisson batches of the device's examples
             loss_sum += steps * dp.engine.train(data.examples[0], steps=steps, batch_size=dp.batch_size, device=device,
                                                 batch_generator=dp.batch_generator, noise_generator=dp.noise_generator)

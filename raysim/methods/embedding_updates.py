@@ -13,10 +13,6 @@ from raysim.methods.rank import ADAPTERS_ONLY
 if TYPE_CHECKING:
     from raysim.config import ExperimentConfig, MethodsConfig
 
-EMBEDDING_SELECTIONS = ("device_seen", "server_frequent", "server_random")  # methods.embedding_selection
-SERVER_SELECTIONS = EMBEDDING_SELECTIONS[1:]  # the server picks the round's rows
-
-
 @register
 class PartialEmbeddings(Method):
     """Whether a device trains the embedding rows of the tokens it uses (or the server's rows of the round)."""

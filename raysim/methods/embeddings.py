@@ -19,15 +19,48 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from raysim import rng
-from raysim.methods.embedding_updates import SERVER_SELECTIONS
+from raysim.registry import Registry
 
 if TYPE_CHECKING:
     from raysim.config import MethodsConfig
+
+@dataclass(frozen=True)
+class Selection:
+    """How the embedding rows a device trains and sends are chosen (``methods.embedding_selection`` names one)."""
+
+    server: bool  # the server picks the round's rows: the same for every device, sent with no index
+    unigram: bool = False  # the server's draw weighs rows by public unigram counts
+    # (count, vocab_size, unigram, generator) -> the server's sorted rows; None where each device picks its own
+    draw: Callable[..., torch.Tensor] | None = None
+
+
+def _uniform(*, count: int, vocab_size: int, unigram: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    return torch.randperm(vocab_size, generator=generator)[:count].sort().values
+
+
+def _frequent(*, count: int, vocab_size: int, unigram: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Without replacement, with probability proportional to ``unigram + 1`` (Gumbel top-k)."""
+    weights = (unigram.double() + 1.0).log()
+    gumbel = -torch.log(-torch.log(torch.rand(vocab_size, generator=generator, dtype=torch.float64)))
+    return (weights + gumbel).topk(count).indices.sort().values
+
+
+SELECTIONS: Registry[Selection] = Registry("embedding selection")
+SELECTIONS.register("device_seen")(Selection(server=False))
+SELECTIONS.register("server_frequent")(Selection(server=True, unigram=True, draw=_frequent))
+SELECTIONS.register("server_random")(Selection(server=True, draw=_uniform))
+
+
+def server_picks(selection: str | None) -> bool:
+    """Whether the server picks the round's rows (no selection: each device picks its own)."""
+    return selection is not None and SELECTIONS[selection].server
+
 
 def trained_rows(config: Any, methods: MethodsConfig, *, tokens: Callable[[], torch.Tensor],
                  server: Callable[[], torch.Tensor], vocab_size: int, generator: Callable[[], torch.Generator],
@@ -41,7 +74,7 @@ def trained_rows(config: Any, methods: MethodsConfig, *, tokens: Callable[[], to
     """
     if not config.partial_embeddings:
         return None, None
-    if methods.embedding_selection in SERVER_SELECTIONS:
+    if server_picks(methods.embedding_selection):
         rows = seen = server()
     else:
         rows = seen = seen_rows(tokens())
@@ -78,28 +111,21 @@ def fixed_rows(seen: torch.Tensor, *, count: int, vocab_size: int, generator: to
 
 def server_rows(selection: str, *, count: int, vocab_size: int, unigram: torch.Tensor | None, seed: int,
                 round: int) -> torch.Tensor:
-    """The round's ``count`` sorted rows, the same on every actor and at the aggregator.
-
-    ``server_frequent`` draws without replacement with probability proportional to ``unigram + 1`` (Gumbel
-    top-k); ``server_random`` uniformly.
-    """
-    count = min(count, vocab_size)
-    g = rng.generator(seed, "embedding-rows-server", round)
-    if selection == "server_random":
-        return torch.randperm(vocab_size, generator=g)[:count].sort().values
-    weights = (unigram.double() + 1.0).log()
-    gumbel = -torch.log(-torch.log(torch.rand(vocab_size, generator=g, dtype=torch.float64)))
-    return (weights + gumbel).topk(count).indices.sort().values
+    """The round's ``count`` sorted rows, the same on every actor and at the aggregator, drawn as ``selection``
+    says (``server_frequent``: weighted by ``unigram + 1``; ``server_random``: uniformly)."""
+    generator = rng.generator(seed, "embedding-rows-server", round)
+    return SELECTIONS[selection].draw(count=min(count, vocab_size), vocab_size=vocab_size, unigram=unigram,
+                                      generator=generator)
 
 
 def server_selection(methods: MethodsConfig, public: Callable[[], torch.Tensor], *, vocab_size: int,
                      seed: int) -> Callable[..., torch.Tensor] | None:
     """``rows(round=r)``: the server's rows of round r as every actor and the aggregator draw them; None where
     devices pick their own (``device_seen``). ``public()`` gives the public tokens ``server_frequent`` counts."""
-    if not any(methods.partial_embeddings) or methods.embedding_selection not in SERVER_SELECTIONS:
+    if not any(methods.partial_embeddings) or not server_picks(methods.embedding_selection):
         return None
     unigram = (unigram_counts(public(), vocab_size=vocab_size)
-               if methods.embedding_selection == "server_frequent" else None)
+               if SELECTIONS[methods.embedding_selection].unigram else None)
     return functools.partial(server_rows, methods.embedding_selection, count=methods.embedding_rows,
                              vocab_size=vocab_size, unigram=unigram, seed=seed)
 

@@ -20,15 +20,18 @@ on the devices it shares a pass with. Evaluation always uses the full softmax.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysim.config import OUTPUT_LOSSES
+from raysim.registry import Registry
 
-SAMPLED = OUTPUT_LOSSES[1:]
+# ``methods.output_loss`` names one of these, or ``softmax`` (the full softmax, no sampling); each is a loss per
+# position from the corrected logits of the targets, of the samples, and where a sample is the target
+SAMPLED: Registry[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("output loss")
 
 
 def proposal(counts: torch.Tensor) -> torch.Tensor:
@@ -52,15 +55,18 @@ def corrected_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return true, negative
 
 
+@SAMPLED.register("nce")
+def nce(true: torch.Tensor, negative: torch.Tensor, hits: torch.Tensor | None = None) -> torch.Tensor:
+    """Per position NCE loss: the target classified as data, each sample as noise (a sample equal to the target
+    too: ``hits`` is not used)."""
+    return F.softplus(-true) + F.softplus(negative).sum(-1)
+
+
+@SAMPLED.register("sampled_softmax")
 def sampled_softmax(true: torch.Tensor, negative: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
     """Per position ``-log softmax`` of the target among {target} and the samples not equal to it (``hits``)."""
     logits = torch.cat([true.unsqueeze(-1), negative.masked_fill(hits, -math.inf)], dim=-1)
     return torch.logsumexp(logits, dim=-1) - true
-
-
-def nce(true: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-    """Per position NCE loss: the target classified as data, each sample as noise."""
-    return F.softplus(-true) + F.softplus(negative).sum(-1)
 
 
 @dataclass(frozen=True)
@@ -87,9 +93,5 @@ class OutputLoss:
         samples = samples.to(tokens.device)
         log_kq = (math.log(self.samples) + self.q.log()).to(device=hidden.device, dtype=hidden.dtype)
         true, negative = corrected_logits(hidden, head.weight, head.bias, targets, samples, log_kq)
-        if self.kind == "nce":
-            per_position = nce(true.float(), negative.float())
-        else:
-            hits = samples.unsqueeze(1) == targets.unsqueeze(-1)
-            per_position = sampled_softmax(true.float(), negative.float(), hits)
-        return per_position.mean(1)
+        hits = samples.unsqueeze(1) == targets.unsqueeze(-1)
+        return SAMPLED[self.kind](true.float(), negative.float(), hits).mean(1)

@@ -66,7 +66,7 @@ class Submodel:
         self.family = adapter.family(structure.adapter)
         self.trained = [t for t in self.family.targets(space) if t.layer in structure.blocks]
         self._trained_names = {t.name for t in self.trained}
-        install_keyed_dropout(model)
+        self.dropout_keys = install_keyed_dropout(model)
         if cfg.speedups.fused_activations:
             fuse_activations(model)
         self.lm = model.to(device)

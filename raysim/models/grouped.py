@@ -32,9 +32,11 @@ KEYED_ATTENTION = "raysim_keyed"
 
 
 class DropoutKeys:
-    """The generators of the devices in the current pass, one per device, in row order."""
+    """The generators of the devices in the current pass, one per device, in row order: one per model
+    (:func:`install_keyed_dropout`), set for a pass by :func:`keyed`."""
 
-    generators: list[torch.Generator] | None = None
+    def __init__(self) -> None:
+        self.generators: list[torch.Generator] | None = None
 
     def dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         if not training or p == 0.0 or self.generators is None:
@@ -46,14 +48,15 @@ class DropoutKeys:
         return x * keep.lt_(q).div_(q)  # keep with probability q, scaled by 1/q (as F.dropout)
 
 
-KEYS = DropoutKeys()  # one worker per process: the process's model uses these
-
-
 class KeyedDropout(nn.Dropout):
-    """``nn.Dropout`` whose masks come from the current devices' generators."""
+    """``nn.Dropout`` whose masks come from the current devices' generators (``keys``)."""
+
+    def __init__(self, p: float, keys: DropoutKeys):
+        super().__init__(p)
+        self.keys = keys
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return KEYS.dropout(x, self.p, self.training)
+        return self.keys.dropout(x, self.p, self.training)
 
 
 def _keyed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -66,7 +69,7 @@ def _keyed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if attention_mask is not None:
         weights = weights + attention_mask[..., : key.shape[-2]]
     weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = KEYS.dropout(weights, dropout, module.training)
+    weights = module.dropout_keys.dropout(weights, dropout, module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
@@ -74,24 +77,30 @@ AttentionInterface.register(KEYED_ATTENTION, _keyed_attention)
 AttentionMaskInterface.register(KEYED_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
-def install_keyed_dropout(model: nn.Module) -> None:
-    """Swap every ``nn.Dropout`` for a keyed one and route attention through keyed dropout."""
+def install_keyed_dropout(model: nn.Module) -> DropoutKeys:
+    """Swap every ``nn.Dropout`` for a keyed one and route attention through keyed dropout; the model's keys,
+    which every module holds as ``dropout_keys`` (the attention function is given its module only)."""
+    keys = DropoutKeys()
     for module in list(model.modules()):
         for name, child in module.named_children():
             if type(child) is nn.Dropout:
-                setattr(module, name, KeyedDropout(child.p))
+                setattr(module, name, KeyedDropout(child.p, keys))
+    for module in model.modules():
+        module.dropout_keys = keys
     config = getattr(model, "config", None)
     if config is not None and any(getattr(config, k, 0.0) for k in ("attn_pdrop", "attention_dropout")):
         config._attn_implementation = KEYED_ATTENTION
+    return keys
 
 
 @contextmanager
-def keyed(generators: list[torch.Generator]) -> Iterator[None]:
-    KEYS.generators = generators
+def keyed(keys: DropoutKeys, generators: list[torch.Generator]) -> Iterator[None]:
+    """Draw ``keys``' dropout masks from ``generators`` (one per device, in row order) for the block."""
+    keys.generators = generators
     try:
         yield
     finally:
-        KEYS.generators = None
+        keys.generators = None
 
 
 def stackable(model: nn.Module, names: list[str]) -> bool:

@@ -255,7 +255,7 @@ def _run_parallel(todo: list[StudyRun], *, parallel: int, caches: Caches) -> Non
     import ray
 
     from raysim import cluster
-    from raysim.data import build_dataset
+    from raysim.data.build import build_dataset
     from raysim.models.build import base_seed, initial_base_model
     from raysim.models.pretrain import pretrain
 
