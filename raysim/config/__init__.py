@@ -3,8 +3,8 @@
 :mod:`~raysim.config.schema` holds one dataclass per section (``ExperimentConfig`` at the top);
 :mod:`~raysim.config.load` merges defaults, a YAML file, ``key=value`` overrides and a study's layers, and names
 the file or override and the key of any error; :mod:`~raysim.config.validate` checks ranges and names, one
-function per section. This package re-exports what callers use, so ``from raysim.config import
-load_experiment`` is the one way in.
+function per section. This package re-exports what callers outside it use (``from raysim.config import
+load_experiment``); its own modules import each other directly.
 """
 
 from raysim.config.load import (
