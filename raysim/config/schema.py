@@ -71,7 +71,11 @@ class DataConfig:
     user_column: str = "user"
     text_column: str = "text"
     partition: str = "natural"  # natural (by user column) | dirichlet (over label_column) | iid
-    label_column: str | None = None  # dirichlet: the label/topic column
+    label_column: str | None = None  # dirichlet: the label/topic column; classification: the label (python-docs: kind)
+    # lm: next-token prediction on packed text | classification: one text per sequence, classified by a linear
+    # head on the last hidden state at its first EOS (the head trains on every device; methods.split keeps it there)
+    task: str = "lm"
+    labels: list[str] | None = None  # classification: the label values to classify, in class order; others dropped
     dirichlet_alpha: float = 0.5
     num_users: int | None = None  # dirichlet / iid: users to make (None: as many as natural users)
     public_fraction: float = 0.0  # share of users set aside as public text (the corpus' own public split is kept)
@@ -232,6 +236,15 @@ class RayConfig:
 
 
 @dataclass
+class ServerConfig:
+    """The server split devices (methods.split) share: it runs their blocks above the cut."""
+
+    # training throughput, GFLOP/s, shared equally by the split devices of a round. Default: an NVIDIA A100
+    # (312 TFLOP/s dense bf16 peak, its datasheet) at a third of peak, a typical training utilisation
+    train_gflops: float = 100000.0
+
+
+@dataclass
 class CostsConfig:
     """What the cost model prices (raysim/emulation/costmodel.py): a declared training recipe, measured on a model built
     for the measurement alone, so that how raysim computes (``speedups``, grouped passes) changes no cost."""
@@ -288,6 +301,7 @@ class ExperimentConfig:
     methods: MethodsConfig = field(default_factory=MethodsConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     costs: CostsConfig = field(default_factory=CostsConfig)

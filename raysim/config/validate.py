@@ -63,6 +63,7 @@ def _validate_run(cfg: ExperimentConfig, c) -> None:
     c(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     c(cfg.train.lr > 0, "train.lr", "must be > 0")
     c(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    c(cfg.server.train_gflops > 0, "server.train_gflops", "must be > 0")
 
 
 def _validate_model(cfg: ExperimentConfig, c) -> None:
@@ -90,6 +91,11 @@ def _validate_data(cfg: ExperimentConfig, c) -> None:
     c(d.partition != "dirichlet" or d.label_column is not None, "data.label_column",
       "dirichlet partitions need a label column")
     c(d.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+    c(d.task in ("lm", "classification"), "data.task", "must be lm or classification")
+    if d.task == "classification":
+        c(d.labels is not None and len(set(d.labels)) == len(d.labels) >= 2, "data.labels",
+          "classification needs a list of at least 2 distinct label values, e.g. [comment, docstring]")
+        c(d.source != "synthetic", "data.source", "synthetic data has no labels: classify python-docs or a file")
     c(d.num_users is None or d.num_users >= 2, "data.num_users", "must be >= 2")
     c(0.0 <= d.public_fraction < 1.0, "data.public_fraction", "must be in [0, 1)")
     c(d.min_examples >= 1, "data.min_examples", "must be >= 1")

@@ -66,68 +66,80 @@ def _read_datasets_folder(folder: Path) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def _column(table: pa.Table, name: str | None, *, key: str, source: str) -> list:
+def column(table: pa.Table, name: str | None, *, key: str, source: str) -> list:
+    """A column's values; one ConfigError naming ``key``, and the columns there are, if it is missing."""
     if name not in table.column_names:
         raise ConfigError(f"no column {name!r} (columns: {', '.join(table.column_names)})", file=source, field=key)
     return table.column(name).to_pylist()
 
 
-# ``data.partition`` names one: (table, its texts, the data config, a generator keyed by (seed, "partition"), the
-# source for messages) -> texts per user
+# ``data.partition`` names one: (table, its rows' items, the data config, a generator keyed by (seed, "partition"),
+# the source for messages) -> items per user (raysim deals out row numbers: :func:`partition_rows`)
 PARTITIONS: Registry[Callable[..., dict[str, list[str]]]] = Registry("data partition")
 
 
 def partition(table: pa.Table, cfg: DataConfig, *, seed: int, source: str) -> dict[str, list[str]]:
     """Texts per user, users in a stable order, by ``data.partition``."""
-    texts = _column(table, cfg.text_column, key="data.text_column", source=source)
+    texts = column(table, cfg.text_column, key="data.text_column", source=source)
+    return {user: [texts[row] for row in rows] for user, rows in partition_rows(table, cfg, seed=seed,
+                                                                                source=source).items()}
+
+
+def partition_rows(table: pa.Table, cfg: DataConfig, *, seed: int, source: str) -> dict[str, list[int]]:
+    """The table's row numbers per user, by ``data.partition`` (checking the text column on the way).
+
+    A partition deals out items it does not look into: here the row numbers, so that every column of a row
+    (its text, its label) follows it to the same user.
+    """
+    texts = column(table, cfg.text_column, key="data.text_column", source=source)
     bad = next((row for row, t in enumerate(texts) if not isinstance(t, str)), None)
     if bad is not None:
         raise ConfigError(f"row {bad} holds {texts[bad]!r}: the text column must hold strings (no nulls; rows "
                           "count from 0)", file=source, field="data.text_column")
     gen = np.random.default_rng(rng.key(seed, "partition"))
-    return PARTITIONS[cfg.partition](table, texts, cfg, gen=gen, source=source)
+    return PARTITIONS[cfg.partition](table, list(range(len(texts))), cfg, gen=gen, source=source)
 
 
 @PARTITIONS.register("natural")
-def natural(table: pa.Table, texts: list[str], cfg: DataConfig, *, gen: np.random.Generator,
-            source: str) -> dict[str, list[str]]:
-    """By the user column: each user's rows, as the data holds them."""
-    users = _column(table, cfg.user_column, key="data.user_column", source=source)
-    out: dict[str, list[str]] = {}
-    for row, (user, text) in enumerate(zip(users, texts)):
+def natural(table: pa.Table, items: list, cfg: DataConfig, *, gen: np.random.Generator,
+            source: str) -> dict[str, list]:
+    """By the user column: each user's rows, in the data's order."""
+    users = column(table, cfg.user_column, key="data.user_column", source=source)
+    out: dict[str, list] = {}
+    for row, (user, item) in enumerate(zip(users, items)):
         if user is None or str(user).strip() == "":
             raise ConfigError(f"row {row} has an empty user (rows count from 0)", file=source,
                               field="data.user_column")
-        out.setdefault(str(user), []).append(text)
+        out.setdefault(str(user), []).append(item)
     return out
 
 
 @PARTITIONS.register("dirichlet")
-def dirichlet(table: pa.Table, texts: list[str], cfg: DataConfig, *, gen: np.random.Generator,
-              source: str) -> dict[str, list[str]]:
+def dirichlet(table: pa.Table, items: list, cfg: DataConfig, *, gen: np.random.Generator,
+              source: str) -> dict[str, list]:
     """Every label's rows split over users by a Dirichlet(``data.dirichlet_alpha``) draw (:func:`dirichlet_owners`)."""
     n_users = _n_users(table, cfg, source)
-    labels = _column(table, cfg.label_column, key="data.label_column", source=source)
-    return _by_owner(texts, dirichlet_owners(labels, n_users=n_users, alpha=cfg.dirichlet_alpha, gen=gen),
+    labels = column(table, cfg.label_column, key="data.label_column", source=source)
+    return _by_owner(items, dirichlet_owners(labels, n_users=n_users, alpha=cfg.dirichlet_alpha, gen=gen),
                      n_users=n_users)
 
 
 @PARTITIONS.register("iid")
-def iid(table: pa.Table, texts: list[str], cfg: DataConfig, *, gen: np.random.Generator,
-        source: str) -> dict[str, list[str]]:
+def iid(table: pa.Table, items: list, cfg: DataConfig, *, gen: np.random.Generator,
+        source: str) -> dict[str, list]:
     """Rows dealt to users in a random order: every user the same mixture."""
     n_users = _n_users(table, cfg, source)
-    return _by_owner(texts, gen.permutation(len(texts)) % n_users, n_users=n_users)
+    return _by_owner(items, gen.permutation(len(items)) % n_users, n_users=n_users)
 
 
 def _n_users(table: pa.Table, cfg: DataConfig, source: str) -> int:
-    return cfg.num_users or len(set(_column(table, cfg.user_column, key="data.user_column", source=source)))
+    return cfg.num_users or len(set(column(table, cfg.user_column, key="data.user_column", source=source)))
 
 
-def _by_owner(texts: list[str], owner: np.ndarray, *, n_users: int) -> dict[str, list[str]]:
+def _by_owner(items: list, owner: np.ndarray, *, n_users: int) -> dict[str, list]:
     out = {f"user{u:06d}": [] for u in range(n_users)}
-    for text, u in zip(texts, owner):
-        out[f"user{u:06d}"].append(text)
+    for item, u in zip(items, owner):
+        out[f"user{u:06d}"].append(item)
     return {u: t for u, t in out.items() if t}
 
 

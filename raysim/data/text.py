@@ -17,13 +17,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from raysim import rng
-from raysim.config import ExperimentConfig, split_seed
+from raysim.config import DataConfig, ExperimentConfig, split_seed
 from raysim.data.corpus import PUBLIC_USER, SHIPPED
-from raysim.data.sources import partition, read_table
+from raysim.data.sources import column, partition_rows, read_table
 from raysim.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from raysim.errors import ConfigError
 from raysim.models.build import folder_tokenizer, model_vocab_size
@@ -39,6 +40,12 @@ class TextDataset:
     eval_blocks: torch.Tensor
     public_blocks: torch.Tensor
     vocab_size: int  # the tokenizer's
+    # data.task: classification. Each sequence is one text (then EOS padding) and has a label: its index in
+    # label_names (data.labels), one per row of blocks and eval_blocks
+    labels: torch.Tensor | None = None
+    eval_labels: torch.Tensor | None = None
+    label_names: tuple[str, ...] = ()
+    pad_id: int | None = None  # the EOS that ends (and pads) every sequence
 
     @property
     def num_users(self) -> int:
@@ -54,14 +61,22 @@ class TextDataset:
     def eval_examples(self) -> torch.Tensor:
         return self.eval_blocks.long()
 
+    def device_labels(self, device_id: int) -> torch.Tensor:
+        u = self.user_of(device_id)
+        return self.labels[self.offsets[u]:self.offsets[u + 1]]
+
+    def eval_label_values(self) -> torch.Tensor:
+        return self.eval_labels
+
     def public_examples(self) -> torch.Tensor:
         return self.public_blocks.long()
 
     def fingerprint(self) -> str:
         """A content hash of everything a run trains and evaluates on."""
         h = hashlib.sha256()
-        for t in (self.blocks, self.eval_blocks, self.public_blocks):
-            h.update(t.numpy().tobytes())
+        for t in (self.blocks, self.eval_blocks, self.public_blocks, self.labels, self.eval_labels):
+            if t is not None:
+                h.update(t.numpy().tobytes())
         h.update(np.asarray(self.offsets).tobytes())
         h.update("\n".join(self.users + ["|"] + self.eval_users).encode())
         return h.hexdigest()[:16]
@@ -76,41 +91,109 @@ def _pack(ids: list[list[int]], *, eos: int, seq_len: int, max_blocks: int | Non
     return flat[: n * seq_len].reshape(n, seq_len)
 
 
-# ``data.source`` names one of these corpora (texts per user, and their source for messages); any other value
-# of it is a file or folder of text (:func:`from_file`)
-CORPORA: Registry[Callable[[ExperimentConfig], tuple[dict[str, list[str]], str]]] = Registry("text corpus")
+@dataclass(frozen=True)
+class UserTexts:
+    """A corpus split into users: each user's texts and, for a labelled task, each text's label."""
+
+    texts: dict[str, list[str]]
+    labels: dict[str, list[str]] | None  # data.task: classification; the label column's values, as strings
+    source: str  # for messages
 
 
-def load_user_texts(cfg: ExperimentConfig) -> tuple[dict[str, list[str]], str]:
-    """Texts per user from ``data.source``, and the source name for messages."""
+# ``data.source`` names one of these corpora; any other value of it is a file or folder of text (:func:`from_file`)
+CORPORA: Registry[Callable[[ExperimentConfig], UserTexts]] = Registry("text corpus")
+
+
+def load_user_texts(cfg: ExperimentConfig) -> UserTexts:
+    """Texts (and labels) per user from ``data.source``."""
     return CORPORA.get(cfg.data.source, from_file)(cfg)
 
 
+def split_table(table: pa.Table, data: DataConfig, *, seed: int, source: str) -> UserTexts:
+    """``table``'s rows dealt to users by ``data.partition``; labels from ``data.label_column`` where the task
+    is classification."""
+    rows = partition_rows(table, data, seed=seed, source=source)
+    texts = column(table, data.text_column, key="data.text_column", source=source)
+    labels = None
+    if data.task == "classification":
+        values = column(table, data.label_column, key="data.label_column", source=source)
+        labels = {user: [str(values[r]) for r in user_rows] for user, user_rows in rows.items()}
+    return UserTexts({user: [texts[r] for r in user_rows] for user, user_rows in rows.items()}, labels, source)
+
+
 @CORPORA.register("python-docs")
-def python_docs(cfg: ExperimentConfig) -> tuple[dict[str, list[str]], str]:
-    """The shipped corpus (:mod:`raysim.data.corpus`), always split naturally, by module."""
-    table, source = pq.read_table(SHIPPED), str(SHIPPED)
-    natural = replace(cfg.data, partition="natural", user_column="user", text_column="text")
-    return partition(table, natural, seed=split_seed(cfg), source=source), source
+def python_docs(cfg: ExperimentConfig) -> UserTexts:
+    """The shipped corpus (:mod:`raysim.data.corpus`), always split naturally, by module; its label is
+    ``kind`` (docstring, comment) unless ``data.label_column`` names another column."""
+    natural = replace(cfg.data, partition="natural", user_column="user", text_column="text",
+                      label_column=cfg.data.label_column or "kind")
+    return split_table(pq.read_table(SHIPPED), natural, seed=split_seed(cfg), source=str(SHIPPED))
 
 
-def from_file(cfg: ExperimentConfig) -> tuple[dict[str, list[str]], str]:
+def from_file(cfg: ExperimentConfig) -> UserTexts:
     """A .parquet or .jsonl file or a ``datasets`` folder (:func:`~raysim.data.sources.read_table`), split by
     ``data.partition``."""
     source = str(Path(cfg.data.source).expanduser())
-    return partition(read_table(source), cfg.data, seed=split_seed(cfg), source=source), source
+    return split_table(read_table(source), cfg.data, seed=split_seed(cfg), source=source)
 
 
 def build_text_dataset(cfg: ExperimentConfig) -> TextDataset:
     d = cfg.data
-    texts, source = load_user_texts(cfg)
+    corpus = load_user_texts(cfg)
+    texts, source = corpus.texts, corpus.source
     public_names = {PUBLIC_USER} & set(texts)
     others = sorted(set(texts) - public_names)
     if d.public_fraction > 0:
         draw = rng.uniform(split_seed(cfg), "public-users", ids=np.arange(len(others)))
         public_names |= {u for u, x in zip(others, draw) if x < d.public_fraction}
     public_texts = [t for u in sorted(public_names) for t in texts[u]]
+    tok = _tokenizer(cfg, public_texts, source)
+    eos = eos_id(tok)
 
+    def pack(names: list[str], max_blocks: int | None) -> list[np.ndarray]:
+        return [_pack([e.ids for e in tok.encode_batch(texts[u])], eos=eos, seq_len=d.seq_len, max_blocks=max_blocks)
+                for u in names]
+
+    private = [u for u in others if u not in public_names]
+    if corpus.labels is None:
+        packed = dict(zip(private, pack(private, d.max_examples)))
+        labels = None
+    else:
+        packed, labels = _labelled(tok, corpus, private, cfg, eos=eos)
+    kept = [u for u in private if len(packed[u]) >= d.min_examples]
+    if len(kept) < d.eval_users + 2:
+        raise ConfigError(f"only {len(kept)} users have >= data.min_examples={d.min_examples} sequences of "
+                          f"{d.seq_len} tokens; need data.eval_users + 2", file=source, field="data.min_examples")
+    order = np.argsort(rng.uniform(split_seed(cfg), "eval-users", ids=np.arange(len(kept))), kind="stable")
+    eval_users = sorted(kept[i] for i in order[: d.eval_users])
+    train_users = sorted(set(kept) - set(eval_users))
+
+    per_user = max(1, cfg.eval.max_examples // len(eval_users))
+    public_blocks = (np.concatenate(pack(sorted(public_names), None)) if public_names
+                     else np.empty((0, d.seq_len), np.int32))
+    sizes = [len(packed[u]) for u in train_users]
+
+    def joined(table: dict[str, np.ndarray] | None, users: list[str], cap: int | None = None) -> torch.Tensor | None:
+        return None if table is None else torch.from_numpy(np.concatenate([table[u][:cap] for u in users]))
+
+    return TextDataset(
+        users=train_users,
+        blocks=joined(packed, train_users),
+        offsets=np.concatenate([[0], np.cumsum(sizes)]),
+        eval_users=eval_users,
+        eval_blocks=joined(packed, eval_users, per_user),
+        public_blocks=torch.from_numpy(public_blocks),
+        vocab_size=tok.get_vocab_size(),
+        labels=joined(labels, train_users),
+        eval_labels=joined(labels, eval_users, per_user),
+        label_names=tuple(d.labels or ()),
+        pad_id=eos,
+    )
+
+
+def _tokenizer(cfg: ExperimentConfig, public_texts: list[str], source: str):
+    """The run's tokenizer: ``data.tokenizer.path``, the model folder's, or BPE trained on the public text."""
+    d = cfg.data
     vocab_size = model_vocab_size(cfg.model)
     vocab_key = "model.path" if cfg.model.path else "model.vocab_size"  # what sets the model's vocabulary
     vocab = f"the model's {vocab_size:,} (model.path)" if cfg.model.path else f"model.vocab_size={vocab_size:,}"
@@ -131,33 +214,28 @@ def build_text_dataset(cfg: ExperimentConfig) -> TextDataset:
     if tok.get_vocab_size() > vocab_size:
         raise ConfigError(f"the tokenizer has {tok.get_vocab_size():,} tokens, more than {vocab}",
                           field="data.tokenizer.path" if tokenizer_path else vocab_key)
-    eos = eos_id(tok)
+    return tok
 
-    def encode(names: list[str], max_blocks: int | None) -> list[np.ndarray]:
-        return [_pack([e.ids for e in tok.encode_batch(texts[u])], eos=eos, seq_len=d.seq_len, max_blocks=max_blocks)
-                for u in names]
 
-    private = [u for u in others if u not in public_names]
-    packed = dict(zip(private, encode(private, d.max_examples)))
-    kept = [u for u in private if len(packed[u]) >= d.min_examples]
-    if len(kept) < d.eval_users + 2:
-        raise ConfigError(f"only {len(kept)} users have >= data.min_examples={d.min_examples} sequences of "
-                          f"{d.seq_len} tokens; need data.eval_users + 2", file=source, field="data.min_examples")
-    order = np.argsort(rng.uniform(split_seed(cfg), "eval-users", ids=np.arange(len(kept))), kind="stable")
-    eval_users = sorted(kept[i] for i in order[: d.eval_users])
-    train_users = sorted(set(kept) - set(eval_users))
-
-    per_user = max(1, cfg.eval.max_examples // len(eval_users))
-    eval_blocks = np.concatenate([packed[u][:per_user] for u in eval_users])
-    public_blocks = (np.concatenate(encode(sorted(public_names), None)) if public_names
-                     else np.empty((0, d.seq_len), np.int32))
-    sizes = [len(packed[u]) for u in train_users]
-    return TextDataset(
-        users=train_users,
-        blocks=torch.from_numpy(np.concatenate([packed[u] for u in train_users])),
-        offsets=np.concatenate([[0], np.cumsum(sizes)]),
-        eval_users=eval_users,
-        eval_blocks=torch.from_numpy(eval_blocks),
-        public_blocks=torch.from_numpy(public_blocks),
-        vocab_size=tok.get_vocab_size(),
-    )
+def _labelled(tok, corpus: UserTexts, users: list[str], cfg: ExperimentConfig, *,
+              eos: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per user, one sequence per text whose label ``data.labels`` lists (its first ``seq_len - 1`` tokens, an
+    EOS, then EOS padding: the classifier reads the first EOS), at most ``data.max_examples``, and its labels'
+    indices into ``data.labels``."""
+    d = cfg.data
+    index = {name: i for i, name in enumerate(d.labels)}
+    seen: set[str] = set()
+    sequences, labels = {}, {}
+    for u in users:
+        keep = [j for j, label in enumerate(corpus.labels[u]) if label in index][: d.max_examples]
+        rows = np.full((len(keep), d.seq_len), eos, dtype=np.int32)
+        for row, e in zip(rows, tok.encode_batch([corpus.texts[u][j] for j in keep])):
+            ids = e.ids[: d.seq_len - 1]
+            row[: len(ids)] = ids
+        sequences[u] = rows
+        labels[u] = np.array([index[corpus.labels[u][j]] for j in keep], dtype=np.int64)
+        seen |= {corpus.labels[u][j] for j in keep}
+    if missing := [name for name in d.labels if name not in seen]:
+        raise ConfigError(f"no user's text has the label {missing[0]!r} (column {d.label_column or 'kind'})",
+                          file=corpus.source, field="data.labels")
+    return sequences, labels

@@ -15,7 +15,9 @@ array arithmetic; nothing is slept.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +79,12 @@ class Measurement:
     bytes_down: int  # the state a device downloads
     bytes_up: int  # the encoded update a device uploads
     per_example_gradients: int = 0  # examples whose own gradient is held at once (local DP-SGD: the batch)
+    # split learning (raysim.split): the server's share of a step, and what one step sends each way over the
+    # device's link in its round trips; flops_per_step, activation_bytes and param_bytes are then the device's
+    server_flops_per_step: float = 0.0
+    wire_bytes_up: int = 0
+    wire_bytes_down: int = 0
+    round_trips: int = 0
 
     @property
     def peak_memory_bytes(self) -> int:
@@ -89,39 +97,107 @@ def measure(model: torch.nn.Module, *, recipe: Recipe, batch: torch.Tensor, byte
     """Prepare ``model`` (built for this measurement alone: it is changed) as ``recipe`` says, run one
     forward/backward on ``batch`` and count FLOPs and saved bytes.
 
-    ``loss(model, batch)``: the training loss the device computes (a sampled output loss); None: the
-    recipe's full-softmax loss.
+    ``loss(model, batch)``: the training loss the device computes (a sampled output loss, a classification
+    loss); None: the recipe's full-softmax loss.
 
     Leaves parameters untouched and gradients cleared.
     """
-    model.config._attn_implementation = recipe.attention
-    recipe.prepare(model)
-    model.train()
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
+    _prepare(model, recipe)
+    saved = _SavedBytes(model)
     with FlopCounterMode(display=False) as counter:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             value = (recipe.loss if loss is None else loss)(model, batch)
         value.backward()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.grad = None
+    trainable = _clear_grads(model.parameters())
     return Measurement(
         flops_per_step=float(counter.get_total_flops()),
-        activation_bytes=sum(saved.values()),
+        activation_bytes=saved.total(),
         param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
         trainable_params=sum(p.numel() for p in trainable),
         bytes_down=bytes_down,
         bytes_up=bytes_up,
         per_example_gradients=per_example_gradients,
     )
+
+
+SplitStep = Callable[[Callable[[], AbstractContextManager]], tuple[int, int]]
+
+
+def measure_split(model: torch.nn.Module, *, recipe: Recipe, step: SplitStep, device_parameters: list[torch.nn.Parameter],
+                  bytes_down: int, bytes_up: int) -> Measurement:
+    """A split device's step (:mod:`raysim.split.protocol`): ``step(server)`` runs it on ``model``, entering
+    ``server()`` around what the server computes, and returns its wire bytes (up, down).
+
+    The device is charged the FLOPs outside the server's part, the tensors its own part saves for backward,
+    and the weights it holds (``device_parameters``); the server's FLOPs are its own column.
+    """
+    _prepare(model, recipe)
+    saved = _SavedBytes(model)
+    server_counters: list[FlopCounterMode] = []
+
+    @contextmanager
+    def server() -> Iterator[None]:
+        counter = FlopCounterMode(display=False)
+        server_counters.append(counter)
+        with saved.paused(), counter:
+            yield
+
+    with FlopCounterMode(display=False) as counter:
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            up, down = step(server)
+    server_flops = float(sum(c.get_total_flops() for c in server_counters))  # counted by both: the modes nest
+    _clear_grads(model.parameters())
+    return Measurement(
+        flops_per_step=float(counter.get_total_flops()) - server_flops,
+        activation_bytes=saved.total(),
+        param_bytes=sum(p.numel() * p.element_size() for p in device_parameters),
+        trainable_params=sum(p.numel() for p in device_parameters if p.requires_grad),
+        bytes_down=bytes_down,
+        bytes_up=bytes_up,
+        server_flops_per_step=server_flops,
+        wire_bytes_up=up,
+        wire_bytes_down=down,
+        round_trips=2,
+    )
+
+
+def _prepare(model: torch.nn.Module, recipe: Recipe) -> None:
+    model.config._attn_implementation = recipe.attention
+    recipe.prepare(model)
+    model.train()
+
+
+def _clear_grads(parameters) -> list[torch.nn.Parameter]:
+    trainable = [p for p in parameters if p.requires_grad]
+    for p in trainable:
+        p.grad = None
+    return trainable
+
+
+class _SavedBytes:
+    """The distinct storages autograd saves for backward, weights excluded (a ``saved_tensors_hooks`` pack)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.saved: dict[int, int] = {}
+        self.counting = True
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if self.counting and storage.data_ptr() not in self.weights:
+            self.saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
+
+    def total(self) -> int:
+        return sum(self.saved.values())
 
 
 @dataclass(frozen=True)
@@ -135,24 +211,38 @@ class DeviceCosts:
     peak_memory_bytes: np.ndarray
     bytes_down: np.ndarray
     bytes_up: np.ndarray
+    # split devices (else 0): the server's compute for them, and the steps' traffic over their link
+    server_compute_s: np.ndarray
+    wire_s: np.ndarray
+    wire_bytes_up: np.ndarray
+    wire_bytes_down: np.ndarray
 
     @property
     def total_s(self) -> np.ndarray:
-        return self.download_s + self.compute_s + self.upload_s
+        return self.download_s + self.compute_s + self.server_compute_s + self.wire_s + self.upload_s
 
     def fits(self, draws: DeviceDraws) -> np.ndarray:
         return self.peak_memory_bytes <= draws.memory_bytes
 
 
-def device_costs(draws: DeviceDraws, measurements: list[Measurement], *, local_steps: int) -> DeviceCosts:
+def device_costs(draws: DeviceDraws, measurements: list[Measurement], *, local_steps: int,
+                 server_flops_per_s: float = math.inf) -> DeviceCosts:
     """Seconds and bytes for each device given its config's measurement.
 
     A transfer costs one round-trip latency plus its bits over the link:
-    ``download_s = rtt + 8 * bytes_down / downlink_bps``, likewise up.
+    ``download_s = rtt + 8 * bytes_down / downlink_bps``, likewise up. A split device's steps add, each, their
+    round trips and their bits each way (``wire_s``), and the server's FLOPs at ``server_flops_per_s`` shared
+    equally by the split devices priced together: every one of them is taken to be in flight the whole round.
     """
     flops = np.array([m.flops_per_step for m in measurements]) * local_steps
     down = np.array([m.bytes_down for m in measurements], dtype=np.int64)
     up = np.array([m.bytes_up for m in measurements], dtype=np.int64)
+    server_flops = np.array([m.server_flops_per_step for m in measurements]) * local_steps
+    split = np.array([m.round_trips > 0 for m in measurements], dtype=bool)
+    wire_up = np.array([m.wire_bytes_up for m in measurements], dtype=np.int64) * local_steps
+    wire_down = np.array([m.wire_bytes_down for m in measurements], dtype=np.int64) * local_steps
+    trips = np.array([m.round_trips for m in measurements], dtype=np.float64) * local_steps
+    sharing = max(1, int(split.sum()))
     return DeviceCosts(
         flops=flops,
         compute_s=flops / draws.train_flops_per_s,
@@ -161,4 +251,9 @@ def device_costs(draws: DeviceDraws, measurements: list[Measurement], *, local_s
         peak_memory_bytes=np.array([m.peak_memory_bytes for m in measurements], dtype=np.int64),
         bytes_down=down,
         bytes_up=up,
+        server_compute_s=np.where(split, server_flops * sharing / server_flops_per_s, 0.0),
+        wire_s=np.where(split, trips * draws.rtt_s + 8.0 * wire_up / draws.uplink_bps
+                        + 8.0 * wire_down / draws.downlink_bps, 0.0),
+        wire_bytes_up=wire_up,
+        wire_bytes_down=wire_down,
     )

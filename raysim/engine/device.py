@@ -43,9 +43,10 @@ from raysim.methods import embeddings, output_loss, width
 from raysim.methods.coordinates import Space, Structure
 from raysim.methods.quantize import GRANULARITY
 from raysim.methods.submodel import Encoding, Submodel, build_model
-from raysim.models import fastops
+from raysim.models import classifier, fastops
 from raysim.models.build import BaseModel
 from raysim.privacy import local
+from raysim.split.protocol import device_parameters, split_step
 from raysim.types import DeviceConfig
 
 
@@ -145,19 +146,37 @@ class DeviceWorker:
         zeros = {n: torch.zeros_like(p) for n, p in sub.params.items()}
         rows = embeddings.most_rows(config, self.cfg.methods, vocab_size=self.vocab_size)
         _, bytes_up = sub.encode(zeros, rows=rows, encoding=self._encoding(config), generator=g)
-        bytes_down = sum(4 * p.numel() for p in sub.params.values())
+        bytes_down = sum(4 * p.numel() for n, p in sub.params.items() if n in sub.sent)
         if width.frozen_changes(config, self.cfg.methods.pruning):
             bytes_down += sub.width_bytes()  # the frozen slices change every round: they travel too
         loss, output = None, self.output_loss()
         if output is not None:  # the chosen loss, as a device computes it
             def loss(model, tokens):
                 return output.losses(model, tokens, devices=1, samples=output.draw([g])).sum()
-        model = build_model(space=self.space, structure=self.space.structure(config), base=self.base, cfg=self.cfg)
+        structure = self.space.structure(config)
+        model = build_model(space=self.space, structure=structure, base=self.base, cfg=self.cfg)
+        recipe = costmodel.RECIPES[self.cfg.costs.recipe]
+        if self.space.classes:
+            batch[:, -1] = self.dataset.pad_id  # every sequence ends in EOS (the position the head reads)
+            labels = torch.randint(0, self.space.classes, (len(batch),), generator=g)
+            if structure.cut is not None:
+                blocks = model.get_submodule(self.space.arch.blocks)
+
+                def step(server):
+                    *_, sent = split_step(model, blocks, batch, labels, cut=structure.cut,
+                                          pad_id=self.dataset.pad_id, server=server)
+                    return sent.up, sent.down
+
+                return costmodel.measure_split(model, recipe=recipe, step=step, bytes_down=bytes_down,
+                                               bytes_up=bytes_up, device_parameters=device_parameters(
+                                                   model, self.space.arch.blocks, structure.cut))
+
+            def loss(model, tokens):
+                return classifier.device_losses(model, tokens, labels, pad_id=self.dataset.pad_id, devices=1).sum()
         # DP-SGD holds every example's own gradient of the trainable weights before clipping them (Opacus)
         per_example = self.cfg.train.batch_size if self.cfg.privacy.local.enabled else 0
-        return costmodel.measure(model, recipe=costmodel.RECIPES[self.cfg.costs.recipe], batch=batch,
-                                 bytes_down=bytes_down, bytes_up=bytes_up, loss=loss,
-                                 per_example_gradients=per_example)
+        return costmodel.measure(model, recipe=recipe, batch=batch, bytes_down=bytes_down, bytes_up=bytes_up,
+                                 loss=loss, per_example_gradients=per_example)
 
     def output_loss(self) -> output_loss.OutputLoss | None:
         """The sampled output loss (``methods.output_loss``) with its public-unigram proposal; None: softmax."""
@@ -199,9 +218,10 @@ class DeviceWorker:
         """Devices of ``config`` that may share one pass: 1 unless everyone holds the same LoRA-only submodel.
 
         Federated dropout gives every device its own slices; Opacus needs
-        per-example gradients of the submodel's own weights.
+        per-example gradients of the submodel's own weights; a split device runs the split protocol alone.
         """
-        if self.cfg.privacy.local.enabled or width.own_slices(config) or not self.submodel(config).stackable:
+        if (self.cfg.privacy.local.enabled or width.own_slices(config) or config.split is not None
+                or not self.submodel(config).stackable):
             return 1
         return self.devices_per_pass
 
@@ -243,11 +263,14 @@ class DeviceWorker:
                        noise_generator=rng.generator(seed, "local-dp-noise", round, device_ids[0]))
         output = self.output_loss()
         noise = None if output is None else [rng.generator(seed, "noise-samples", round, d) for d in device_ids]
-        tensors, losses = train_group(sub, starts, LocalData(examples=data, batches=batches, generators=generators,
-                                                             keep=keep, noise=noise),
-                                      steps=self.cfg.train.local_steps, lr=self.cfg.train.lr,
-                                      weight_decay=self.cfg.train.weight_decay, dp=dp, output=output,
-                                      chunked=self.cfg.speedups.chunked_loss)
+        labels = [self.dataset.device_labels(d) for d in device_ids] if self.space.classes else None
+        trained = train_group(sub, starts, LocalData(examples=data, batches=batches, generators=generators, keep=keep,
+                                                     noise=noise, labels=labels,
+                                                     pad_id=getattr(self.dataset, "pad_id", None)),
+                              steps=self.cfg.train.local_steps, lr=self.cfg.train.lr,
+                              weight_decay=self.cfg.train.weight_decay, dp=dp, output=output,
+                              chunked=self.cfg.speedups.chunked_loss)
+        tensors = trained.tensors
         encoding = self._encoding(config)
         norms, utilities = [], []
         with torch.no_grad():
@@ -261,9 +284,10 @@ class DeviceWorker:
                                         num_examples=len(data[j]))
                 norms.append(self._accumulate(partial, update, held=held, context=context))
         return DeviceRecords(device_id=np.asarray(device_ids, dtype=np.int64),
-                             train_loss=losses.cpu().double().numpy(),
+                             train_loss=trained.losses.cpu().double().numpy(),
                              num_examples=np.array([len(x) for x in data], dtype=np.int64),
-                             update_norm=np.array(norms), utility=np.array(utilities))
+                             update_norm=np.array(norms), utility=np.array(utilities),
+                             crossing=_objects(trained.crossings))
 
     def _dp_sgd(self, sub: Submodel) -> local.LocalDPSGD:
         """The submodel wrapped for local DP-SGD (Opacus), once per structure."""
@@ -283,3 +307,10 @@ class DeviceWorker:
                             context=context, params=self._params)
         partial.add(out.tensors, weight=out.weight, held=out.held, counts=out.counts)
         return norm
+
+
+def _objects(items: list) -> np.ndarray:
+    """``items`` as a 1-d object array (numpy would make an array of arrays 2-d)."""
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out

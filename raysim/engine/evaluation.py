@@ -14,6 +14,7 @@ import torch
 from raysim.data.base import FederatedDataset
 from raysim.methods.coordinates import Space, Structure
 from raysim.methods.submodel import Submodel
+from raysim.models import classifier
 
 Tensors = dict[str, torch.Tensor]
 UTILITY_EXAMPLES = 128  # held-out sequences the utility gradient is taken on
@@ -39,7 +40,8 @@ class HeldOut:
 
     def evaluate(self, state: Tensors, batches: list[int]) -> np.ndarray:
         """Per held-out batch (``eval.batch_size`` sequences each): summed next-token loss, tokens, top-1 and
-        top-3 hits. A batch's numbers do not depend on which others were evaluated with it."""
+        top-3 hits (classification: summed cross-entropy, sequences, and the label's hits among the top 1 and 3
+        logits). A batch's numbers do not depend on which others were evaluated with it."""
         rows, size = self.examples(), self.batch_size
         totals = np.zeros((len(batches), 4), dtype=np.float64)
         model = self.model
@@ -48,13 +50,20 @@ class HeldOut:
             model.lm.eval()
             for i, b in enumerate(batches):
                 batch = rows[b * size:(b + 1) * size].to(self.device)
-                logits = model.lm(input_ids=batch).logits[:, :-1].float()
-                target = batch[:, 1:]
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
-                top3 = logits.topk(3, dim=-1).indices
+                logits, target = self._scored(batch, b * size)
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="sum")
+                top3 = logits.topk(min(3, logits.shape[-1]), dim=-1).indices
                 totals[i] = [loss.item(), target.numel(), (top3[..., 0] == target).sum().item(),
                              (top3 == target.unsqueeze(-1)).any(-1).sum().item()]
         return totals
+
+    def _scored(self, batch: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits the held-out loss scores and their targets, for the sequences from ``start`` on."""
+        lm = self.model.lm
+        if not self.space.classes:
+            return lm(input_ids=batch).logits[:, :-1].float(), batch[:, 1:]
+        labels = self.dataset.eval_label_values()[start:start + len(batch)].to(self.device)
+        return classifier.logits(lm, batch, self.dataset.pad_id), labels
 
     def loss_gradient(self, state: Tensors) -> tuple[Tensors, float]:
         """The held-out loss per token at ``state``, and its gradient with respect to every state entry, taken
@@ -73,12 +82,30 @@ class HeldOut:
                         weights[f"{name}.bias"] = bias
             if self.space.embedding in leaves:
                 weights[self.space.embedding] = leaves[self.space.embedding]
+            if classifier.HEAD_WEIGHT in leaves:
+                weights[classifier.HEAD_WEIGHT] = leaves[classifier.HEAD_WEIGHT]
             batch = self.examples()[:UTILITY_EXAMPLES].to(self.device)
-            logits = torch.func.functional_call(model.lm, weights, args=(), kwargs={"input_ids": batch}).logits
-            logits = logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            if self.space.classes:
+                logits = torch.func.functional_call(_Classify(model.lm, self.dataset.pad_id),
+                                                    {f"lm.{k}": v for k, v in weights.items()}, args=(batch,))
+                target = self.dataset.eval_label_values()[:len(batch)].to(self.device)
+            else:
+                logits = torch.func.functional_call(model.lm, weights, args=(), kwargs={"input_ids": batch}).logits
+                logits, target = logits[:, :-1].float(), batch[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten())
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         return {k: g for k, g in zip(leaves, grads) if g is not None}, loss.item()
+
+
+class _Classify(torch.nn.Module):
+    """A classifier's logits as a module's output (what ``functional_call`` differentiates)."""
+
+    def __init__(self, lm: torch.nn.Module, pad_id: int):
+        super().__init__()
+        self.lm, self.pad_id = lm, pad_id
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return classifier.logits(self.lm, tokens, self.pad_id)
 
 
 class Utility:

@@ -31,6 +31,7 @@ class DeviceRecords:
     num_examples: np.ndarray  # int64: its training sequences
     update_norm: np.ndarray  # float64: L2 norm of its decoded update, before any processor (clipping)
     utility: np.ndarray  # float64: first-order held-out utility of its update (NaN unless asked)
+    crossing: np.ndarray  # object: what crossed a split device's cut (raysim.split.protocol.Crossing), else None
 
     def __len__(self) -> int:
         return len(self.device_id)
@@ -38,7 +39,8 @@ class DeviceRecords:
     @classmethod
     def concat(cls, parts: list[DeviceRecords]) -> DeviceRecords:
         if not parts:
-            return cls(np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64), np.empty(0), np.empty(0))
+            return cls(np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64), np.empty(0), np.empty(0),
+                       np.empty(0, object))
         return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
     def by_device_id(self) -> DeviceRecords:
@@ -79,9 +81,13 @@ def device_columns(rnd: int, draws: DeviceDraws, configs: list[DeviceConfig], co
         "compute_s": np.where(computed, costs.compute_s, 0.0),
         "download_s": np.where(reached, costs.download_s, 0.0),
         "upload_s": np.where(ok, costs.upload_s, 0.0),
+        "server_compute_s": np.where(computed, costs.server_compute_s, 0.0),
+        "wire_s": np.where(computed, costs.wire_s, 0.0),
         "finish_s": np.where(computed, costs.total_s, math.nan),
         "bytes_up": np.where(ok, costs.bytes_up, 0),
         "bytes_down": np.where(reached, costs.bytes_down, 0),
+        "wire_bytes_up": np.where(computed, costs.wire_bytes_up, 0),
+        "wire_bytes_down": np.where(computed, costs.wire_bytes_down, 0),
         "peak_memory_bytes": costs.peak_memory_bytes,
         "memory_bytes": draws.memory_bytes.astype(np.int64),
         "num_examples": per_device(records.num_examples, 0, np.int64).astype(np.int32),
@@ -104,6 +110,8 @@ def round_row(rnd: int, *, sim_time_s: float, outcome: RoundOutcome, devices: di
         train_loss=float(np.average(records.train_loss, weights=examples)) if len(examples) else math.nan,
         bytes_up=int(devices["bytes_up"].sum()),
         bytes_down=int(devices["bytes_down"].sum()),
+        wire_bytes_up=int(devices["wire_bytes_up"].sum()),
+        wire_bytes_down=int(devices["wire_bytes_down"].sum()),
         n_selected=len(outcome.status),
         n_completed=n[OK],
         n_dropped=n[DROPPED],

@@ -54,10 +54,12 @@ from raysim.io.rundir import claim, resumable
 from raysim.methods import METHODS, embeddings, method_space
 from raysim.methods.coordinates import Space, Support
 from raysim.methods.rank import truncation_rank
+from raysim.methods.split import any_split
 from raysim.models.build import BaseModel, base_seed, initial_base_model
 from raysim.models.pretrain import pretrain
 from raysim.policies import CostOracle, Policy, PolicyContext, PolicySpec, build_policy, policy_identity, read_policy
 from raysim.privacy import mechanisms
+from raysim.split import leakage
 from raysim.types import RoundState
 
 
@@ -107,7 +109,8 @@ def run_round(run: Run, rnd: int) -> RoundResult:
     cohort = sample_cohort(run.population, cfg.cohort, seed=cfg.seed, round=rnd, sim_time_s=run.sim_time_s)
     draws = run.population.draw(cohort.device_id, seed=cfg.seed)
     configs = run.policy.assign(draws, run.round_state(rnd, target=cohort.target))
-    costs = device_costs(draws, [run.pool.measure(c) for c in configs], local_steps=cfg.train.local_steps)
+    costs = device_costs(draws, [run.pool.measure(c) for c in configs], local_steps=cfg.train.local_steps,
+                         server_flops_per_s=cfg.server.train_gflops * 1e9)
     dropped = rng.uniform(cfg.seed, "dropout", rnd, ids=cohort.device_id) < draws.dropout_prob
     outcome = settle_round(finish_s=costs.total_s, available=cohort.available, fits=costs.fits(draws),
                            dropped=dropped, target=cohort.target, deadline_s=cfg.cohort.deadline_s)
@@ -120,6 +123,9 @@ def run_round(run: Run, rnd: int) -> RoundResult:
     if "non_finite" in stats:
         raise NonFiniteUpdate(f"{stats['non_finite']}; the run stops with the state of round {rnd - 1}")
     devices = device_columns(rnd, draws, configs, costs, outcome.status, trained, records, cfg)
+    if any_split(cfg.methods):  # what the server saw at the split devices' cuts
+        stats = {**stats, **leakage.round_columns(list(records.by_device_id().crossing),
+                                                  classes=len(cfg.data.labels), seed=cfg.seed, round=rnd)}
     row = round_row(rnd, sim_time_s=run.sim_time_s + outcome.duration_s, outcome=outcome, devices=devices,
                     costs=costs, records=records, stats=stats)
     return RoundResult(row=row, devices=devices, started_s=started)
@@ -359,7 +365,8 @@ def check_cohort(cfg: ExperimentConfig, population: Population) -> None:
 
 def _policy(cfg: ExperimentConfig, spec: PolicySpec, pool: DevicePool,
             make_policy: Callable[[PolicyContext], Policy] | None) -> Policy:
-    oracle = CostOracle(measure=pool.measure, local_steps=cfg.train.local_steps, deadline_s=cfg.cohort.deadline_s)
+    oracle = CostOracle(measure=pool.measure, local_steps=cfg.train.local_steps, deadline_s=cfg.cohort.deadline_s,
+                        server_flops_per_s=cfg.server.train_gflops * 1e9)
     context = PolicyContext(methods=cfg.methods, space=method_space(cfg.methods), oracle=oracle, seed=cfg.seed,
                             rounds=cfg.rounds)
     return make_policy(context) if make_policy else build_policy(spec, context=context)

@@ -17,9 +17,11 @@ import torch
 
 from raysim.methods.output_loss import OutputLoss
 from raysim.methods.submodel import Submodel
+from raysim.models import classifier
 from raysim.models.fastops import device_losses
 from raysim.models.grouped import keyed, stacked
 from raysim.privacy.local import LocalDPSGD
+from raysim.split.protocol import Crossing, WireBytes, split_step
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,18 @@ class LocalData:
     generators: list[torch.Generator]  # per device: its model-dropout masks
     keep: torch.Tensor | None = None  # (vocab, 1) 0/1: the embedding rows a partial-embeddings device may change
     noise: list[torch.Generator] | None = None  # per device: its noise samples of a sampled output loss
+    labels: list[torch.Tensor] | None = None  # data.task: classification: per device, its sequences' labels
+    pad_id: int | None = None  # classification: the EOS whose first position the head reads
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What training a group gives back."""
+
+    tensors: list[torch.Tensor]  # per trainable parameter, the trained values stacked over devices (row j: device j)
+    losses: torch.Tensor  # per device, its mean loss over the steps
+    crossings: list[Crossing | None]  # per device, what crossed its cut (None: not split)
+    wire: WireBytes | None = None  # a split device's bytes per step each way (the last step's; every step's match)
 
 
 @dataclass(frozen=True)
@@ -45,14 +59,11 @@ class DPSGD:
 
 def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, steps: int, lr: float,
                 weight_decay: float, dp: DPSGD | None = None, output: OutputLoss | None = None,
-                chunked: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+                chunked: bool = True) -> Trained:
     """Train the group from ``starts`` (one tensor per trainable parameter of ``sub``), with the full softmax
-    (chunk by chunk through the head unless ``chunked`` is off) or the sampled ``output`` loss (each device's
-    samples from its ``data.noise`` generator).
-
-    Returns, per trainable parameter, the trained values stacked over devices
-    (row j: device j), and each device's mean loss over the steps.
-    """
+    (chunk by chunk through the head unless ``chunked`` is off), the sampled ``output`` loss (each device's
+    samples from its ``data.noise`` generator), or the classification loss where ``data.labels`` are given. A
+    split device (one per group) trains through the split protocol (:mod:`raysim.split.protocol`)."""
     k = len(data.examples)
     if k > 1:
         tensors, optimizer, weights = _stacked(sub, starts, k=k, lr=lr, weight_decay=weight_decay)
@@ -60,6 +71,7 @@ def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, s
         tensors, optimizer, weights = _single(sub, starts)
     device = starts[0].device
     loss_sum = torch.zeros(k, device=device)
+    crossings, wire = [], None
     with weights, keyed(sub.dropout_keys, data.generators):
         if dp is not None:  # k == 1: DP-SGD on Poisson batches of the device's examples
             loss_sum += steps * dp.engine.train(data.examples[0], steps=steps, batch_size=dp.batch_size, device=device,
@@ -67,17 +79,35 @@ def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, s
         else:
             for step in range(steps):
                 x = torch.cat([rows[b[step]] for rows, b in zip(data.examples, data.batches)]).to(device)
-                if output is None:
-                    losses = device_losses(sub.lm, x, devices=k, chunked=chunked)
+                if sub.structure.cut is not None:  # k == 1
+                    y = data.labels[0][data.batches[0][step]]
+                    loss, activations, gradients, wire = split_step(
+                        sub.lm, sub.lm.get_submodule(sub.space.arch.blocks), x, y, cut=sub.structure.cut,
+                        pad_id=data.pad_id)
+                    crossings.append(Crossing(activations.float().cpu().numpy(), gradients.float().cpu().numpy(),
+                                              y.numpy()))
+                    losses = loss.view(1)
                 else:
-                    losses = output.losses(sub.lm, x, devices=k, samples=output.draw(data.noise))
-                losses.sum().backward()
+                    losses = _losses(sub, x, data, step=step, devices=k, output=output, chunked=chunked)
+                    losses.sum().backward()
                 if data.keep is not None:
                     sub.params[sub.space.embedding].grad.mul_(data.keep)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum += losses.detach()
-    return tensors, loss_sum / steps
+    per_device = [Crossing.concat(crossings)] if crossings else [None] * k
+    return Trained(tensors=tensors, losses=loss_sum / steps, crossings=per_device, wire=wire)
+
+
+def _losses(sub: Submodel, x: torch.Tensor, data: LocalData, *, step: int, devices: int, output: OutputLoss | None,
+            chunked: bool) -> torch.Tensor:
+    """Each device's loss on its rows of ``x``: the classification loss, the sampled output loss or the softmax."""
+    if data.labels is not None:
+        y = torch.cat([labels[b[step]] for labels, b in zip(data.labels, data.batches)])
+        return classifier.device_losses(sub.lm, x, y, pad_id=data.pad_id, devices=devices)
+    if output is not None:
+        return output.losses(sub.lm, x, devices=devices, samples=output.draw(data.noise))
+    return device_losses(sub.lm, x, devices=devices, chunked=chunked)
 
 
 def _stacked(sub: Submodel, starts: list[torch.Tensor], *, k: int, lr: float,

@@ -54,6 +54,8 @@ class RoundRow:
     delta: float = _column(pa.float64(), 0.0)
     bytes_up: int = _column(pa.int64())
     bytes_down: int = _column(pa.int64())
+    wire_bytes_up: int = _column(pa.int64(), 0, doc="split devices' per-step traffic up (activations, gradients)")
+    wire_bytes_down: int = _column(pa.int64(), 0, doc="split devices' per-step traffic down")
     n_selected: int = _column(pa.int32())
     n_completed: int = _column(pa.int32())
     n_dropped: int = _column(pa.int32())
@@ -71,6 +73,15 @@ class RoundRow:
     mean_device_flops: float = _column(pa.float64(), doc="training FLOPs per device that computed")
     mean_peak_memory_bytes: float = _column(pa.float64(), doc="peak training memory of the selected devices' configs")
     lora_truncation_error: float = _column(pa.float64(), doc="‖ΔW - ΔW_r‖/‖ΔW‖ at the space's lowest LoRA rank")
+    label_leakage: float = _column(pa.float64(), math.nan, doc="the best attack below on what crossed split devices' "
+                                   "cuts this round (NaN: nothing was split)")
+    label_leakage_activations: float = _column(pa.float64(), math.nan, doc="the best attack on the server's outputs")
+    label_leakage_gradients: float = _column(pa.float64(), math.nan, doc="the best attack on the gradients sent up")
+    leakage_kmeans: float = _column(pa.float64(), math.nan, doc="k-means, best-permutation accuracy (either tensor)")
+    leakage_spectral: float = _column(pa.float64(), math.nan, doc="top singular direction, max(AUC, 1 - AUC); "
+                                      "binary labels")
+    leakage_norm: float = _column(pa.float64(), math.nan, doc="L2 norm as a score, max(AUC, 1 - AUC); binary labels")
+    leakage_probe: float = _column(pa.float64(), math.nan, doc="logistic probe, 3-fold cross-validated accuracy")
 
 
 ROW_FIELDS = frozenset(f.name for f in fields(RoundRow))
@@ -99,9 +110,13 @@ DEVICES_SCHEMA = pa.schema([
     ("compute_s", pa.float64()),
     ("download_s", pa.float64()),
     ("upload_s", pa.float64()),
+    ("server_compute_s", pa.float64()),  # split devices: the server's compute for them (server.train_gflops, shared)
+    ("wire_s", pa.float64()),  # split devices: the local steps' round trips and traffic on the device's link
     ("finish_s", pa.float64()),
     ("bytes_up", pa.int64()),
     ("bytes_down", pa.int64()),
+    ("wire_bytes_up", pa.int64()),  # split devices: activations and gradients sent up over the round's steps
+    ("wire_bytes_down", pa.int64()),  # split devices: the server's outputs and cut gradients sent down
     ("peak_memory_bytes", pa.int64()),
     ("memory_bytes", pa.int64()),
     ("num_examples", pa.int32()),

@@ -12,7 +12,7 @@ import importlib
 
 from raysim.methods.base import METHODS, Method, device_config_class
 
-REGISTERED = ("rank", "pruning", "dropout", "layers", "embedding_updates", "bits", "adapter")
+REGISTERED = ("rank", "pruning", "dropout", "layers", "embedding_updates", "bits", "adapter", "split")
 for _module in REGISTERED:
     importlib.import_module(f"{__name__}.{_module}")
 

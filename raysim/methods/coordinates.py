@@ -28,6 +28,7 @@ from raysim.methods.lora import Target
 from raysim.methods.rank import max_rank
 from raysim.methods.width import Slices
 from raysim.models.architectures import ARCHITECTURES, Architecture, Sizes, check_targets, features, lora_targets
+from raysim.models import classifier
 from raysim.models.build import BaseModel, instantiate
 from raysim.types import DeviceConfig
 
@@ -45,6 +46,7 @@ class Structure:
     blocks: tuple[int, ...]  # blocks trained
     embeddings: bool
     adapter: str = "lora"  # the adapter family trained in them (raysim.methods.adapter)
+    cut: int | None = None  # split learning: the blocks below this one run on the device, the rest on the server
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Space:
     embedding: str  # the embedding partial-embedding devices train: the tied table or the head
     adapters: tuple[str, ...] = ("lora",)  # the adapter families of the method space, in the order they compose
     projection_targets: tuple[Target, ...] = ()  # every projection of every block: what adapter families target
+    classes: int = 0  # data.task: classification: the head's labels (its state entry: classifier.HEAD_WEIGHT)
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, base: BaseModel) -> Space:
@@ -83,7 +86,8 @@ class Space:
                    lora=cfg.aggregation.lora, max_rank=max_rank(cfg.methods), scale=cfg.methods.lora_alpha_per_rank,
                    embeddings=embedding_updates.any_trained(cfg.methods), family=arch.name, sizes=sizes,
                    embedding=arch.embedding if tied else OUTPUT_EMBEDDING, adapters=adapter.listed(cfg.methods),
-                   projection_targets=tuple(projections))
+                   projection_targets=tuple(projections),
+                   classes=len(cfg.data.labels) if cfg.data.task == "classification" else 0)
 
     @property
     def arch(self) -> Architecture:
@@ -121,6 +125,9 @@ class Space:
             state |= fam.initial_state(self, base, seed=seed)
         if self.embeddings:
             state[self.embedding] = base.state[self.embedding].clone()
+        if self.classes:
+            state[classifier.HEAD_WEIGHT] = classifier.initial_head(classes=self.classes, width=self.sizes.width,
+                                                                    seed=seed)
         return state
 
     def merged(self, state: Tensors, target: Target) -> torch.Tensor:
@@ -158,6 +165,8 @@ class Space:
                         masks[key][every if rows is None else rows.unsqueeze(1), every if cols is None else cols] = True
             if structure.embeddings:
                 masks[self.embedding][slice(None) if embedding_rows is None else embedding_rows] = True
+        if self.classes:  # every device trains the head
+            masks[classifier.HEAD_WEIGHT][:] = True
         return masks
 
     def structure(self, config: DeviceConfig) -> Structure:

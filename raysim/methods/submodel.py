@@ -19,9 +19,11 @@ from raysim.config import ExperimentConfig
 from raysim.methods import adapter, quantize, width
 from raysim.methods.coordinates import Space, Structure, Tensors
 from raysim.methods.width import Slices
+from raysim.models import classifier
 from raysim.models.build import BaseModel, instantiate
 from raysim.models.fastops import fuse_activations
 from raysim.models.grouped import install_keyed_dropout, stackable
+from raysim.split.protocol import device_parameters
 
 
 def _slices_key(slices: Slices) -> tuple | None:
@@ -53,6 +55,8 @@ def build_model(*, space: Space, structure: Structure, base: BaseModel, cfg: Exp
     model = fam.build(model, space=space, structure=structure, trained=trained, cfg=cfg)
     if structure.embeddings:
         model.get_parameter(space.embedding).requires_grad_(True)
+    if space.classes:
+        classifier.attach(model, space.classes)
     return model
 
 
@@ -95,6 +99,15 @@ class Submodel:
             module.register_forward_pre_hook(functools.partial(_rescale_input, self._scales, t.name))
             module.register_forward_hook(functools.partial(_rescale_output, self._scales, t.name))
 
+    @functools.cached_property
+    def sent(self) -> frozenset[str]:
+        """The trainable parameters whose values and updates cross the device's link: all of them, but on a
+        split device only those it holds (the server's adapters stay on the server)."""
+        if self.structure.cut is None:
+            return frozenset(self.params)
+        held = {id(p) for p in device_parameters(self.lm, self.space.arch.blocks, self.structure.cut)}
+        return frozenset(n for n, p in self.params.items() if id(p) in held)
+
     def projection(self, name: str) -> nn.Module:
         """A block's projection (a Conv1D or Linear), under its LoRA wrapper if it has one."""
         module = self.lm.get_submodule(name)
@@ -119,8 +132,9 @@ class Submodel:
                 module.weight.copy_(w)
                 if b is not None:
                     module.bias.copy_(b)
-            if self.space.embedding in state:
-                self.lm.get_parameter(self.space.embedding).copy_(state[self.space.embedding])
+            for entry in (self.space.embedding, classifier.HEAD_WEIGHT):
+                if entry in state:
+                    self.lm.get_parameter(entry).copy_(state[entry])
         self._loaded = key
 
     def adapted(self, name: str) -> bool:
@@ -165,6 +179,8 @@ class Submodel:
                                        cache=cache, seed=self.seed)
         if self.structure.embeddings:
             out[self.space.embedding] = state[self.space.embedding]
+        if self.space.classes:
+            out[classifier.HEAD_WEIGHT] = state[classifier.HEAD_WEIGHT]
         return out
 
     def load_fixed(self, initial: Tensors) -> None:
@@ -178,15 +194,18 @@ class Submodel:
                generator: torch.Generator) -> tuple[Tensors, int]:
         """The update as the device sends it, decoded, and the payload's bytes.
 
-        Embedding updates travel as the ``rows`` sent, plus their int32 indices unless the server chose them.
+        Embedding updates travel as the ``rows`` sent, plus their int32 indices unless the server chose them; a split
+        server's adapters do not travel (:attr:`sent`).
         """
         if rows is not None:
             e = self.space.embedding
             update = {**update, e: update[e].index_select(0, rows.to(update[e].device))}
         nbytes = 0 if rows is None or not encoding.row_indices else 4 * len(rows)
+        kept = {name: u for name, u in update.items() if name not in self.sent}  # a split server's: not sent
+        update = {name: u for name, u in update.items() if name in self.sent}
         if encoding.bits == quantize.UNQUANTIZED:
-            return update, nbytes + sum(4 * u.numel() for u in update.values())
-        decoded = {}
+            return update | kept, nbytes + sum(4 * u.numel() for u in update.values())
+        decoded = dict(kept)
         for name, u in update.items():
             e = quantize.encode(u, bits=encoding.bits, per_row=encoding.per_row, generator=generator)
             decoded[name] = quantize.decode(e).to(u.device)
@@ -214,6 +233,8 @@ class Submodel:
         if self.structure.embeddings:
             e = self.space.embedding
             put(e, update[e], r=rows.to(update[e].device))
+        if self.space.classes:
+            put(classifier.HEAD_WEIGHT, update[classifier.HEAD_WEIGHT])
         return out, held
 
 

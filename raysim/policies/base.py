@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,11 +49,12 @@ class CostOracle:
     measure: Callable[[DeviceConfig], Measurement]
     local_steps: int
     deadline_s: float | None
+    server_flops_per_s: float = math.inf  # split devices' server (server.train_gflops)
 
     def price(self, devices: DeviceDraws, configs: list[DeviceConfig]) -> Prices:
         """Predicted time, memory and bytes of each device under each config; feasibility by memory and deadline."""
-        columns = [device_costs(devices, [self.measure(c)] * len(devices), local_steps=self.local_steps)
-                   for c in configs]
+        columns = [device_costs(devices, [self.measure(c)] * len(devices), local_steps=self.local_steps,
+                                server_flops_per_s=self.server_flops_per_s) for c in configs]
         total = np.stack([c.total_s for c in columns], axis=1)
         fits = np.stack([c.fits(devices) for c in columns], axis=1)
         in_time = np.ones_like(fits) if self.deadline_s is None else total <= self.deadline_s
