@@ -64,6 +64,22 @@ def _validate_run(cfg: ExperimentConfig, c) -> None:
     c(cfg.train.lr > 0, "train.lr", "must be > 0")
     c(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     c(cfg.server.train_gflops > 0, "server.train_gflops", "must be > 0")
+    _validate_split(cfg, c)
+
+
+def _validate_split(cfg: ExperimentConfig, c) -> None:
+    from raysim.split.mechanisms import MECHANISMS
+
+    s = cfg.split
+    c(s.mechanism in MECHANISMS, "split.mechanism", f"must be {MECHANISMS.choices()}")
+    c(s.dcor_weight >= 0, "split.dcor_weight", "must be >= 0")
+    c(s.adapter_sets >= 2, "split.adapter_sets", "must be >= 2 (P³EFT mixes several sets)")
+    c(s.coefficient_std >= 0, "split.coefficient_std", "must be >= 0")
+    c(s.adversary_weight >= 0, "split.adversary_weight", "must be >= 0")
+    if s.mechanism == "p3eft":
+        cuts = set(cfg.methods.split)
+        c(len(cuts) == 1 and None not in cuts, "methods.split",
+          "p3eft needs every device split at one cut (one non-null value): the adapter sets are mixed above it")
 
 
 def _validate_model(cfg: ExperimentConfig, c) -> None:

@@ -123,8 +123,8 @@ def measure(model: torch.nn.Module, *, recipe: Recipe, batch: torch.Tensor, byte
 SplitStep = Callable[[Callable[[], AbstractContextManager]], tuple[int, int]]
 
 
-def measure_split(model: torch.nn.Module, *, recipe: Recipe, step: SplitStep, device_parameters: list[torch.nn.Parameter],
-                  bytes_down: int, bytes_up: int) -> Measurement:
+def measure_split(model: torch.nn.Module, *, recipe: Recipe, step: SplitStep,
+                  device_parameters: list[torch.nn.Parameter], bytes_down: int, bytes_up: int) -> Measurement:
     """A split device's step (:mod:`raysim.split.protocol`): ``step(server)`` runs it on ``model``, entering
     ``server()`` around what the server computes, and returns its wire bytes (up, down).
 
@@ -179,13 +179,15 @@ class _SavedBytes:
 
     def __init__(self, model: torch.nn.Module):
         self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.saved: dict[int, int] = {}
+        # held until the measurement ends, so that no storage freed on the way (a graph a step drops) can be
+        # reallocated at an address already counted
+        self.saved: dict[int, torch.UntypedStorage] = {}
         self.counting = True
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if self.counting and storage.data_ptr() not in self.weights:
-            self.saved[storage.data_ptr()] = storage.nbytes()
+            self.saved[storage.data_ptr()] = storage
         return t
 
     @contextmanager
@@ -197,7 +199,7 @@ class _SavedBytes:
             self.counting = True
 
     def total(self) -> int:
-        return sum(self.saved.values())
+        return sum(s.nbytes() for s in self.saved.values())
 
 
 @dataclass(frozen=True)

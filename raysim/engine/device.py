@@ -37,7 +37,7 @@ from raysim.emulation import costmodel
 from raysim.engine.evaluation import HeldOut, Utility
 from raysim.engine.processors import DeviceContext, DeviceUpdate, UpdateProcessor, run_on_device
 from raysim.engine.records import DeviceRecords
-from raysim.engine.training import DPSGD, LocalData, train_group
+from raysim.engine.training import DPSGD, LocalData, SplitTraining, Trained, train_group
 from raysim.engine.work import Group, WorkUnit
 from raysim.methods import embeddings, output_loss, width
 from raysim.methods.coordinates import Space, Structure
@@ -46,6 +46,7 @@ from raysim.methods.submodel import Encoding, Submodel, build_model
 from raysim.models import classifier, fastops
 from raysim.models.build import BaseModel
 from raysim.privacy import local
+from raysim.split import mechanisms
 from raysim.split.protocol import device_parameters, split_step
 from raysim.types import DeviceConfig
 
@@ -96,12 +97,15 @@ class DeviceWorker:
         self.processors = list(processors)
         self._state: Tensors = {}
         self._factors: dict = {}
+        self._set_factors: dict[int, dict] = {}  # the round's cache of each further adapter set (P³EFT)
         self._round = -1
         self._params: list[object] = [None] * len(self.processors)
         self._local_dp: dict[Structure, local.LocalDPSGD] = {}
         self._output: output_loss.OutputLoss | None = None  # a sampled output loss, built on first use
         self.held_out = HeldOut(space=self.space, base=base, cfg=cfg, dataset=dataset, device=self.device)
         self.utility = Utility(self.held_out)
+        self.split_mechanism = mechanisms.build(cfg, classes=self.space.classes, width=self.space.sizes.width)
+        self.held_out.mixing = self.split_mechanism
         # the server's embedding rows of a round (methods.embedding_selection: server_*), drawn once per round
         self.server_rows = embeddings.ServerRows(cfg.methods, dataset.public_examples, vocab_size=self.vocab_size,
                                                  seed=cfg.seed)
@@ -160,16 +164,8 @@ class DeviceWorker:
             batch[:, -1] = self.dataset.pad_id  # every sequence ends in EOS (the position the head reads)
             labels = torch.randint(0, self.space.classes, (len(batch),), generator=g)
             if structure.cut is not None:
-                blocks = model.get_submodule(self.space.arch.blocks)
-
-                def step(server):
-                    *_, sent = split_step(model, blocks, batch, labels, cut=structure.cut,
-                                          pad_id=self.dataset.pad_id, server=server)
-                    return sent.up, sent.down
-
-                return costmodel.measure_split(model, recipe=recipe, step=step, bytes_down=bytes_down,
-                                               bytes_up=bytes_up, device_parameters=device_parameters(
-                                                   model, self.space.arch.blocks, structure.cut))
+                return self._measure_split(model, recipe, batch, labels, cut=structure.cut, bytes_down=bytes_down,
+                                           bytes_up=bytes_up)
 
             def loss(model, tokens):
                 return classifier.device_losses(model, tokens, labels, pad_id=self.dataset.pad_id, devices=1).sum()
@@ -177,6 +173,23 @@ class DeviceWorker:
         per_example = self.cfg.train.batch_size if self.cfg.privacy.local.enabled else 0
         return costmodel.measure(model, recipe=recipe, batch=batch, bytes_down=bytes_down, bytes_up=bytes_up,
                                  loss=loss, per_example_gradients=per_example)
+
+    def _measure_split(self, model: torch.nn.Module, recipe: costmodel.Recipe, batch: torch.Tensor,
+                       labels: torch.Tensor, *, cut: int, bytes_down: int, bytes_up: int) -> costmodel.Measurement:
+        """A split step as device and server compute it, with the mechanism's every adapter set."""
+        held = device_parameters(model, self.space.arch.blocks, cut)
+        mine = {id(p) for p in held}
+        server = {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in mine}
+        sets = [{n: torch.nn.Parameter(p.detach().clone()) for n, p in server.items()}
+                for _ in range(1, self.space.sets)]
+
+        def step(meter):
+            done = split_step(model, self.space.arch.blocks, batch, labels, cut=cut, pad_id=self.dataset.pad_id,
+                              mechanism=self.split_mechanism, sets=sets, server=meter)
+            return done.wire.up, done.wire.down
+
+        return costmodel.measure_split(model, recipe=recipe, step=step, bytes_down=bytes_down, bytes_up=bytes_up,
+                                       device_parameters=held)
 
     def output_loss(self) -> output_loss.OutputLoss | None:
         """The sampled output loss (``methods.output_loss``) with its public-unigram proposal; None: softmax."""
@@ -197,7 +210,7 @@ class DeviceWorker:
         self._round = round
         self._params = [None] * len(self.processors) if params is None else list(params)
         self._state = {k: v.to(self.device) for k, v in state.items()}
-        self._factors = {}
+        self._factors, self._set_factors = {}, {}
         self.utility.begin_round(self._state, wanted=utility)
 
     @ray.method(num_returns=2)  # the records, and the partial sum as its own object (left where it is)
@@ -243,6 +256,40 @@ class DeviceWorker:
         initial = sub.initial(self._state, slices, self._factors)
         sub.load_fixed(initial)
         starts = [initial[n] for n in sub.params]
+        data, rows = self._local_data(config, device_ids)
+        dp = None
+        if self.cfg.privacy.local.enabled:
+            dp = DPSGD(engine=self._dp_sgd(sub), batch_size=self.cfg.train.batch_size,
+                       batch_generator=rng.generator(seed, "batches", round, device_ids[0]),
+                       noise_generator=rng.generator(seed, "local-dp-noise", round, device_ids[0]))
+        split = self._split_training(sub, slices) if config.split is not None else None
+        trained = train_group(sub, starts, data, steps=self.cfg.train.local_steps, lr=self.cfg.train.lr,
+                              weight_decay=self.cfg.train.weight_decay, dp=dp, output=self.output_loss(),
+                              chunked=self.cfg.speedups.chunked_loss, split=split)
+        encoding = self._encoding(config)
+        norms, utilities = [], []
+        with torch.no_grad():
+            for j, device_id in enumerate(device_ids):
+                update = {name: t[j] - s for name, t, s in zip(sub.params, trained.tensors, starts)}
+                update, _ = sub.encode(update, rows=rows, encoding=encoding,
+                                       generator=rng.generator(seed, "quantize", round, device_id))
+                update, held = sub.to_global(initial, update, self._state, slices, rows=rows)
+                if split is not None:
+                    update, held = self._with_sets(sub, split, trained, update, held, slices)
+                utilities.append(self.utility(update))
+                context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config,
+                                        num_examples=len(data.examples[j]))
+                norms.append(self._accumulate(partial, update, held=held, context=context))
+        return DeviceRecords(device_id=np.asarray(device_ids, dtype=np.int64),
+                             train_loss=trained.losses.cpu().double().numpy(),
+                             num_examples=np.array([len(x) for x in data.examples], dtype=np.int64),
+                             update_norm=np.array(norms), utility=np.array(utilities),
+                             crossing=_objects(trained.crossings))
+
+    def _local_data(self, config: DeviceConfig, device_ids: list[int]) -> tuple[LocalData, torch.Tensor | None]:
+        """What each device of a group trains on, every draw keyed by (seed, round, device id); and the embedding
+        rows a partial-embeddings device sends."""
+        seed, round = self.cfg.seed, self._round
         data = [self.dataset.device_examples(d) for d in device_ids]
         batches = [
             batch_indices(len(x), steps=self.cfg.train.local_steps, batch_size=self.cfg.train.batch_size,
@@ -256,38 +303,35 @@ class DeviceWorker:
             config, self.cfg.methods, tokens=lambda: data[0][batches[0].flatten()],
             server=lambda: self.server_rows(round), vocab_size=self.vocab_size, device=self.device,
             generator=lambda: rng.generator(seed, "embedding-rows", round, device_ids[0]))
-        dp = None
-        if self.cfg.privacy.local.enabled:
-            dp = DPSGD(engine=self._dp_sgd(sub), batch_size=self.cfg.train.batch_size,
-                       batch_generator=rng.generator(seed, "batches", round, device_ids[0]),
-                       noise_generator=rng.generator(seed, "local-dp-noise", round, device_ids[0]))
-        output = self.output_loss()
-        noise = None if output is None else [rng.generator(seed, "noise-samples", round, d) for d in device_ids]
+        noise = None
+        if self.output_loss() is not None:
+            noise = [rng.generator(seed, "noise-samples", round, d) for d in device_ids]
         labels = [self.dataset.device_labels(d) for d in device_ids] if self.space.classes else None
-        trained = train_group(sub, starts, LocalData(examples=data, batches=batches, generators=generators, keep=keep,
-                                                     noise=noise, labels=labels,
-                                                     pad_id=getattr(self.dataset, "pad_id", None)),
-                              steps=self.cfg.train.local_steps, lr=self.cfg.train.lr,
-                              weight_decay=self.cfg.train.weight_decay, dp=dp, output=output,
-                              chunked=self.cfg.speedups.chunked_loss)
-        tensors = trained.tensors
-        encoding = self._encoding(config)
-        norms, utilities = [], []
-        with torch.no_grad():
-            for j, device_id in enumerate(device_ids):
-                update = {name: t[j] - s for name, t, s in zip(sub.params, tensors, starts)}
-                update, _ = sub.encode(update, rows=rows, encoding=encoding,
-                                       generator=rng.generator(seed, "quantize", round, device_id))
-                update, held = sub.to_global(initial, update, self._state, slices, rows=rows)
-                utilities.append(self.utility(update))
-                context = DeviceContext(seed=seed, round=round, device_id=device_id, config=config,
-                                        num_examples=len(data[j]))
-                norms.append(self._accumulate(partial, update, held=held, context=context))
-        return DeviceRecords(device_id=np.asarray(device_ids, dtype=np.int64),
-                             train_loss=trained.losses.cpu().double().numpy(),
-                             num_examples=np.array([len(x) for x in data], dtype=np.int64),
-                             update_norm=np.array(norms), utility=np.array(utilities),
-                             crossing=_objects(trained.crossings))
+        return LocalData(examples=data, batches=batches, generators=generators, keep=keep, noise=noise,
+                         labels=labels, pad_id=getattr(self.dataset, "pad_id", None)), rows
+
+    def _split_training(self, sub: Submodel, slices) -> SplitTraining:
+        """A split device's mechanism, and where the server's further adapter sets start this round."""
+        server_names = [n for n in sub.params if n not in sub.sent]
+        set_starts = []
+        for i in range(1, self.space.sets):
+            initial = sub.initial(self.space.view(self._state, i), slices, self._set_factors.setdefault(i, {}))
+            set_starts.append([initial[n] for n in server_names])
+        return SplitTraining(mechanism=self.split_mechanism, server_names=server_names, set_starts=set_starts)
+
+    def _with_sets(self, sub: Submodel, split: SplitTraining, trained: Trained, update: Tensors, held: Tensors,
+                   slices) -> tuple[Tensors, Tensors]:
+        """A split device's update with its further adapter sets' (never sent: the server holds them), each in
+        its own entries (``set<i>/``)."""
+        update, held = dict(update), dict(held)
+        for i, (starts, values) in enumerate(zip(split.set_starts, trained.sets), start=1):
+            view = self.space.view(self._state, i)
+            initial = dict(zip(split.server_names, starts))
+            delta = {n: v - s for n, v, s in zip(split.server_names, values, starts)}
+            part, part_held = sub.to_global(initial, delta, view, slices, rows=None, only=set(delta))
+            update |= {f"set{i}/{k}": v for k, v in part.items()}
+            held |= {f"set{i}/{k}": v for k, v in part_held.items()}
+        return update, held
 
     def _dp_sgd(self, sub: Submodel) -> local.LocalDPSGD:
         """The submodel wrapped for local DP-SGD (Opacus), once per structure."""

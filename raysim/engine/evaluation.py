@@ -8,6 +8,8 @@ first-order utility, the feedback the ``rl`` policy learns from.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -29,6 +31,7 @@ class HeldOut:
         self.model = Submodel(space=space, base=base, cfg=cfg, device=device, structure=Structure(
             rank=0, heads=space.units, mlp=space.inner, blocks=(), embeddings=False, adapter=space.adapters[0]))
         self._examples: torch.Tensor | None = None
+        self.mixing = None  # P³EFT (raysim.split.mechanisms.P3EFT): how the head mixes the adapter sets' outputs
 
     def examples(self) -> torch.Tensor:
         if self._examples is None:
@@ -44,18 +47,34 @@ class HeldOut:
         logits). A batch's numbers do not depend on which others were evaluated with it."""
         rows, size = self.examples(), self.batch_size
         totals = np.zeros((len(batches), 4), dtype=np.float64)
-        model = self.model
         with torch.no_grad():
-            model.load_frozen({k: v.to(self.device) for k, v in state.items()}, None, version=object())
-            model.lm.eval()
-            for i, b in enumerate(batches):
-                batch = rows[b * size:(b + 1) * size].to(self.device)
-                logits, target = self._scored(batch, b * size)
+            self.model.lm.eval()
+            chunks = [rows[b * size:(b + 1) * size].to(self.device) for b in batches]
+            for i, (logits, target) in enumerate(self._scores(state, chunks, [b * size for b in batches])):
                 loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="sum")
                 top3 = logits.topk(min(3, logits.shape[-1]), dim=-1).indices
                 totals[i] = [loss.item(), target.numel(), (top3[..., 0] == target).sum().item(),
                              (top3 == target.unsqueeze(-1)).any(-1).sum().item()]
         return totals
+
+    def _scores(self, state: Tensors, chunks: list[torch.Tensor], starts: list[int]) -> Iterator[tuple]:
+        """Each chunk's logits and targets on ``state``; under P³EFT, the head on the adapter sets' outputs mixed
+        with the devices' coefficients (each set's state loaded in turn)."""
+        state = {k: v.to(self.device) for k, v in state.items()}
+        model = self.model
+        if self.space.sets == 1:  # one chunk's logits at a time
+            model.load_frozen(state, None, version=object())
+            yield from (self._scored(chunk, start) for chunk, start in zip(chunks, starts))
+            return
+        outputs = []
+        for i in range(self.space.sets):
+            model.load_frozen(self.space.view(state, i), None, version=object())
+            outputs.append([classifier.features(model.lm, chunk, self.dataset.pad_id) for chunk in chunks])
+        head = getattr(model.lm, classifier.HEAD)
+        labels = self.dataset.eval_label_values()
+        for j, (chunk, start) in enumerate(zip(chunks, starts)):
+            target = labels[start:start + len(chunk)].to(self.device)
+            yield head(self.mixing.mix([o[j] for o in outputs])).float(), target
 
     def _scored(self, batch: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits the held-out loss scores and their targets, for the sequences from ``start`` on."""

@@ -60,6 +60,7 @@ from raysim.models.pretrain import pretrain
 from raysim.policies import CostOracle, Policy, PolicyContext, PolicySpec, build_policy, policy_identity, read_policy
 from raysim.privacy import mechanisms
 from raysim.split import leakage
+from raysim.split.mechanisms import adapter_sets as mixing_sets
 from raysim.types import RoundState
 
 
@@ -369,7 +370,11 @@ def _policy(cfg: ExperimentConfig, spec: PolicySpec, pool: DevicePool,
                         server_flops_per_s=cfg.server.train_gflops * 1e9)
     context = PolicyContext(methods=cfg.methods, space=method_space(cfg.methods), oracle=oracle, seed=cfg.seed,
                             rounds=cfg.rounds)
-    return make_policy(context) if make_policy else build_policy(spec, context=context)
+    policy = make_policy(context) if make_policy else build_policy(spec, context=context)
+    if policy.wants_utility and mixing_sets(cfg) > 1:
+        raise ConfigError(f"policy {spec.name} learns from each update's utility on one adapter set; "
+                          "split.mechanism p3eft mixes several", field="policy")
+    return policy
 
 
 def _versions() -> dict[str, str]:

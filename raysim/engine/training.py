@@ -21,6 +21,7 @@ from raysim.models import classifier
 from raysim.models.fastops import device_losses
 from raysim.models.grouped import keyed, stacked
 from raysim.privacy.local import LocalDPSGD
+from raysim.split.mechanisms import Mechanism
 from raysim.split.protocol import Crossing, WireBytes, split_step
 
 
@@ -38,6 +39,15 @@ class LocalData:
 
 
 @dataclass(frozen=True)
+class SplitTraining:
+    """A split device's mechanism, and the starts of the server's further adapter sets (P³EFT)."""
+
+    mechanism: Mechanism
+    server_names: list[str]  # the trainable parameters the server holds, in order
+    set_starts: list[list[torch.Tensor]]  # per further set, its starts of server_names
+
+
+@dataclass(frozen=True)
 class Trained:
     """What training a group gives back."""
 
@@ -45,6 +55,7 @@ class Trained:
     losses: torch.Tensor  # per device, its mean loss over the steps
     crossings: list[Crossing | None]  # per device, what crossed its cut (None: not split)
     wire: WireBytes | None = None  # a split device's bytes per step each way (the last step's; every step's match)
+    sets: list[list[torch.Tensor]] = ()  # a split device's further adapter sets: trained values of server_names
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,7 @@ class DPSGD:
 
 def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, steps: int, lr: float,
                 weight_decay: float, dp: DPSGD | None = None, output: OutputLoss | None = None,
-                chunked: bool = True) -> Trained:
+                chunked: bool = True, split: SplitTraining | None = None) -> Trained:
     """Train the group from ``starts`` (one tensor per trainable parameter of ``sub``), with the full softmax
     (chunk by chunk through the head unless ``chunked`` is off), the sampled ``output`` loss (each device's
     samples from its ``data.noise`` generator), or the classification loss where ``data.labels`` are given. A
@@ -72,6 +83,7 @@ def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, s
     device = starts[0].device
     loss_sum = torch.zeros(k, device=device)
     crossings, wire = [], None
+    sets = _sets(split, lr=lr, weight_decay=weight_decay)
     with weights, keyed(sub.dropout_keys, data.generators):
         if dp is not None:  # k == 1: DP-SGD on Poisson batches of the device's examples
             loss_sum += steps * dp.engine.train(data.examples[0], steps=steps, batch_size=dp.batch_size, device=device,
@@ -79,14 +91,17 @@ def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, s
         else:
             for step in range(steps):
                 x = torch.cat([rows[b[step]] for rows, b in zip(data.examples, data.batches)]).to(device)
-                if sub.structure.cut is not None:  # k == 1
+                if split is not None:  # k == 1
                     y = data.labels[0][data.batches[0][step]]
-                    loss, activations, gradients, wire = split_step(
-                        sub.lm, sub.lm.get_submodule(sub.space.arch.blocks), x, y, cut=sub.structure.cut,
-                        pad_id=data.pad_id)
-                    crossings.append(Crossing(activations.float().cpu().numpy(), gradients.float().cpu().numpy(),
-                                              y.numpy()))
-                    losses = loss.view(1)
+                    done = split_step(sub.lm, sub.space.arch.blocks, x, y, cut=sub.structure.cut, pad_id=data.pad_id,
+                                      mechanism=split.mechanism, sets=[dict(zip(split.server_names, params))
+                                                                       for params, _ in sets])
+                    crossings.append(Crossing(done.activations.float().cpu().numpy(),
+                                              done.gradients.float().cpu().numpy(), y.numpy()))
+                    losses, wire = done.loss.view(1), done.wire
+                    for _, set_optimizer in sets:
+                        set_optimizer.step()
+                        set_optimizer.zero_grad(set_to_none=True)
                 else:
                     losses = _losses(sub, x, data, step=step, devices=k, output=output, chunked=chunked)
                     losses.sum().backward()
@@ -96,7 +111,17 @@ def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, s
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum += losses.detach()
     per_device = [Crossing.concat(crossings)] if crossings else [None] * k
-    return Trained(tensors=tensors, losses=loss_sum / steps, crossings=per_device, wire=wire)
+    return Trained(tensors=tensors, losses=loss_sum / steps, crossings=per_device, wire=wire,
+                   sets=[[p.detach() for p in params] for params, _ in sets])
+
+
+def _sets(split: SplitTraining | None, *, lr: float, weight_decay: float) -> list[tuple[list, torch.optim.Optimizer]]:
+    """The server's further adapter sets as parameters, each with its AdamW (fresh every round, as the device's)."""
+    out = []
+    for starts in () if split is None else split.set_starts:
+        params = [torch.nn.Parameter(t.clone()) for t in starts]
+        out.append((params, torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)))
+    return out
 
 
 def _losses(sub: Submodel, x: torch.Tensor, data: LocalData, *, step: int, devices: int, output: OutputLoss | None,

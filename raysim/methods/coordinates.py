@@ -21,15 +21,16 @@ import torch
 from raysim.aggregation.lora import LORA_RULES, LoraRule
 from raysim.config import ExperimentConfig
 from raysim.errors import ConfigError
-from raysim.methods import adapter, embedding_updates, width
+from raysim.methods import adapter, embedding_updates, split, width
 from raysim.methods.base import structure_fields
 from raysim.methods.family import AdapterFamily
 from raysim.methods.lora import Target
 from raysim.methods.rank import max_rank
 from raysim.methods.width import Slices
-from raysim.models.architectures import ARCHITECTURES, Architecture, Sizes, check_targets, features, lora_targets
 from raysim.models import classifier
+from raysim.models.architectures import ARCHITECTURES, Architecture, Sizes, check_targets, features, lora_targets
 from raysim.models.build import BaseModel, instantiate
+from raysim.split import mechanisms
 from raysim.types import DeviceConfig
 
 Tensors = dict[str, torch.Tensor]
@@ -64,6 +65,11 @@ class Space:
     adapters: tuple[str, ...] = ("lora",)  # the adapter families of the method space, in the order they compose
     projection_targets: tuple[Target, ...] = ()  # every projection of every block: what adapter families target
     classes: int = 0  # data.task: classification: the head's labels (its state entry: classifier.HEAD_WEIGHT)
+    # P³EFT (split.mechanism p3eft): the server's adapter sets per device, all above one cut. Set 0 is the
+    # state's usual entries; set i > 0 holds its own copy of the entries of the blocks from the cut on, under
+    # the prefix "set<i>/" (:meth:`view`)
+    sets: int = 1
+    cut: int | None = None
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, base: BaseModel) -> Space:
@@ -87,7 +93,9 @@ class Space:
                    embeddings=embedding_updates.any_trained(cfg.methods), family=arch.name, sizes=sizes,
                    embedding=arch.embedding if tied else OUTPUT_EMBEDDING, adapters=adapter.listed(cfg.methods),
                    projection_targets=tuple(projections),
-                   classes=len(cfg.data.labels) if cfg.data.task == "classification" else 0)
+                   classes=len(cfg.data.labels) if cfg.data.task == "classification" else 0,
+                   sets=mechanisms.adapter_sets(cfg),
+                   cut=cfg.methods.split[0] if split.any_split(cfg.methods) else None)
 
     @property
     def arch(self) -> Architecture:
@@ -128,7 +136,24 @@ class Space:
         if self.classes:
             state[classifier.HEAD_WEIGHT] = classifier.initial_head(classes=self.classes, width=self.sizes.width,
                                                                     seed=seed)
+        server = self.server_keys(state)
+        for i in range(1, self.sets):  # every set starts where set 0 does
+            state |= {f"set{i}/{k}": state[k].clone() for k in server}
         return state
+
+    def server_keys(self, state: Tensors) -> list[str]:
+        """The entries of the blocks a P³EFT server runs in several sets (none with one set)."""
+        if self.sets == 1:
+            return []
+        prefixes = tuple(f"{self.arch.block(layer)}." for layer in range(self.cut, self.n_layer))
+        return [k for k in state if k.startswith(prefixes)]
+
+    def view(self, state: Tensors, i: int) -> Tensors:
+        """The state as adapter set ``i`` sees it: its own entries in place of set 0's."""
+        if i == 0:
+            return state
+        prefix = f"set{i}/"
+        return state | {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
     def merged(self, state: Tensors, target: Target) -> torch.Tensor:
         """The full ``ΔW`` the global state gives ``target``."""
@@ -167,6 +192,8 @@ class Space:
                 masks[self.embedding][slice(None) if embedding_rows is None else embedding_rows] = True
         if self.classes:  # every device trains the head
             masks[classifier.HEAD_WEIGHT][:] = True
+        for i in range(1, self.sets):  # a set's entries are changed where set 0's are
+            masks |= {f"set{i}/{k}": masks[k].clone() for k in self.server_keys(state)}
         return masks
 
     def structure(self, config: DeviceConfig) -> Structure:

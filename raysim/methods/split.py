@@ -45,10 +45,11 @@ class Split(Method):
         if all(v is None for v in values):
             return None
         if cfg.data.task != "classification":
-            return "methods.split", "split devices keep the labels and a classification head: set data.task: classification"
+            return ("methods.split", "split devices keep the labels and a classification head: "
+                                     "set data.task: classification")
         if cfg.privacy.local.enabled:
-            return "privacy.local.enabled", "local DP-SGD is not implemented for split devices (per-example " \
-                                            "gradients would cross the cut); use central DP (privacy.clip_norm)"
+            return ("privacy.local.enabled", "local DP-SGD is not implemented for split devices (per-example "
+                                             "gradients would cross the cut); use central DP (privacy.clip_norm)")
         return None
 
     def check_model(self, value: int | None, sizes: Sizes) -> str | None:

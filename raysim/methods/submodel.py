@@ -213,9 +213,11 @@ class Submodel:
         return decoded, nbytes
 
     def to_global(self, initial: Tensors, update: Tensors, state: Tensors, slices: Slices,
-                  *, rows: torch.Tensor | None) -> tuple[Tensors, Tensors]:
-        """A decoded device update in full coordinates, and the masks of what it held."""
+                  *, rows: torch.Tensor | None, only: set[str] | None = None) -> tuple[Tensors, Tensors]:
+        """A decoded device update in full coordinates, and the masks of what it held; ``only``: the update holds
+        just these parameters (a P³EFT server's further adapter set), and only their targets map back."""
         out, held = {}, {}
+        wanted = (lambda name: True) if only is None else (lambda name: name in only)
 
         def put(key: str, sub: torch.Tensor, *, r=None, c=None, mask=True) -> None:
             if r is None and c is None:
@@ -226,14 +228,16 @@ class Submodel:
                 held[key] = m
 
         for t in self.trained:
+            if only is not None and not any(n.startswith(f"{t.name}.") for n in only):
+                continue
             out_idx, in_idx = self.space.index(t.kind, slices, t.layer)
             for key, sub, r, c in self.family.to_global(self.space, self.structure, t, initial, update, state,
                                                         out_idx, in_idx):
                 put(key, sub, r=r, c=c)
-        if self.structure.embeddings:
+        if self.structure.embeddings and wanted(self.space.embedding):
             e = self.space.embedding
             put(e, update[e], r=rows.to(update[e].device))
-        if self.space.classes:
+        if self.space.classes and wanted(classifier.HEAD_WEIGHT):
             put(classifier.HEAD_WEIGHT, update[classifier.HEAD_WEIGHT])
         return out, held
 

@@ -120,23 +120,30 @@ def probe(x: np.ndarray, labels: np.ndarray, *, classes: int, generator: np.rand
     for f in range(FOLDS):
         train, test = folds != f, folds == f
         mean, std = x[train].mean(0), x[train].std(0) + 1e-12
-        w = _logistic(torch.from_numpy((x[train] - mean) / std), torch.from_numpy(labels[train]), classes)
+        w = logistic(torch.from_numpy((x[train] - mean) / std), torch.from_numpy(labels[train]), classes)
         scores = torch.from_numpy((x[test] - mean) / std) @ w[:-1] + w[-1]
         correct += int((scores.argmax(1).numpy() == labels[test]).sum())
     return correct / len(x)
 
 
-def _logistic(x: torch.Tensor, y: torch.Tensor, classes: int, *, c: float = 1.0) -> torch.Tensor:
-    """Multinomial logistic regression minimising C · Σ log-loss + ½‖W‖² (intercept unpenalised), by L-BFGS."""
+def logistic(x: torch.Tensor, y: torch.Tensor, classes: int, *, c: float = 1.0) -> torch.Tensor:
+    """Multinomial logistic regression minimising C · Σ log-loss + ½‖W‖² (intercept unpenalised), by L-BFGS;
+    returns the (d + 1, classes) weights, the intercept last. The gradient is written out, not taken by
+    autograd: a device fitting it inside a training step saves nothing for backward."""
     x = x.double()
-    w = torch.zeros(x.shape[1] + 1, classes, dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.one_hot(y, classes).double()
+    ones = torch.ones(len(x), 1, dtype=torch.float64, device=x.device)
+    xb = torch.cat([x, ones], dim=1)
+    penalty = torch.ones(x.shape[1] + 1, 1, dtype=torch.float64, device=x.device)
+    penalty[-1] = 0.0
+    w = torch.zeros(x.shape[1] + 1, classes, dtype=torch.float64, device=x.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([w], max_iter=150, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
 
     def objective() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = c * torch.nn.functional.cross_entropy(x @ w[:-1] + w[-1], y, reduction="sum")
-        loss = loss + 0.5 * (w[:-1] ** 2).sum()
-        loss.backward()
+        with torch.no_grad():
+            log_p = torch.log_softmax(xb @ w, dim=1)
+            loss = -c * (y * log_p).sum() + 0.5 * (penalty * w * w).sum()
+            w.grad = c * xb.T @ (log_p.exp() - y) + penalty * w
         return loss
 
     optimizer.step(objective)
@@ -158,7 +165,8 @@ def attack(x: np.ndarray, labels: np.ndarray, *, classes: int, seed: int, round:
 
 def round_columns(crossings: list[Crossing | None], *, classes: int, seed: int, round: int) -> dict[str, float]:
     """The round's leakage columns of ``rounds.parquet`` from its devices' crossings, in device-id order (all
-    NaN when no device was split)."""
+    NaN when no device was split). Each attack is run on each adapter set's vectors, and the best set counts
+    (the code's ``*_max``): the server may attack whichever set leaks most."""
     parts = [c for c in crossings if c is not None]
     columns = {"label_leakage": math.nan, "label_leakage_activations": math.nan,
                "label_leakage_gradients": math.nan, **{f"leakage_{a}": math.nan for a in ATTACKS}}
@@ -170,8 +178,11 @@ def round_columns(crossings: list[Crossing | None], *, classes: int, seed: int, 
         g = np.random.default_rng(rng.key(seed, "leakage", round, "sample"))
         keep = np.sort(g.choice(len(keep), MAX_EXAMPLES, replace=False))
     labels = seen.labels[keep]
-    results = {source: attack(getattr(seen, source)[keep], labels, classes=classes, seed=seed, round=round,
-                              source=source) for source in ("activations", "gradients")}
+    results = {}
+    for source in ("activations", "gradients"):
+        per_set = [attack(vectors[keep], labels, classes=classes, seed=seed, round=round, source=f"{source}{i}")
+                   for i, vectors in enumerate(getattr(seen, source))]
+        results[source] = {a: _max(values[a] for values in per_set) for a in ATTACKS}  # the best set, per attack
     for source, values in results.items():
         columns[f"label_leakage_{source}"] = _max(values.values())
     for a in ATTACKS:
