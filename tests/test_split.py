@@ -80,6 +80,24 @@ def test_what_crossed_is_recorded_per_example(worker):
     assert train_unit(worker, state, [7], [whole], round=1)[0]["crossing"][0] is None
 
 
+def test_the_utility_gradient_of_a_classifier_is_its_held_out_cross_entropys(worker):
+    """The rl policy's feedback on a labelled task: the gradient of the held-out cross-entropy, head included,
+    matches a finite difference along the head."""
+    state = {k: v.double().float() for k, v in worker.initial_state().items()}
+    grads, loss = worker.held_out.loss_gradient(state)
+    assert math.isfinite(loss) and "classifier.weight" in grads
+    direction = torch.randn(state["classifier.weight"].shape, generator=torch.Generator().manual_seed(0))
+    h = 1e-2
+
+    def at(t):
+        shifted = {**state, "classifier.weight": state["classifier.weight"] + t * direction}
+        return worker.held_out.loss_gradient(shifted)[1]
+
+    slope = (at(h) - at(-h)) / (2 * h)
+    # a float32 forward: the central difference carries ~eps32 * loss / h of rounding and O(h²) curvature
+    assert slope == pytest.approx(float((grads["classifier.weight"] * direction).sum()), rel=0.02, abs=1e-3)
+
+
 def test_split_costs_are_measured_on_the_real_tensors(worker):
     """The device is charged its own part only; the wire carries the real tensors each step."""
     cfg = worker.cfg
@@ -247,8 +265,9 @@ def test_round_columns_take_the_best_attack_and_nan_without_split():
     x, y = _separable()
     noise = np.random.default_rng(3).normal(size=x.shape).astype(np.float32)
     cols = leakage.round_columns([None, Crossing(noise[None], x[None], y)], classes=2, seed=0, round=1)
-    assert cols["label_leakage_gradients"] > 0.99 and cols["label_leakage_activations"] < 0.6
-    assert cols["label_leakage"] == max(cols[f"leakage_{a}"] for a in leakage.ATTACKS)
+    assert all(cols[f"leakage_{a}_gradients"] > 0.9 for a in leakage.ATTACKS)
+    assert all(cols[f"leakage_{a}_activations"] < 0.6 for a in leakage.ATTACKS)
+    assert cols["label_leakage"] == max(cols[f"leakage_{a}_{s}"] for a in leakage.ATTACKS for s in leakage.SOURCES)
     assert all(math.isnan(v) for v in leakage.round_columns([None], classes=2, seed=0, round=1).values())
 
 

@@ -75,13 +75,18 @@ class RoundRow:
     lora_truncation_error: float = _column(pa.float64(), doc="‖ΔW - ΔW_r‖/‖ΔW‖ at the space's lowest LoRA rank")
     label_leakage: float = _column(pa.float64(), math.nan, doc="the best attack below on what crossed split devices' "
                                    "cuts this round (NaN: nothing was split)")
-    label_leakage_activations: float = _column(pa.float64(), math.nan, doc="the best attack on the server's outputs")
-    label_leakage_gradients: float = _column(pa.float64(), math.nan, doc="the best attack on the gradients sent up")
-    leakage_kmeans: float = _column(pa.float64(), math.nan, doc="k-means, best-permutation accuracy (either tensor)")
-    leakage_spectral: float = _column(pa.float64(), math.nan, doc="top singular direction, max(AUC, 1 - AUC); "
-                                      "binary labels")
-    leakage_norm: float = _column(pa.float64(), math.nan, doc="L2 norm as a score, max(AUC, 1 - AUC); binary labels")
-    leakage_probe: float = _column(pa.float64(), math.nan, doc="logistic probe, 3-fold cross-validated accuracy")
+    leakage_kmeans_activations: float = _column(pa.float64(), math.nan, doc="k-means on the server's outputs, "
+                                                "best-permutation accuracy")
+    leakage_spectral_activations: float = _column(pa.float64(), math.nan, doc="top singular direction of the "
+                                                  "server's outputs, max(AUC, 1 - AUC); binary labels")
+    leakage_norm_activations: float = _column(pa.float64(), math.nan, doc="their L2 norm as a score, max(AUC, "
+                                              "1 - AUC); binary labels")
+    leakage_probe_activations: float = _column(pa.float64(), math.nan, doc="a logistic probe on them, 3-fold "
+                                               "cross-validated accuracy")
+    leakage_kmeans_gradients: float = _column(pa.float64(), math.nan, doc="as above, on the gradients sent up")
+    leakage_spectral_gradients: float = _column(pa.float64(), math.nan)
+    leakage_norm_gradients: float = _column(pa.float64(), math.nan)
+    leakage_probe_gradients: float = _column(pa.float64(), math.nan)
 
 
 ROW_FIELDS = frozenset(f.name for f in fields(RoundRow))

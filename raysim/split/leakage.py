@@ -30,6 +30,7 @@ from raysim import rng
 from raysim.split.protocol import Crossing
 
 ATTACKS = ("kmeans", "spectral", "norm", "probe")
+SOURCES = ("activations", "gradients")  # the server's outputs (sent down), their gradients (sent up)
 MAX_EXAMPLES = 4096  # a keyed sample of the round's crossings beyond this: the attacks' cost stays bounded
 MAX_PERMUTED = 8  # labels up to which k-means is scored over every permutation
 FOLDS = 3
@@ -168,8 +169,7 @@ def round_columns(crossings: list[Crossing | None], *, classes: int, seed: int, 
     NaN when no device was split). Each attack is run on each adapter set's vectors, and the best set counts
     (the code's ``*_max``): the server may attack whichever set leaks most."""
     parts = [c for c in crossings if c is not None]
-    columns = {"label_leakage": math.nan, "label_leakage_activations": math.nan,
-               "label_leakage_gradients": math.nan, **{f"leakage_{a}": math.nan for a in ATTACKS}}
+    columns = {"label_leakage": math.nan} | {f"leakage_{a}_{s}": math.nan for s in SOURCES for a in ATTACKS}
     if not parts:
         return columns
     seen = Crossing.concat(parts)
@@ -178,16 +178,12 @@ def round_columns(crossings: list[Crossing | None], *, classes: int, seed: int, 
         g = np.random.default_rng(rng.key(seed, "leakage", round, "sample"))
         keep = np.sort(g.choice(len(keep), MAX_EXAMPLES, replace=False))
     labels = seen.labels[keep]
-    results = {}
-    for source in ("activations", "gradients"):
+    for source in SOURCES:
         per_set = [attack(vectors[keep], labels, classes=classes, seed=seed, round=round, source=f"{source}{i}")
                    for i, vectors in enumerate(getattr(seen, source))]
-        results[source] = {a: _max(values[a] for values in per_set) for a in ATTACKS}  # the best set, per attack
-    for source, values in results.items():
-        columns[f"label_leakage_{source}"] = _max(values.values())
-    for a in ATTACKS:
-        columns[f"leakage_{a}"] = _max(results[s][a] for s in results)
-    columns["label_leakage"] = _max(columns[f"label_leakage_{s}"] for s in results)
+        for a in ATTACKS:  # the best set, per attack
+            columns[f"leakage_{a}_{source}"] = _max(values[a] for values in per_set)
+    columns["label_leakage"] = _max(v for k, v in columns.items() if k != "label_leakage")
     return columns
 
 
