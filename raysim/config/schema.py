@@ -240,10 +240,10 @@ class SplitConfig:
     """How split devices (methods.split) hide their labels from the server (raysim/split/mechanisms.py)."""
 
     mechanism: str = "plain"  # plain (split LoRA) | dcor (distance correlation) | p3eft (mixed adapter sets)
-    dcor_weight: float = 1.0  # dcor: weight of log dCor² between the server's outputs and the labels
+    dcor_weight: float = 0.1  # dcor: weight of log dCor² between the server's outputs and the labels
     adapter_sets: int = 2  # p3eft: adapter sets the server runs per device (the paper's n)
     coefficient_std: float = 1.0  # p3eft: σ of the antisymmetric mixing matrix (the code's 10^(mult_std/2), mult_std 0)
-    adversary_weight: float = 1.0  # p3eft: weight of each set's adversarial probe loss (0: none)
+    adversary_weight: float = 0.1  # p3eft: weight of each set's adversarial probe loss (0: none)
 
 
 @dataclass
