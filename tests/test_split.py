@@ -139,7 +139,16 @@ def test_wire_time_on_the_round_clock():
 
 @pytest.mark.parametrize("override, key", [
     ("methods.split=[5]", "methods.split[0]"),
+    ("methods.split=[-1]", "methods.split[0]"),
     ("data.labels=[comment]", "data.labels"),
+    ("data.labels=[comment, comment]", "data.labels"),
+    ("data.task=regression", "data.task"),
+    ("split.mechanism=p4eft", "split.mechanism"),
+    ("split.dcor_weight=-1", "split.dcor_weight"),
+    ("split.adapter_sets=1", "split.adapter_sets"),
+    ("split.coefficient_std=-0.5", "split.coefficient_std"),
+    ("split.adversary_weight=-1", "split.adversary_weight"),
+    ("server.train_gflops=0", "server.train_gflops"),
 ])
 def test_bad_split_values_get_one_line(override, key):
     with pytest.raises(ConfigError) as err:
