@@ -80,24 +80,29 @@ PARTITIONS: Registry[Callable[..., dict[str, list[str]]]] = Registry("data parti
 
 def partition(table: pa.Table, cfg: DataConfig, *, seed: int, source: str) -> dict[str, list[str]]:
     """Texts per user, users in a stable order, by ``data.partition``."""
-    texts = column(table, cfg.text_column, key="data.text_column", source=source)
+    texts = text_column(table, cfg, source=source)
     return {user: [texts[row] for row in rows] for user, rows in partition_rows(table, cfg, seed=seed,
                                                                                 source=source).items()}
 
 
-def partition_rows(table: pa.Table, cfg: DataConfig, *, seed: int, source: str) -> dict[str, list[int]]:
-    """The table's row numbers per user, by ``data.partition`` (checking the text column on the way).
-
-    A partition deals out items it does not look into: here the row numbers, so that every column of a row
-    (its text, its label) follows it to the same user.
-    """
+def text_column(table: pa.Table, cfg: DataConfig, *, source: str) -> list[str]:
+    """The texts, checked to be strings (one ConfigError naming the first row that is not)."""
     texts = column(table, cfg.text_column, key="data.text_column", source=source)
     bad = next((row for row, t in enumerate(texts) if not isinstance(t, str)), None)
     if bad is not None:
         raise ConfigError(f"row {bad} holds {texts[bad]!r}: the text column must hold strings (no nulls; rows "
                           "count from 0)", file=source, field="data.text_column")
+    return texts
+
+
+def partition_rows(table: pa.Table, cfg: DataConfig, *, seed: int, source: str) -> dict[str, list[int]]:
+    """The table's row numbers per user, by ``data.partition``.
+
+    A partition deals out items it does not look into: here the row numbers, so that every column of a row
+    (its text, its label) follows it to the same user.
+    """
     gen = np.random.default_rng(rng.key(seed, "partition"))
-    return PARTITIONS[cfg.partition](table, list(range(len(texts))), cfg, gen=gen, source=source)
+    return PARTITIONS[cfg.partition](table, list(range(table.num_rows)), cfg, gen=gen, source=source)
 
 
 @PARTITIONS.register("natural")

@@ -24,7 +24,7 @@ import torch
 from raysim import rng
 from raysim.config import DataConfig, ExperimentConfig, split_seed
 from raysim.data.corpus import PUBLIC_USER, SHIPPED
-from raysim.data.sources import column, partition_rows, read_table
+from raysim.data.sources import column, partition_rows, read_table, text_column
 from raysim.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from raysim.errors import ConfigError
 from raysim.models.build import folder_tokenizer, model_vocab_size
@@ -41,10 +41,9 @@ class TextDataset:
     public_blocks: torch.Tensor
     vocab_size: int  # the tokenizer's
     # data.task: classification. Each sequence is one text (then EOS padding) and has a label: its index in
-    # label_names (data.labels), one per row of blocks and eval_blocks
+    # data.labels, one per row of blocks and eval_blocks
     labels: torch.Tensor | None = None
     eval_labels: torch.Tensor | None = None
-    label_names: tuple[str, ...] = ()
     pad_id: int | None = None  # the EOS that ends (and pads) every sequence
 
     @property
@@ -64,9 +63,6 @@ class TextDataset:
     def device_labels(self, device_id: int) -> torch.Tensor:
         u = self.user_of(device_id)
         return self.labels[self.offsets[u]:self.offsets[u + 1]]
-
-    def eval_label_values(self) -> torch.Tensor:
-        return self.eval_labels
 
     def public_examples(self) -> torch.Tensor:
         return self.public_blocks.long()
@@ -112,8 +108,8 @@ def load_user_texts(cfg: ExperimentConfig) -> UserTexts:
 def split_table(table: pa.Table, data: DataConfig, *, seed: int, source: str) -> UserTexts:
     """``table``'s rows dealt to users by ``data.partition``; labels from ``data.label_column`` where the task
     is classification."""
+    texts = text_column(table, data, source=source)
     rows = partition_rows(table, data, seed=seed, source=source)
-    texts = column(table, data.text_column, key="data.text_column", source=source)
     labels = None
     if data.task == "classification":
         values = column(table, data.label_column, key="data.label_column", source=source)
@@ -186,7 +182,6 @@ def build_text_dataset(cfg: ExperimentConfig) -> TextDataset:
         vocab_size=tok.get_vocab_size(),
         labels=joined(labels, train_users),
         eval_labels=joined(labels, eval_users, per_user),
-        label_names=tuple(d.labels or ()),
         pad_id=eos,
     )
 

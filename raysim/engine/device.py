@@ -102,10 +102,10 @@ class DeviceWorker:
         self._params: list[object] = [None] * len(self.processors)
         self._local_dp: dict[Structure, local.LocalDPSGD] = {}
         self._output: output_loss.OutputLoss | None = None  # a sampled output loss, built on first use
-        self.held_out = HeldOut(space=self.space, base=base, cfg=cfg, dataset=dataset, device=self.device)
-        self.utility = Utility(self.held_out)
         self.split_mechanism = mechanisms.build(cfg, classes=self.space.classes, width=self.space.sizes.width)
-        self.held_out.mixing = self.split_mechanism
+        self.held_out = HeldOut(space=self.space, base=base, cfg=cfg, dataset=dataset, device=self.device,
+                                mixing=self.split_mechanism)
+        self.utility = Utility(self.held_out)
         # the server's embedding rows of a round (methods.embedding_selection: server_*), drawn once per round
         self.server_rows = embeddings.ServerRows(cfg.methods, dataset.public_examples, vocab_size=self.vocab_size,
                                                  seed=cfg.seed)

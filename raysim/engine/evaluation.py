@@ -17,6 +17,7 @@ from raysim.data.base import FederatedDataset
 from raysim.methods.coordinates import Space, Structure
 from raysim.methods.submodel import Submodel
 from raysim.models import classifier
+from raysim.split.mechanisms import Mechanism
 
 Tensors = dict[str, torch.Tensor]
 UTILITY_EXAMPLES = 128  # held-out sequences the utility gradient is taken on
@@ -25,13 +26,14 @@ UTILITY_EXAMPLES = 128  # held-out sequences the utility gradient is taken on
 class HeldOut:
     """The held-out sequences (loaded on first use) and the global model they are scored on."""
 
-    def __init__(self, *, space: Space, base, cfg, dataset: FederatedDataset, device: torch.device):
+    def __init__(self, *, space: Space, base, cfg, dataset: FederatedDataset, device: torch.device,
+                 mixing: Mechanism | None = None):
         self.space, self.dataset, self.device = space, dataset, device
         self.batch_size = cfg.eval.batch_size
         self.model = Submodel(space=space, base=base, cfg=cfg, device=device, structure=Structure(
             rank=0, heads=space.units, mlp=space.inner, blocks=(), embeddings=False, adapter=space.adapters[0]))
         self._examples: torch.Tensor | None = None
-        self.mixing = None  # P³EFT (raysim.split.mechanisms.P3EFT): how the head mixes the adapter sets' outputs
+        self.mixing = mixing  # the split mechanism: under P³EFT (space.sets > 1) how the head mixes the sets
 
     def examples(self) -> torch.Tensor:
         if self._examples is None:
@@ -71,7 +73,7 @@ class HeldOut:
             model.load_frozen(self.space.view(state, i), None, version=object())
             outputs.append([classifier.features(model.lm, chunk, self.dataset.pad_id) for chunk in chunks])
         head = getattr(model.lm, classifier.HEAD)
-        labels = self.dataset.eval_label_values()
+        labels = self.dataset.eval_labels
         for j, (chunk, start) in enumerate(zip(chunks, starts)):
             target = labels[start:start + len(chunk)].to(self.device)
             yield head(self.mixing.mix([o[j] for o in outputs])).float(), target
@@ -81,7 +83,7 @@ class HeldOut:
         lm = self.model.lm
         if not self.space.classes:
             return lm(input_ids=batch).logits[:, :-1].float(), batch[:, 1:]
-        labels = self.dataset.eval_label_values()[start:start + len(batch)].to(self.device)
+        labels = self.dataset.eval_labels[start:start + len(batch)].to(self.device)
         return classifier.logits(lm, batch, self.dataset.pad_id), labels
 
     def loss_gradient(self, state: Tensors) -> tuple[Tensors, float]:
@@ -107,7 +109,7 @@ class HeldOut:
             if self.space.classes:
                 logits = torch.func.functional_call(_Classify(model.lm, self.dataset.pad_id),
                                                     {f"lm.{k}": v for k, v in weights.items()}, args=(batch,))
-                target = self.dataset.eval_label_values()[:len(batch)].to(self.device)
+                target = self.dataset.eval_labels[:len(batch)].to(self.device)
             else:
                 logits = torch.func.functional_call(model.lm, weights, args=(), kwargs={"input_ids": batch}).logits
                 logits, target = logits[:, :-1].float(), batch[:, 1:]

@@ -22,7 +22,7 @@ from raysim.models.fastops import device_losses
 from raysim.models.grouped import keyed, stacked
 from raysim.privacy.local import LocalDPSGD
 from raysim.split.mechanisms import Mechanism
-from raysim.split.protocol import Crossing, WireBytes, split_step
+from raysim.split.protocol import Crossing, split_step
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,6 @@ class Trained:
     tensors: list[torch.Tensor]  # per trainable parameter, the trained values stacked over devices (row j: device j)
     losses: torch.Tensor  # per device, its mean loss over the steps
     crossings: list[Crossing | None]  # per device, what crossed its cut (None: not split)
-    wire: WireBytes | None = None  # a split device's bytes per step each way (the last step's; every step's match)
     sets: list[list[torch.Tensor]] = ()  # a split device's further adapter sets: trained values of server_names
 
 
@@ -82,7 +81,7 @@ def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, s
         tensors, optimizer, weights = _single(sub, starts)
     device = starts[0].device
     loss_sum = torch.zeros(k, device=device)
-    crossings, wire = [], None
+    crossings = []
     sets = _sets(split, lr=lr, weight_decay=weight_decay)
     with weights, keyed(sub.dropout_keys, data.generators):
         if dp is not None:  # k == 1: DP-SGD on Poisson batches of the device's examples
@@ -98,7 +97,7 @@ def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, s
                                                                        for params, _ in sets])
                     crossings.append(Crossing(done.activations.float().cpu().numpy(),
                                               done.gradients.float().cpu().numpy(), y.numpy()))
-                    losses, wire = done.loss.view(1), done.wire
+                    losses = done.loss.view(1)
                     for _, set_optimizer in sets:
                         set_optimizer.step()
                         set_optimizer.zero_grad(set_to_none=True)
@@ -111,7 +110,7 @@ def train_group(sub: Submodel, starts: list[torch.Tensor], data: LocalData, *, s
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum += losses.detach()
     per_device = [Crossing.concat(crossings)] if crossings else [None] * k
-    return Trained(tensors=tensors, losses=loss_sum / steps, crossings=per_device, wire=wire,
+    return Trained(tensors=tensors, losses=loss_sum / steps, crossings=per_device,
                    sets=[[p.detach() for p in params] for params, _ in sets])
 
 

@@ -21,7 +21,7 @@ import torch
 from raysim.aggregation.lora import LORA_RULES, LoraRule
 from raysim.config import ExperimentConfig
 from raysim.errors import ConfigError
-from raysim.methods import adapter, embedding_updates, split, width
+from raysim.methods import adapter, embedding_updates, width
 from raysim.methods.base import structure_fields
 from raysim.methods.family import AdapterFamily
 from raysim.methods.lora import Target
@@ -69,7 +69,7 @@ class Space:
     # state's usual entries; set i > 0 holds its own copy of the entries of the blocks from the cut on, under
     # the prefix "set<i>/" (:meth:`view`)
     sets: int = 1
-    cut: int | None = None
+    cut: int | None = None  # the one cut they are above (None with one set)
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, base: BaseModel) -> Space:
@@ -88,14 +88,14 @@ class Space:
             if match and shape and match[2] in arch.kinds:
                 projections.append(Target(name, int(match[1]), match[2], *shape))
         tied = base.config.get("tie_word_embeddings", True)
+        sets = mechanisms.adapter_sets(cfg)
         return cls(targets=tuple(t for t in projections if t.name.split(".")[-1] in suffixes),
                    lora=cfg.aggregation.lora, max_rank=max_rank(cfg.methods), scale=cfg.methods.lora_alpha_per_rank,
                    embeddings=embedding_updates.any_trained(cfg.methods), family=arch.name, sizes=sizes,
                    embedding=arch.embedding if tied else OUTPUT_EMBEDDING, adapters=adapter.listed(cfg.methods),
                    projection_targets=tuple(projections),
                    classes=len(cfg.data.labels) if cfg.data.task == "classification" else 0,
-                   sets=mechanisms.adapter_sets(cfg),
-                   cut=cfg.methods.split[0] if split.any_split(cfg.methods) else None)
+                   sets=sets, cut=cfg.methods.split[0] if sets > 1 else None)
 
     @property
     def arch(self) -> Architecture:

@@ -40,10 +40,6 @@ class Mechanism:
 
     classes: int
 
-    @property
-    def sets(self) -> int:
-        return 1
-
     def loss(self, head: nn.Module, outputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """The device's task loss on the server's outputs (one tensor per adapter set, each (batch, d))."""
         return F.cross_entropy(head(outputs[0]).float(), labels)
@@ -79,12 +75,8 @@ class P3EFT(Mechanism):
     private backpropagation (several noisy backward passes that the device combines into the true gradient).
     """
 
-    coefficients: torch.Tensor | None = None  # (n, d); None: one set (no mixing)
+    coefficients: torch.Tensor | None = None  # (n, d): one row per adapter set
     adversary_weight: float = 0.0
-
-    @property
-    def sets(self) -> int:
-        return len(self.coefficients)
 
     def mix(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         c = self.coefficients.to(outputs[0].device, outputs[0].dtype)
