@@ -27,6 +27,7 @@ from raysim.config.schema import (
     CohortConfig,
     CostsConfig,
     DataConfig,
+    EmulatorConfig,
     EvalConfig,
     ExperimentConfig,
     LocalPrivacyConfig,
@@ -46,8 +47,9 @@ from raysim.config.validate import non_finite, validate
 
 __all__ = [
     "NOT_RESULTS", "QUICKSTART", "AdaptiveClippingConfig", "AggregationConfig", "CheckpointConfig",
-    "CohortConfig", "CostsConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "LocalPrivacyConfig",
-    "MethodOptions", "MethodsConfig", "ModelConfig", "PretrainConfig", "PrivacyConfig", "RayConfig",
+    "CohortConfig", "CostsConfig", "DataConfig", "EmulatorConfig", "EvalConfig", "ExperimentConfig",
+    "LocalPrivacyConfig", "MethodOptions", "MethodsConfig", "ModelConfig", "PretrainConfig", "PrivacyConfig",
+    "RayConfig",
     "SpeedupsConfig", "TokenizerConfig", "TrackingConfig", "TrainConfig", "first_difference", "frozen",
     "load_experiment", "load_mapping", "non_finite", "parse_override", "result_config", "result_keys",
     "split_seed", "to_yaml", "validate", "with_defaults",

@@ -256,6 +256,33 @@ class ServerConfig:
 
 
 @dataclass
+class EmulatorConfig:
+    """One named offsite-tuning emulator (raysim/offsite/): ``methods.emulator`` lists names from ``emulators``.
+
+    The device gets ``bottom`` and ``top`` blocks whole (its adapters: they train, with LoRA at the device's
+    ``methods.lora_rank`` or, at rank 0, fully) and a compressed stand-in of the ``n_layer - bottom - top``
+    middle blocks; it never receives the full model. The model owner builds the emulator on the public split
+    before round 1 (cached under pretrain.cache_dir like pre-training)."""
+
+    # uniform (keep evenly spaced middle blocks: Offsite-Tuning's baseline) | distilled (uniform, then trained to
+    # match the full model's middle output) | importance (keep the blocks whose removal raises the public loss
+    # most) | harmonizer (ScaleOT's LayerReplace: the other blocks become small trained residual MLPs)
+    kind: str = "uniform"
+    bottom: int = 2  # adapter blocks at the bottom
+    top: int = 2  # adapter blocks at the top
+    keep: int | None = None  # middle blocks kept whole; null: half of them, rounded up
+    harmonizer_rank: int = 16  # harmonizer: hidden units of each replacement MLP h + W_up ReLU(W_down h)
+    # selective rank compression: the kept middle blocks' attention weights at rank round(svd_fraction * full
+    # rank) (their SVD); null: uncompressed
+    svd_fraction: float | None = None
+    steps: int = 200  # distilled, harmonizer: training steps on the public split
+    batch_size: int = 16  # sequences per training step
+    lr: float = 1e-3  # AdamW, warm-up then cosine (pretrain's schedule)
+    kd_weight: float = 30.0  # loss = next-token loss + kd_weight * KD (Offsite-Tuning's scripts use 30)
+    score_sequences: int = 64  # importance, harmonizer: public sequences each block's score is measured on
+
+
+@dataclass
 class CostsConfig:
     """What the cost model prices (raysim/emulation/costmodel.py): a declared training recipe, measured on a model built
     for the measurement alone, so that how raysim computes (``speedups``, grouped passes) changes no cost."""
@@ -314,6 +341,7 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    emulators: dict[str, EmulatorConfig] = field(default_factory=dict)  # offsite-tuning emulators, by name
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     costs: CostsConfig = field(default_factory=CostsConfig)

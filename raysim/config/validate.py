@@ -30,6 +30,10 @@ def non_finite(value: Any, prefix: str = "") -> tuple[str, float] | None:
         for f in dataclasses.fields(value):
             if (found := non_finite(getattr(value, f.name), f"{prefix}.{f.name}" if prefix else f.name)) is not None:
                 return found
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if (found := non_finite(item, f"{prefix}.{key}" if prefix else str(key))) is not None:
+                return found
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             if (found := non_finite(item, f"{prefix}[{i}]")) is not None:
@@ -96,6 +100,28 @@ def _validate_model(cfg: ExperimentConfig, c) -> None:
     c(m.rope_theta > 0, "model.rope_theta", "must be > 0")
     c(m.vocab_size >= 8, "model.vocab_size", "must be >= 8")
     c(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    _validate_emulators(cfg, c)
+
+
+def _validate_emulators(cfg: ExperimentConfig, c) -> None:
+    """Each named emulator's keys; its blocks against ``model.n_layer`` (with ``model.path``, against the folder's
+    blocks when the run builds it)."""
+    from raysim.offsite.build import KINDS
+    from raysim.offsite.layout import layout
+
+    for name, e in cfg.emulators.items():
+        key = f"emulators.{name}"
+        c(e.kind in KINDS, f"{key}.kind", f"must be {KINDS.choices()}")
+        if cfg.model.path is None:
+            _, bad = layout(e, cfg.model.n_layer)
+            c(bad is None, f"{key}.{bad[0] if bad else ''}", bad[1] if bad else "")
+        c(e.harmonizer_rank >= 1, f"{key}.harmonizer_rank", "must be >= 1")
+        c(e.svd_fraction is None or 0.0 < e.svd_fraction <= 1.0, f"{key}.svd_fraction", "must be in (0, 1] or null")
+        c(e.steps >= 1, f"{key}.steps", "must be >= 1")
+        c(e.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+        c(e.lr > 0, f"{key}.lr", "must be > 0")
+        c(e.kd_weight >= 0, f"{key}.kd_weight", "must be >= 0")
+        c(e.score_sequences >= 1, f"{key}.score_sequences", "must be >= 1")
 
 
 def _validate_data(cfg: ExperimentConfig, c) -> None:

@@ -35,15 +35,22 @@ RECIPE_VERSION = 1
 def cache_key(base: BaseModel, public: torch.Tensor, cfg: PretrainConfig, *, seed: int) -> str:
     """A hash of everything that decides the pre-trained weights: the inputs, the recipe and the libraries that
     compute it (their kernels and defaults change between versions)."""
+    h = hashed(base, public, recipe=RECIPE_VERSION)
+    h.update(repr((cfg.steps, cfg.batch_size, cfg.lr, seed)).encode())
+    return h.hexdigest()[:16]
+
+
+def hashed(base: BaseModel, public: torch.Tensor, *, recipe: int) -> hashlib._Hash:
+    """A sha256 fed with what every model the server trains on public text depends on: a recipe's version, the
+    libraries' versions, the model's config and weights, and the public tokens."""
     h = hashlib.sha256()
-    h.update(repr((RECIPE_VERSION, torch.__version__, transformers.__version__)).encode())
+    h.update(repr((recipe, torch.__version__, transformers.__version__)).encode())
     h.update(repr(sorted(base.config.items())).encode())
     for name in sorted(base.state):
         h.update(name.encode())
         h.update(base.state[name].detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     h.update(public.numpy().tobytes())
-    h.update(repr((cfg.steps, cfg.batch_size, cfg.lr, seed)).encode())
-    return h.hexdigest()[:16]
+    return h
 
 
 def lr_at(step: int, *, steps: int, lr: float) -> float:
