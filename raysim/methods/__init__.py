@@ -5,14 +5,16 @@ policies choose from.
 method on import, in this order: the order of the method space's product, of a
 config's work key and of the device columns. They import neither torch nor Ray
 (the config schema is built from them); what a method does to the model is in
-its mechanics module (``lora``, ``width``, ``layers``, ``embeddings``, ``quantize``).
+its mechanics module (``lora``, ``width``, ``layers``, ``embeddings``, ``quantize``;
+emulators: :mod:`raysim.offsite`).
 """
 
 import importlib
 
 from raysim.methods.base import METHODS, Method, device_config_class
 
-REGISTERED = ("rank", "pruning", "dropout", "layers", "embedding_updates", "bits", "adapter", "split")
+REGISTERED = ("rank", "pruning", "dropout", "layers", "embedding_updates", "bits", "adapter", "split",
+              "emulator")
 for _module in REGISTERED:
     importlib.import_module(f"{__name__}.{_module}")
 

@@ -22,6 +22,7 @@ from raysim.aggregation.lora import LORA_RULES, LoraRule
 from raysim.config import ExperimentConfig
 from raysim.errors import ConfigError
 from raysim.methods import adapter, embedding_updates, width
+from raysim.methods import emulator as emulators
 from raysim.methods.base import structure_fields
 from raysim.methods.family import AdapterFamily
 from raysim.methods.lora import Target
@@ -30,6 +31,7 @@ from raysim.methods.width import Slices
 from raysim.models import classifier
 from raysim.models.architectures import ARCHITECTURES, Architecture, Sizes, check_targets, features, lora_targets
 from raysim.models.build import BaseModel, instantiate
+from raysim.offsite.layout import Layout, layout
 from raysim.split import mechanisms
 from raysim.types import DeviceConfig
 
@@ -48,6 +50,7 @@ class Structure:
     embeddings: bool
     adapter: str = "lora"  # the adapter family trained in them (raysim.methods.adapter)
     cut: int | None = None  # split learning: the blocks below this one run on the device, the rest on the server
+    emulator: str | None = None  # offsite-tuning: the emulator whose middle blocks stand in for the model's
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class Space:
     # the prefix "set<i>/" (:meth:`view`)
     sets: int = 1
     cut: int | None = None  # the one cut they are above (None with one set)
+    emulators: tuple[tuple[str, Layout], ...] = ()  # offsite-tuning: the method space's emulators' layouts
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, base: BaseModel) -> Space:
@@ -95,7 +99,12 @@ class Space:
                    embedding=arch.embedding if tied else OUTPUT_EMBEDDING, adapters=adapter.listed(cfg.methods),
                    projection_targets=tuple(projections),
                    classes=len(cfg.data.labels) if cfg.data.task == "classification" else 0,
-                   sets=sets, cut=cfg.methods.split[0] if sets > 1 else None)
+                   sets=sets, cut=cfg.methods.split[0] if sets > 1 else None,
+                   emulators=tuple((name, _layout(cfg, name, sizes)) for name in emulators.listed(cfg.methods)))
+
+    def emulator_layout(self, name: str) -> Layout:
+        """The blocks emulator ``name`` keeps as adapters and compresses."""
+        return dict(self.emulators)[name]
 
     @property
     def arch(self) -> Architecture:
@@ -228,6 +237,14 @@ class Space:
         if self.arch.transposed:
             return width.extract(w, rows=in_idx, cols=out_idx)
         return width.extract(w, rows=out_idx, cols=in_idx)
+
+
+def _layout(cfg: ExperimentConfig, name: str, sizes: Sizes) -> Layout:
+    """Emulator ``name``'s layout on the run's model (a spec the model's sizes refuse: one ConfigError)."""
+    lay, bad = layout(cfg.emulators[name], sizes.n_layer)
+    if bad is not None:
+        raise ConfigError(bad[1], field=f"emulators.{name}.{bad[0]}")
+    return lay
 
 
 @dataclass

@@ -23,6 +23,7 @@ from raysim.models import classifier
 from raysim.models.build import BaseModel, instantiate
 from raysim.models.fastops import fuse_activations
 from raysim.models.grouped import install_keyed_dropout, stackable
+from raysim.offsite.emulator import install
 from raysim.split.protocol import device_parameters
 
 
@@ -50,6 +51,11 @@ def build_model(*, space: Space, structure: Structure, base: BaseModel, cfg: Exp
     model = instantiate(base)
     if structure.heads < space.units or structure.mlp < space.inner:
         space.arch.shrink(model, units=structure.heads, mlp=structure.mlp, sizes=space.sizes)
+    if structure.emulator is not None:  # the model owner's stand-in for the middle blocks
+        if structure.emulator not in base.emulators:
+            raise ValueError(f"the base model carries no emulator {structure.emulator!r} "
+                             "(raysim.offsite.build.build_emulators builds them)")
+        install(model, base.emulators[structure.emulator], space.arch, width=space.sizes.width)
     fam = adapter.family(structure.adapter)
     trained = [t for t in fam.targets(space) if t.layer in structure.blocks]
     model = fam.build(model, space=space, structure=structure, trained=trained, cfg=cfg)
@@ -81,6 +87,8 @@ class Submodel:
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay, fused=True) if self.params else None
         self._loaded: tuple | None = None
+        # an emulator's middle blocks are its own, fixed as shipped: the global state is loaded around them
+        self._middle = frozenset(space.emulator_layout(structure.emulator).middle if structure.emulator else ())
         # every family's targets by name, in composition order; the device's own family trains its targets
         self._families = [(name, fam, {t.name: t for t in fam.targets(space)}) for name, fam in space.families()]
         # families applied around the one the device trains rescale its trained projections: fixed per round
@@ -126,6 +134,8 @@ class Submodel:
         space = self.space
         with torch.no_grad():
             for name, layer, kind in space.projections():
+                if layer in self._middle:
+                    continue
                 out_idx, in_idx = space.index(kind, slices, layer)
                 module = self.projection(name)
                 w, b = self.frozen_weights(state, name, out_idx, in_idx)

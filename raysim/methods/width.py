@@ -128,6 +128,11 @@ def frozen_changes(config: Any, pruning: str) -> bool:
     return config.dropout_rate > 0 or rolls([config], pruning)
 
 
+def narrowed(config: Any) -> bool:
+    """Whether a device of ``config`` holds less than every unit of its blocks."""
+    return config.prune_ratio > 0 or config.dropout_rate > 0
+
+
 def own_slices(config: Any) -> bool:
     """Whether every device of ``config`` holds slices of its own (federated dropout): none shares a pass."""
     return config.dropout_rate > 0

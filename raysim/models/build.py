@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,8 @@ class BaseModel:
     config: dict  # a transformers config as a dict (with model_type)
     state: dict[str, torch.Tensor]
     origin: str  # "init", "pretrained <key>", or the folder it came from
+    # offsite-tuning emulators the model owner built from these weights, by name (raysim.offsite.build)
+    emulators: dict = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
