@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -85,6 +85,9 @@ class Measurement:
     wire_bytes_up: int = 0
     wire_bytes_down: int = 0
     round_trips: int = 0
+    # offsite-tuning (raysim.offsite): the emulator's frozen weights, downloaded once, at the device's first round
+    # with it (its trainable adapters travel every round, in bytes_down)
+    setup_bytes_down: int = 0
 
     @property
     def peak_memory_bytes(self) -> int:
@@ -218,6 +221,7 @@ class DeviceCosts:
     wire_s: np.ndarray
     wire_bytes_up: np.ndarray
     wire_bytes_down: np.ndarray
+    setup_bytes_down: np.ndarray  # a one-time download this round (an emulator at its first round), in download_s
 
     @property
     def total_s(self) -> np.ndarray:
@@ -228,11 +232,12 @@ class DeviceCosts:
 
 
 def device_costs(draws: DeviceDraws, measurements: list[Measurement], *, local_steps: int,
-                 server_flops_per_s: float = math.inf) -> DeviceCosts:
+                 server_flops_per_s: float = math.inf, setup: np.ndarray | None = None) -> DeviceCosts:
     """Seconds and bytes for each device given its config's measurement.
 
     A transfer costs one round-trip latency plus its bits over the link:
-    ``download_s = rtt + 8 * bytes_down / downlink_bps``, likewise up. A split device's steps add, each, their
+    ``download_s = rtt + 8 * bytes_down / downlink_bps``, likewise up; where ``setup`` is True the device also
+    downloads its config's one-time ``setup_bytes_down`` first (an emulator). A split device's steps add, each, their
     round trips and their bits each way (``wire_s``), and the server's FLOPs at ``server_flops_per_s`` shared
     equally by the split devices priced together: every one of them is taken to be in flight the whole round.
     """
@@ -245,10 +250,12 @@ def device_costs(draws: DeviceDraws, measurements: list[Measurement], *, local_s
     wire_down = np.array([m.wire_bytes_down for m in measurements], dtype=np.int64) * local_steps
     trips = np.array([m.round_trips for m in measurements], dtype=np.float64) * local_steps
     sharing = max(1, int(split.sum()))
+    once = np.array([m.setup_bytes_down for m in measurements], dtype=np.int64)
+    once = np.where(np.zeros(len(measurements), dtype=bool) if setup is None else setup, once, 0)
     return DeviceCosts(
         flops=flops,
         compute_s=flops / draws.train_flops_per_s,
-        download_s=draws.rtt_s + 8.0 * down / draws.downlink_bps,
+        download_s=draws.rtt_s + 8.0 * (down + once) / draws.downlink_bps,
         upload_s=draws.rtt_s + 8.0 * up / draws.uplink_bps,
         peak_memory_bytes=np.array([m.peak_memory_bytes for m in measurements], dtype=np.int64),
         bytes_down=down,
@@ -258,4 +265,32 @@ def device_costs(draws: DeviceDraws, measurements: list[Measurement], *, local_s
                         + 8.0 * wire_down / draws.downlink_bps, 0.0),
         wire_bytes_up=wire_up,
         wire_bytes_down=wire_down,
+        setup_bytes_down=once,
     )
+
+
+@dataclass
+class Downloads:
+    """Which devices hold which one-time download (an emulator, by name): a device pays ``setup_bytes_down`` at its
+    first round with it, whatever became of that round, and never again."""
+
+    holding: dict[str, set[int]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, state: dict[str, list[int]]) -> Downloads:
+        return cls({name: set(ids) for name, ids in state.items()})
+
+    def state(self) -> dict[str, list[int]]:
+        return {name: sorted(ids) for name, ids in self.holding.items()}
+
+    def first(self, device_ids: np.ndarray, names: list[str | None]) -> np.ndarray | None:
+        """Per device, whether it must download ``names[i]`` this round; None where no device has one."""
+        if all(n is None for n in names):
+            return None
+        return np.array([n is not None and int(d) not in self.holding.get(n, ()) for d, n in zip(device_ids, names)],
+                        dtype=bool)
+
+    def record(self, device_ids: np.ndarray, names: np.ndarray, setup_bytes: np.ndarray) -> None:
+        """A recorded round's downloads: the devices that paid one now hold it."""
+        for d, n in zip(device_ids[setup_bytes > 0], names[setup_bytes > 0]):
+            self.holding.setdefault(n, set()).add(int(d))

@@ -24,7 +24,8 @@ from raysim.io.results import RoundResult, RunWriter
 if TYPE_CHECKING:
     from raysim.engine.run import Run
 
-EVAL_COLUMNS = ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_top3_accuracy")
+EVAL_COLUMNS = ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_top3_accuracy", "emulator_eval_loss",
+                "emulator_eval_accuracy")
 
 
 @dataclass(frozen=True)

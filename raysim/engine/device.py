@@ -22,6 +22,7 @@ rows of a round are :class:`raysim.methods.embeddings.ServerRows`.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from dataclasses import dataclass
 
@@ -171,8 +172,12 @@ class DeviceWorker:
                 return classifier.device_losses(model, tokens, labels, pad_id=self.dataset.pad_id, devices=1).sum()
         # DP-SGD holds every example's own gradient of the trainable weights before clipping them (Opacus)
         per_example = self.cfg.train.batch_size if self.cfg.privacy.local.enabled else 0
-        return costmodel.measure(model, recipe=recipe, batch=batch, bytes_down=bytes_down, bytes_up=bytes_up,
-                                 loss=loss, per_example_gradients=per_example)
+        # an emulator device first downloads every frozen weight it holds: the emulator and its adapter blocks
+        setup = 0 if structure.emulator is None else sum(
+            p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+        return dataclasses.replace(
+            costmodel.measure(model, recipe=recipe, batch=batch, bytes_down=bytes_down, bytes_up=bytes_up,
+                              loss=loss, per_example_gradients=per_example), setup_bytes_down=setup)
 
     def _measure_split(self, model: torch.nn.Module, recipe: costmodel.Recipe, batch: torch.Tensor,
                        labels: torch.Tensor, *, cut: int, bytes_down: int, bytes_up: int) -> costmodel.Measurement:

@@ -9,6 +9,7 @@ first-order utility, the feedback the ``rl`` policy learns from.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -30,8 +31,12 @@ class HeldOut:
                  mixing: Mechanism | None = None):
         self.space, self.dataset, self.device = space, dataset, device
         self.batch_size = cfg.eval.batch_size
-        self.model = Submodel(space=space, base=base, cfg=cfg, device=device, structure=Structure(
-            rank=0, heads=space.units, mlp=space.inner, blocks=(), embeddings=False, adapter=space.adapters[0]))
+        whole = Structure(rank=0, heads=space.units, mlp=space.inner, blocks=(), embeddings=False,
+                          adapter=space.adapters[0])
+        self.model = Submodel(space=space, base=base, cfg=cfg, device=device, structure=whole)
+        # offsite-tuning: the method space's first emulator alone, with the global adapters in its adapter blocks
+        self.emulator = None if not space.emulators else Submodel(
+            space=space, base=base, cfg=cfg, device=device, structure=replace(whole, emulator=space.emulators[0][0]))
         self._examples: torch.Tensor | None = None
         self.mixing = mixing  # the split mechanism: under P³EFT (space.sets > 1) how the head mixes the sets
 
@@ -46,27 +51,32 @@ class HeldOut:
     def evaluate(self, state: Tensors, batches: list[int]) -> np.ndarray:
         """Per held-out batch (``eval.batch_size`` sequences each): summed next-token loss, tokens, top-1 and
         top-3 hits (classification: summed cross-entropy, sequences, and the label's hits among the top 1 and 3
-        logits). A batch's numbers do not depend on which others were evaluated with it."""
+        logits); with an emulator, four more columns: the same of the emulator alone. A batch's numbers do not
+        depend on which others were evaluated with it."""
         rows, size = self.examples(), self.batch_size
-        totals = np.zeros((len(batches), 4), dtype=np.float64)
+        models = [self.model] if self.emulator is None else [self.model, self.emulator]
+        totals = np.zeros((len(batches), 4 * len(models)), dtype=np.float64)
         with torch.no_grad():
-            self.model.lm.eval()
             chunks = [rows[b * size:(b + 1) * size].to(self.device) for b in batches]
-            for i, (logits, target) in enumerate(self._scores(state, chunks, [b * size for b in batches])):
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="sum")
-                top3 = logits.topk(min(3, logits.shape[-1]), dim=-1).indices
-                totals[i] = [loss.item(), target.numel(), (top3[..., 0] == target).sum().item(),
-                             (top3 == target.unsqueeze(-1)).any(-1).sum().item()]
+            for j, model in enumerate(models):
+                model.lm.eval()
+                for i, (logits, target) in enumerate(self._scores(state, chunks, [b * size for b in batches],
+                                                                  model)):
+                    loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten(),
+                                                             reduction="sum")
+                    top3 = logits.topk(min(3, logits.shape[-1]), dim=-1).indices
+                    totals[i, 4 * j:4 * j + 4] = [loss.item(), target.numel(), (top3[..., 0] == target).sum().item(),
+                                                  (top3 == target.unsqueeze(-1)).any(-1).sum().item()]
         return totals
 
-    def _scores(self, state: Tensors, chunks: list[torch.Tensor], starts: list[int]) -> Iterator[tuple]:
-        """Each chunk's logits and targets on ``state``; under P³EFT, the head on the adapter sets' outputs mixed
-        with the devices' coefficients (each set's state loaded in turn)."""
+    def _scores(self, state: Tensors, chunks: list[torch.Tensor], starts: list[int],
+                model: Submodel) -> Iterator[tuple]:
+        """Each chunk's logits and targets on ``state`` in ``model``; under P³EFT, the head on the adapter sets'
+        outputs mixed with the devices' coefficients (each set's state loaded in turn)."""
         state = {k: v.to(self.device) for k, v in state.items()}
-        model = self.model
         if self.space.sets == 1:  # one chunk's logits at a time
             model.load_frozen(state, None, version=object())
-            yield from (self._scored(chunk, start) for chunk, start in zip(chunks, starts))
+            yield from (self._scored(model.lm, chunk, start) for chunk, start in zip(chunks, starts))
             return
         outputs = []
         for i in range(self.space.sets):
@@ -78,9 +88,8 @@ class HeldOut:
             target = labels[start:start + len(chunk)].to(self.device)
             yield head(self.mixing.mix([o[j] for o in outputs])).float(), target
 
-    def _scored(self, batch: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scored(self, lm: torch.nn.Module, batch: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits the held-out loss scores and their targets, for the sequences from ``start`` on."""
-        lm = self.model.lm
         if not self.space.classes:
             return lm(input_ids=batch).logits[:, :-1].float(), batch[:, 1:]
         labels = self.dataset.eval_labels[start:start + len(batch)].to(self.device)

@@ -140,10 +140,16 @@ class DevicePool:
             self._eval_batches = self._ask("num_eval_batches")
         n = len(self.actors)
         shards = [list(range(i, self._eval_batches, n)) for i in range(n)]
-        per_batch = np.zeros((self._eval_batches, 4), dtype=np.float64)
         done = self._map(shards, lambda a, batches: (a.evaluate.remote(state, batches),), what="evaluation")
+        per_batch = None
         for batches, (totals, _) in zip(shards, done):
+            if per_batch is None:  # four columns per model evaluated (HeldOut.evaluate)
+                per_batch = np.zeros((self._eval_batches, totals.shape[1]), dtype=np.float64)
             per_batch[batches] = totals
-        loss, tokens, top1, top3 = per_batch.sum(axis=0)
-        return {"eval_loss": loss / tokens, "eval_perplexity": math.exp(loss / tokens),
-                "eval_accuracy": top1 / tokens, "eval_top3_accuracy": top3 / tokens}
+        sums = per_batch.sum(axis=0)
+        loss, tokens, top1, top3 = sums[:4]
+        metrics = {"eval_loss": loss / tokens, "eval_perplexity": math.exp(loss / tokens),
+                   "eval_accuracy": top1 / tokens, "eval_top3_accuracy": top3 / tokens}
+        if len(sums) > 4:  # the emulator alone
+            metrics |= {"emulator_eval_loss": sums[4] / sums[5], "emulator_eval_accuracy": sums[6] / sums[7]}
+        return metrics

@@ -88,6 +88,7 @@ def device_columns(rnd: int, draws: DeviceDraws, configs: list[DeviceConfig], co
         "bytes_down": np.where(reached, costs.bytes_down, 0),
         "wire_bytes_up": np.where(computed, costs.wire_bytes_up, 0),
         "wire_bytes_down": np.where(computed, costs.wire_bytes_down, 0),
+        "setup_bytes_down": np.where(reached, costs.setup_bytes_down, 0),
         "peak_memory_bytes": costs.peak_memory_bytes,
         "memory_bytes": draws.memory_bytes.astype(np.int64),
         "num_examples": per_device(records.num_examples, 0, np.int64).astype(np.int32),

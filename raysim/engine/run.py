@@ -38,7 +38,7 @@ from raysim.data.base import FederatedDataset
 from raysim.data.build import build_dataset
 from raysim.emulation.clock import OK, settle_round
 from raysim.emulation.cohort import sample_cohort
-from raysim.emulation.costmodel import device_costs
+from raysim.emulation.costmodel import Downloads, device_costs
 from raysim.emulation.profiles import Population, load_population
 from raysim.engine import callbacks as cb
 from raysim.engine.aggregator import Aggregator, NonFiniteUpdate
@@ -57,6 +57,7 @@ from raysim.methods.rank import truncation_rank
 from raysim.methods.split import any_split
 from raysim.models.build import BaseModel, base_seed, initial_base_model
 from raysim.models.pretrain import pretrain
+from raysim.offsite.build import build_emulators
 from raysim.policies import CostOracle, Policy, PolicyContext, PolicySpec, build_policy, policy_identity, read_policy
 from raysim.privacy import mechanisms
 from raysim.split import leakage
@@ -110,8 +111,9 @@ def run_round(run: Run, rnd: int) -> RoundResult:
     cohort = sample_cohort(run.population, cfg.cohort, seed=cfg.seed, round=rnd, sim_time_s=run.sim_time_s)
     draws = run.population.draw(cohort.device_id, seed=cfg.seed)
     configs = run.policy.assign(draws, run.round_state(rnd, target=cohort.target))
+    setup = run.downloads.first(draws.device_id, [c.emulator for c in configs])  # emulators, once per device
     costs = device_costs(draws, [run.pool.measure(c) for c in configs], local_steps=cfg.train.local_steps,
-                         server_flops_per_s=cfg.server.train_gflops * 1e9)
+                         server_flops_per_s=cfg.server.train_gflops * 1e9, setup=setup)
     dropped = rng.uniform(cfg.seed, "dropout", rnd, ids=cohort.device_id) < draws.dropout_prob
     outcome = settle_round(finish_s=costs.total_s, available=cohort.available, fits=costs.fits(draws),
                            dropped=dropped, target=cohort.target, deadline_s=cfg.cohort.deadline_s)
@@ -163,6 +165,7 @@ class Run:
     last: dict[str, float] = field(default_factory=dict)  # the latest finite train and eval metrics
     totals: dict[str, int] = field(default_factory=lambda: {"bytes_up": 0, "bytes_down": 0, "devices_trained": 0})
     completed: int = 0
+    downloads: Downloads = field(default_factory=Downloads)  # who holds which emulator
     status: str = "running"
     cause: str | None = None  # why a failed run failed
     wall_before_s: float = 0.0  # wall time of the sessions before a resume
@@ -186,6 +189,8 @@ class Run:
         self.totals["bytes_up"] += row.bytes_up
         self.totals["bytes_down"] += row.bytes_down
         self.totals["devices_trained"] += row.n_completed
+        devices = result.devices
+        self.downloads.record(devices["device_id"], devices["emulator"], devices["setup_bytes_down"])
         self.last |= {k: getattr(row, k) for k in ("train_loss", *cb.EVAL_COLUMNS) if not math.isnan(getattr(row, k))}
         if stop is not None:
             self.status = stop.status
@@ -229,6 +234,7 @@ class Run:
             return False
         progress = {"completed": self.completed, "sim_time_s": self.sim_time_s, "epsilon": self.epsilon,
                     "last": self.last, "totals": self.totals,
+                    "holding": self.downloads.state(),
                     "wall_time_s": self.wall_time_s(), "config": self.result_config}
         ckpt.save(self.dir / ckpt.FILE, {
             "run": ckpt.State(meta=progress), "aggregator": aggregator, "policy": self.policy.checkpoint(),
@@ -247,6 +253,7 @@ class Run:
         self.completed, self.sim_time_s = progress["completed"], progress["sim_time_s"]
         self.epsilon, self.last = progress["epsilon"], progress["last"]
         self.totals, self.wall_before_s = progress["totals"], progress["wall_time_s"]
+        self.downloads = Downloads.of(progress.get("holding", {}))
         self.writer.resume_after(self.completed)  # rounds past the checkpoint are redone
 
     @functools.cached_property
@@ -271,6 +278,8 @@ class Run:
             "privacy": mechanisms.summary(self.privacy, cfg, noised_dims=self.noised_dims), "totals": self.totals,
             "policy": policy_identity(self.spec), "versions": _versions(),
         }
+        if self.base.emulators:  # which blocks each emulator keeps, replaces and compresses
+            summary["emulators"] = {name: e.describe() for name, e in self.base.emulators.items()}
         if self.cause is not None:
             summary["cause"] = self.cause
         for callback in self.callbacks:
@@ -297,6 +306,7 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
     check_compatible(cfg, base)
     base = pretrain(base, dataset.public_examples(), cfg.pretrain, seed=base_seed(cfg.model, seed=cfg.seed),
                     progress=cfg.progress)
+    base = build_emulators(cfg, base, dataset.public_examples(), seed=base_seed(cfg.model, seed=cfg.seed))
     where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard).description
     processors: list[UpdateProcessor] = []
     if privacy:

@@ -87,6 +87,10 @@ class RoundRow:
     leakage_spectral_gradients: float = _column(pa.float64(), math.nan)
     leakage_norm_gradients: float = _column(pa.float64(), math.nan)
     leakage_probe_gradients: float = _column(pa.float64(), math.nan)
+    emulator_eval_loss: float = _column(pa.float64(), math.nan, doc="offsite-tuning: the held-out loss of the "
+                                        "method space's first emulator alone with the global adapters (eval_loss "
+                                        "is theirs plugged into the full model); NaN without an emulator")
+    emulator_eval_accuracy: float = _column(pa.float64(), math.nan, doc="its top-1 accuracy")
 
 
 ROW_FIELDS = frozenset(f.name for f in fields(RoundRow))
@@ -122,6 +126,7 @@ DEVICES_SCHEMA = pa.schema([
     ("bytes_down", pa.int64()),
     ("wire_bytes_up", pa.int64()),  # split devices: activations and gradients sent up over the round's steps
     ("wire_bytes_down", pa.int64()),  # split devices: the server's outputs and cut gradients sent down
+    ("setup_bytes_down", pa.int64()),  # a one-time download before training (an emulator, at the first round with it)
     ("peak_memory_bytes", pa.int64()),
     ("memory_bytes", pa.int64()),
     ("num_examples", pa.int32()),
