@@ -74,14 +74,14 @@ def assert_same_columns(x_table, y_table, *, where: str) -> None:
         assert (x.tolist() == y.tolist()) if x.dtype == object else (x.tobytes() == y.tobytes()), (where, name)
 
 
-def make_worker(cfg):
-    """A DeviceWorker in this process, built the way the pool builds one."""
+def make_worker(cfg, *, base=None):
+    """A DeviceWorker in this process, built the way the pool builds one (on ``base``: the initial model)."""
     from raysim.data.build import build_dataset
     from raysim.engine.device import DeviceWorker
     from raysim.models.build import initial_base_model
 
-    return DeviceWorker(cfg=cfg, base=initial_base_model(cfg.model, seed=cfg.seed), dataset=build_dataset(cfg),
-                        num_threads=1)
+    base = initial_base_model(cfg.model, seed=cfg.seed) if base is None else base
+    return DeviceWorker(cfg=cfg, base=base, dataset=build_dataset(cfg), num_threads=1)
 
 
 def train_unit(worker, state, ids, configs, *, round=3, utility=False):

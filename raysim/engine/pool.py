@@ -151,5 +151,5 @@ class DevicePool:
         metrics = {"eval_loss": loss / tokens, "eval_perplexity": math.exp(loss / tokens),
                    "eval_accuracy": top1 / tokens, "eval_top3_accuracy": top3 / tokens}
         if len(sums) > 4:  # the emulator alone
-            metrics |= {"emulator_eval_loss": sums[4] / sums[5], "emulator_eval_accuracy": sums[6] / sums[7]}
+            metrics |= {"emulator_eval_loss": sums[4] / sums[5], "emulator_eval_accuracy": sums[6] / sums[5]}
         return metrics
