@@ -56,6 +56,13 @@ def test_layout_adapters_default_keep_and_groups():
     assert layouts.most_important({1: 0.5, 2: 0.5, 3: 0.1}, (1, 2, 3), 1) == (1,)  # ties: the lower block
 
 
+def test_every_kind_has_its_builder():
+    from raysim.offsite.build import _Owner
+
+    assert set(layouts.KINDS) == {"uniform", "distilled", "importance", "harmonizer"}
+    assert all(callable(getattr(_Owner, kind, None)) for kind in layouts.KINDS)
+
+
 # -- the modules -------------------------------------------------------------------------------------------------
 
 def test_harmonizer_shapes_and_zero_start():

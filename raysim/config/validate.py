@@ -106,8 +106,7 @@ def _validate_model(cfg: ExperimentConfig, c) -> None:
 def _validate_emulators(cfg: ExperimentConfig, c) -> None:
     """Each named emulator's keys; its blocks against ``model.n_layer`` (with ``model.path``, against the folder's
     blocks when the run builds it)."""
-    from raysim.offsite.build import KINDS
-    from raysim.offsite.layout import layout
+    from raysim.offsite.layout import KINDS, layout
 
     for name, e in cfg.emulators.items():
         key = f"emulators.{name}"

@@ -40,7 +40,6 @@ from raysim.models.build import BaseModel, instantiate
 from raysim.models.pretrain import hashed, lr_at
 from raysim.offsite import layout as layouts
 from raysim.offsite.emulator import Emulator, Harmonizer, Skip, attention_projections, install, low_rank, svd_rank
-from raysim.registry import Registry
 
 # Bump whenever a change to this module changes what an emulator is (its training, its scores, its choice).
 RECIPE_VERSION = 1
@@ -109,8 +108,11 @@ class _Owner:
         if self.spec.kind != "uniform":
             print(f"raysim: building the {self.spec.kind} emulator {self.name!r} on {len(self.public):,} public "
                   f"sequences (cached)", file=sys.stderr)
-        emulator = KINDS[self.spec.kind](self)
+        emulator = getattr(self, self.spec.kind)()  # every name of layouts.KINDS is a method here
         return self.compressed(emulator) if self.spec.svd_fraction is not None else emulator
+
+    def uniform(self) -> Emulator:
+        return self.emulator(kept=layouts.uniform(self.lay))
 
     def importance(self) -> Emulator:
         """The ``keep`` middle blocks whose removal raises the public loss most."""
@@ -155,7 +157,7 @@ class _Owner:
         params = dict(student.named_parameters())
         return dataclasses.replace(emulator, state={n: params[n].detach().clone() for n in names})
 
-    def harmonized(self) -> Emulator:
+    def harmonizer(self) -> Emulator:
         """ScaleOT's LayerReplace (see the module's docstring): harmonizers fitted per block, scored, chosen per
         group, then trained together."""
         lay, spec = self.lay, self.spec
@@ -251,13 +253,6 @@ class _Owner:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-
-
-KINDS: Registry[Callable[[_Owner], Emulator]] = Registry("emulator kind")  # emulators.<name>.kind names one
-KINDS.register("uniform")(lambda owner: owner.emulator(kept=layouts.uniform(owner.lay)))
-KINDS.register("distilled")(_Owner.distilled)
-KINDS.register("importance")(_Owner.importance)
-KINDS.register("harmonizer")(_Owner.harmonized)
 
 
 def kd(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raysim.registry import Registry
+
+# emulators.<name>.kind names one; each is built by the method of that name of raysim.offsite.build's owner
+KINDS: Registry[str] = Registry("emulator kind")
+KINDS.register("uniform")("keep evenly spaced middle blocks (Offsite-Tuning's baseline)")
+KINDS.register("distilled")("uniform, then its kept blocks trained to the full model's middle output")
+KINDS.register("importance")("keep the middle blocks whose removal raises the public loss most")
+KINDS.register("harmonizer")("ScaleOT's LayerReplace: the other middle blocks become trained residual MLPs")
+
 
 @dataclass(frozen=True)
 class Layout:
