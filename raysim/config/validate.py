@@ -49,8 +49,8 @@ def validate(cfg: ExperimentConfig, *, source: str = "config") -> None:
     c = lambda ok, key, msg: _check(ok, key, msg, source=source)  # noqa: E731
     if (bad := non_finite(cfg)) is not None:
         c(False, bad[0], f"must be finite (got {bad[1]})")
-    for section in (_validate_run, _validate_model, _validate_data, _validate_methods, _validate_aggregation,
-                    _validate_private, _validate_eval, _validate_ray):
+    for section in (_validate_run, _validate_model, _validate_emulators, _validate_data, _validate_methods,
+                    _validate_aggregation, _validate_private, _validate_eval, _validate_ray):
         section(cfg, c)
 
 
@@ -100,7 +100,6 @@ def _validate_model(cfg: ExperimentConfig, c) -> None:
     c(m.rope_theta > 0, "model.rope_theta", "must be > 0")
     c(m.vocab_size >= 8, "model.vocab_size", "must be >= 8")
     c(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-    _validate_emulators(cfg, c)
 
 
 def _validate_emulators(cfg: ExperimentConfig, c) -> None:
@@ -111,9 +110,8 @@ def _validate_emulators(cfg: ExperimentConfig, c) -> None:
     for name, e in cfg.emulators.items():
         key = f"emulators.{name}"
         c(e.kind in KINDS, f"{key}.kind", f"must be {KINDS.choices()}")
-        if cfg.model.path is None:
-            _, bad = layout(e, cfg.model.n_layer)
-            c(bad is None, f"{key}.{bad[0] if bad else ''}", bad[1] if bad else "")
+        if cfg.model.path is None and (bad := layout(e, cfg.model.n_layer)[1]) is not None:
+            c(False, f"{key}.{bad[0]}", bad[1])
         c(e.harmonizer_rank >= 1, f"{key}.harmonizer_rank", "must be >= 1")
         c(e.svd_fraction is None or 0.0 < e.svd_fraction <= 1.0, f"{key}.svd_fraction", "must be in (0, 1] or null")
         c(e.steps >= 1, f"{key}.steps", "must be >= 1")

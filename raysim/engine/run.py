@@ -304,9 +304,9 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
     dataset = build_dataset(cfg, caches=caches)
     base = initial_base_model(cfg.model, seed=cfg.seed)
     check_compatible(cfg, base)
-    base = pretrain(base, dataset.public_examples(), cfg.pretrain, seed=base_seed(cfg.model, seed=cfg.seed),
-                    progress=cfg.progress)
-    base = build_emulators(cfg, base, dataset.public_examples(), seed=base_seed(cfg.model, seed=cfg.seed))
+    public, owner_seed = dataset.public_examples(), base_seed(cfg.model, seed=cfg.seed)
+    base = pretrain(base, public, cfg.pretrain, seed=owner_seed, progress=cfg.progress)
+    base = build_emulators(cfg, base, public, seed=owner_seed)  # offsite-tuning: the owner's emulators
     where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard).description
     processors: list[UpdateProcessor] = []
     if privacy:

@@ -31,7 +31,7 @@ from raysim.methods.width import Slices
 from raysim.models import classifier
 from raysim.models.architectures import ARCHITECTURES, Architecture, Sizes, check_targets, features, lora_targets
 from raysim.models.build import BaseModel, instantiate
-from raysim.offsite.layout import Layout, layout
+from raysim.offsite.layout import Layout, checked
 from raysim.split import mechanisms
 from raysim.types import DeviceConfig
 
@@ -100,7 +100,8 @@ class Space:
                    projection_targets=tuple(projections),
                    classes=len(cfg.data.labels) if cfg.data.task == "classification" else 0,
                    sets=sets, cut=cfg.methods.split[0] if sets > 1 else None,
-                   emulators=tuple((name, _layout(cfg, name, sizes)) for name in emulators.listed(cfg.methods)))
+                   emulators=tuple((name, checked(cfg.emulators[name], sizes.n_layer, name=name))
+                                  for name in emulators.listed(cfg.methods)))
 
     def emulator_layout(self, name: str) -> Layout:
         """The blocks emulator ``name`` keeps as adapters and compresses."""
@@ -237,14 +238,6 @@ class Space:
         if self.arch.transposed:
             return width.extract(w, rows=in_idx, cols=out_idx)
         return width.extract(w, rows=out_idx, cols=in_idx)
-
-
-def _layout(cfg: ExperimentConfig, name: str, sizes: Sizes) -> Layout:
-    """Emulator ``name``'s layout on the run's model (a spec the model's sizes refuse: one ConfigError)."""
-    lay, bad = layout(cfg.emulators[name], sizes.n_layer)
-    if bad is not None:
-        raise ConfigError(bad[1], field=f"emulators.{name}.{bad[0]}")
-    return lay
 
 
 @dataclass

@@ -23,6 +23,7 @@ Nothing here reads a user's text: its only data is the public split. Built emula
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -34,8 +35,8 @@ from tqdm.auto import tqdm
 
 from raysim import rng
 from raysim.config import EmulatorConfig, ExperimentConfig
-from raysim.errors import ConfigError
 from raysim.io.results import atomic_write
+from raysim.methods.emulator import listed
 from raysim.models.build import BaseModel, instantiate
 from raysim.models.pretrain import hashed, lr_at
 from raysim.offsite import layout as layouts
@@ -47,7 +48,7 @@ RECIPE_VERSION = 1
 
 def build_emulators(cfg: ExperimentConfig, base: BaseModel, public: torch.Tensor, *, seed: int) -> BaseModel:
     """``base`` with the emulators ``methods.emulator`` names (built, or loaded from the cache)."""
-    names = [n for n in dict.fromkeys(cfg.methods.emulator) if n is not None]
+    names = listed(cfg.methods)
     if not names:
         return base
     built = {n: build(n, cfg.emulators[n], base, public, cache_dir=cfg.pretrain.cache_dir, seed=seed,
@@ -64,9 +65,7 @@ def cache_key(base: BaseModel, public: torch.Tensor, spec: EmulatorConfig, *, se
 def build(name: str, spec: EmulatorConfig, base: BaseModel, public: torch.Tensor, *, cache_dir: str, seed: int,
           progress: bool) -> Emulator:
     """The emulator ``spec`` describes on ``base`` (a bad spec for the model's sizes: one ConfigError)."""
-    lay, bad = layouts.layout(spec, base.sizes.n_layer)
-    if bad is not None:
-        raise ConfigError(bad[1], field=f"emulators.{name}.{bad[0]}")
+    lay = layouts.checked(spec, base.sizes.n_layer, name=name)
     key = cache_key(base, public, spec, seed=seed)
     path = Path(cache_dir).expanduser() / "emulators" / f"{key}.pt"
     if path.is_file():
@@ -101,8 +100,12 @@ class _Owner:
         self.base, self.public, self.spec, self.lay, self.seed = base, public, spec, lay, seed
         self.progress, self.name = progress, name
         self.arch = base.architecture
-        self.teacher = instantiate(base).eval().requires_grad_(False)
         self.scoring = public[:spec.score_sequences]
+
+    @functools.cached_property
+    def teacher(self) -> nn.Module:
+        """The full model, frozen (built on first use: a uniform emulator needs none)."""
+        return instantiate(self.base).eval().requires_grad_(False)
 
     def make(self) -> Emulator:
         if self.spec.kind != "uniform":

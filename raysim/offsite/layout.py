@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raysim.errors import ConfigError
 from raysim.registry import Registry
 
 # emulators.<name>.kind names one; each is built by the method of that name of raysim.offsite.build's owner
@@ -53,6 +54,14 @@ def layout(spec, n_layer: int) -> tuple[Layout | None, tuple[str, str] | None]:
     if not 1 <= keep <= middle:
         return None, ("keep", f"must be in [1, {middle}] (the middle blocks bottom and top leave of {n_layer})")
     return Layout(n_layer=n_layer, bottom=spec.bottom, top=spec.top, keep=keep), None
+
+
+def checked(spec, n_layer: int, *, name: str) -> Layout:
+    """:func:`layout`, or one ConfigError naming ``emulators.<name>.<key>``."""
+    lay, bad = layout(spec, n_layer)
+    if bad is not None:
+        raise ConfigError(bad[1], field=f"emulators.{name}.{bad[0]}")
+    return lay
 
 
 def uniform(lay: Layout) -> tuple[int, ...]:
