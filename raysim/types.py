@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from raysim.methods import DeviceConfig  # noqa: F401  (one field per per-device method: raysim.methods.base)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What each device of a cohort may spend on one round, as its profile states it (``budgets:`` in a device
+    class or population file): one array per budget, ``inf`` where none is stated.
+
+    A budget is stated absolutely (``*_bytes``, ``compute_s``) or as a fraction of what full fine-tuning of the
+    experiment's model costs that device (``*_fraction``; Pfeiffer et al. state memory so); a device must keep
+    within all of them (:func:`raysim.emulation.costmodel.within_budgets`).
+    """
+
+    memory_bytes: np.ndarray  # peak training memory the app may take
+    memory_fraction: np.ndarray
+    compute_s: np.ndarray  # seconds of local training per round
+    compute_fraction: np.ndarray
+    upload_bytes: np.ndarray  # bytes sent up per round (the update, and a split device's activations)
+    upload_fraction: np.ndarray
+
+    def select(self, index: np.ndarray) -> Budgets:
+        return Budgets(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    @property
+    def fractions(self) -> bool:
+        """Whether any device states a budget as a fraction of full fine-tuning."""
+        return bool(np.isfinite(self.memory_fraction).any() or np.isfinite(self.compute_fraction).any()
+                    or np.isfinite(self.upload_fraction).any())
 
 
 @dataclass(frozen=True)
@@ -22,9 +49,15 @@ class DeviceDraws:
     downlink_bps: np.ndarray
     rtt_s: np.ndarray
     dropout_prob: np.ndarray
+    budgets: Budgets | None = None  # None: no device of the population states a budget
 
     def __len__(self) -> int:
         return len(self.device_id)
+
+    def select(self, index: np.ndarray) -> DeviceDraws:
+        """The draws of the devices at ``index`` (a mask or positions)."""
+        arrays = {f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "budgets"}
+        return DeviceDraws(**arrays, budgets=None if self.budgets is None else self.budgets.select(index))
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,16 @@ def _format_class(cls: DeviceClass) -> str:
         value = getattr(cls, field)
         lines.append(f"  {field:<14} {value.describe()}")
         lines.append(f"  {'':<14} [{value.tag}] {value.source}")
-    return "\n".join(lines)
+    return "\n".join([*lines, *_format_budgets("", cls.budgets)])
+
+
+def _format_budgets(scope: str, budgets: dict) -> list[str]:
+    """One line per stated budget (``scope``: a population's ``all`` or class name; empty for a class's own)."""
+    lines = []
+    for key, value in budgets.items():
+        name = f"budgets.{scope}.{key}" if scope else f"budgets.{key}"
+        lines += [f"  {name} {value.describe()}", f"    [{value.tag}] {value.source}"]
+    return lines
 
 
 def _format_population(population: Population) -> str:
@@ -39,6 +48,8 @@ def _format_population(population: Population) -> str:
     for cls, share in zip(population.classes, population.shares):
         medians = "".join(f"  {getattr(cls, field).median:>13g}" for field in FIELDS)
         lines.append(f"  {cls.name:<{width}}  {share:>6.3f}{medians}")
+    for scope, budgets in population.budgets.items():
+        lines += _format_budgets(scope, budgets)
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from raysim.emulation.profiles.availability import AVAILABILITY, Availability
 from raysim.emulation.profiles.distributions import DISTRIBUTIONS, HOUR, PROBABILITY, Bound, Distribution
-from raysim.emulation.profiles.population import FIELDS, DeviceClass, Population
+from raysim.emulation.profiles.population import ALL, BUDGETS, FIELDS, DeviceClass, Population
 from raysim.errors import ConfigError
 from raysim.io import shipped
 
@@ -40,10 +40,10 @@ class Node:
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(message, file=self.file, field=f"{self.field}.{key}" if self.field else key)
 
-    def expect_keys(self, keys: tuple[str, ...]) -> None:
+    def expect_keys(self, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
         for key in self.data:
-            if key not in keys:
-                raise self.error(str(key), f"unknown key (expected one of: {', '.join(keys)})")
+            if key not in keys and key not in optional:
+                raise self.error(str(key), f"unknown key (expected one of: {', '.join((*keys, *optional))})")
         for key in keys:
             if key not in self.data:
                 raise self.error(key, "missing field")
@@ -121,11 +121,19 @@ def _availability(node: Node) -> Availability:
     return kind.read(node, _provenance(node))
 
 
+def _budgets(node: Node) -> dict[str, Distribution]:
+    """A ``budgets:`` mapping: each key of BUDGETS optional, each a distribution with its bound."""
+    if not node.data:
+        raise ConfigError(f"needs at least one of: {', '.join(BUDGETS)}", file=node.file, field=node.field)
+    node.expect_keys((), optional=tuple(BUDGETS))
+    return {key: _distribution(node.node(key), BUDGETS[key][2]) for key in node.data}
+
+
 def _header(node: Node, path: Path, kind: str, keys: tuple[str, ...]) -> str:
-    """Check kind and keys of a profile file; return its name (which must match the file)."""
+    """Check kind and keys of a profile file (``budgets`` optional); return its name (which must match the file)."""
     if node.text("kind") != kind:
         raise node.error("kind", f"expected '{kind}', got '{node.data['kind']}'")
-    node.expect_keys(("kind", "name", "description", *keys))
+    node.expect_keys(("kind", "name", "description", *keys), optional=("budgets",))
     name = node.text("name")
     if name != path.stem:
         raise node.error("name", f"'{name}' does not match the file name '{path.name}'")
@@ -135,8 +143,9 @@ def _header(node: Node, path: Path, kind: str, keys: tuple[str, ...]) -> str:
 def _parse_class(node: Node, path: Path) -> DeviceClass:
     name = _header(node, path, "device_class", (*FIELDS, "availability"))
     fields = {field: _distribution(node.node(field), bound) for field, (_, _, bound) in FIELDS.items()}
+    budgets = _budgets(node.node("budgets")) if "budgets" in node.data else {}
     return DeviceClass(name=name, description=node.text("description"), **fields,
-                       availability=_availability(node.node("availability")), file=path)
+                       availability=_availability(node.node("availability")), file=path, budgets=budgets)
 
 
 def _parse_population(node: Node, path: Path) -> Population:
@@ -157,9 +166,14 @@ def _parse_population(node: Node, path: Path) -> Population:
         if found is None:
             raise node.error(f"classes.{cls}", f"unknown device class '{cls}' (known: {known('device_class')})")
         classes.append(load_class(found))
+    budgets = {}
+    if "budgets" in node.data:  # per scope: every device (``all``) or one of the population's classes
+        scopes = node.node("budgets")
+        scopes.expect_keys((), optional=(ALL, *shares))
+        budgets = {str(scope): _budgets(scopes.node(scope)) for scope in scopes.data}
     return Population(name=name, description=node.text("description"), size=size,
                       clock_start_h=node.number("clock_start_h", HOUR), classes=tuple(classes),
-                      shares=tuple(shares.values()), file=path)
+                      shares=tuple(shares.values()), file=path, budgets=budgets)
 
 
 def find(name: str, sub: str, roots: tuple[Path, ...]) -> Path | None:
