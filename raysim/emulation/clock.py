@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 OK, OOM, DROPPED, STRAGGLER, UNAVAILABLE = "ok", "oom", "dropped", "straggler", "unavailable"
+OVER_BUDGET = "over_budget"  # declined before downloading anything: its config exceeds a budget the device states
 
 
 @dataclass(frozen=True)
@@ -30,18 +31,23 @@ def settle_round(
     dropped: np.ndarray,
     target: int,
     deadline_s: float | None,
+    within: np.ndarray | None = None,
 ) -> RoundOutcome:
     """Statuses and round duration for one round.
 
-    Devices that are available, fit in memory and do not drop out arrive at
+    ``within``: whether each device's config keeps within its budgets (None: no device states one); an
+    available device whose config does not is ``over_budget``: it takes no part. Devices that are available,
+    within their budgets, fit in memory and do not drop out arrive at
     ``finish_s``; the first ``target`` arrivals (ties by position, i.e. device
     order) within the deadline are aggregated. The round closes at the
     ``target``-th arrival, else at the deadline, else at the last arrival.
     """
     status = np.full(len(finish_s), OK, dtype=object)
     status[~available] = UNAVAILABLE
-    status[available & ~fits] = OOM
-    status[available & fits & dropped] = DROPPED
+    takes_part = available if within is None else available & within
+    status[available & ~takes_part] = OVER_BUDGET
+    status[takes_part & ~fits] = OOM
+    status[takes_part & fits & dropped] = DROPPED
     arrives = status == OK
     accepted, duration = settle_rounds(finish_s=finish_s[None], arrives=arrives[None], target=target,
                                        deadline_s=deadline_s)

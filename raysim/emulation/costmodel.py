@@ -269,6 +269,39 @@ def device_costs(draws: DeviceDraws, measurements: list[Measurement], *, local_s
     )
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Per device, what one round may take by the budgets it states (``inf``: no limit): its profile's absolute
+    budgets, and those stated as a fraction of full fine-tuning resolved against what full fine-tuning costs it."""
+
+    memory_bytes: np.ndarray
+    compute_s: np.ndarray
+    upload_bytes: np.ndarray
+
+    def allow(self, costs: DeviceCosts) -> np.ndarray:
+        """Whether each device's round keeps within its limits: peak memory, compute time and bytes sent up (the
+        update and, for a split device, its activations)."""
+        return ((costs.peak_memory_bytes <= self.memory_bytes) & (costs.compute_s <= self.compute_s)
+                & (costs.bytes_up + costs.wire_bytes_up <= self.upload_bytes))
+
+
+def budget_limits(draws: DeviceDraws, full: Callable[[], Measurement], *, local_steps: int) -> Limits | None:
+    """The limits ``draws``' budgets set (None: no device states a budget).
+
+    ``full()``: the measurement of full fine-tuning, asked for only when some budget is a fraction of it.
+    """
+    b = draws.budgets
+    if b is None:
+        return None
+    memory, compute, upload = b.memory_bytes, b.compute_s, b.upload_bytes
+    if b.fractions:
+        whole = device_costs(draws, [full()] * len(draws), local_steps=local_steps)
+        memory = np.minimum(memory, b.memory_fraction * whole.peak_memory_bytes)
+        compute = np.minimum(compute, b.compute_fraction * whole.compute_s)
+        upload = np.minimum(upload, b.upload_fraction * (whole.bytes_up + whole.wire_bytes_up))
+    return Limits(memory_bytes=memory, compute_s=compute, upload_bytes=upload)
+
+
 @dataclass
 class Downloads:
     """Which devices hold which one-time download (an emulator, by name): a device pays ``setup_bytes_down`` at its

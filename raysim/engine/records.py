@@ -14,8 +14,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from raysim.config import ExperimentConfig
-from raysim.emulation.clock import DROPPED, OK, OOM, STRAGGLER, UNAVAILABLE, RoundOutcome
-from raysim.emulation.costmodel import DeviceCosts
+from raysim.emulation.clock import DROPPED, OK, OOM, OVER_BUDGET, STRAGGLER, UNAVAILABLE, RoundOutcome
+from raysim.emulation.costmodel import DeviceCosts, Limits
 from raysim.io.results import ROW_FIELDS, RoundRow
 from raysim.methods import base as methods
 from raysim.privacy import local
@@ -50,15 +50,16 @@ class DeviceRecords:
 
 def device_columns(rnd: int, draws: DeviceDraws, configs: list[DeviceConfig], costs: DeviceCosts,
                    status: np.ndarray, trained: np.ndarray, records: DeviceRecords,
-                   cfg: ExperimentConfig) -> dict[str, np.ndarray]:
+                   cfg: ExperimentConfig, limits: Limits | None = None) -> dict[str, np.ndarray]:
     """One row per selected device; traffic and compute only where they happened.
 
-    Available devices download the state; OOM devices stop before computing;
-    only aggregated devices' uploads are accepted (the round is closed to
-    stragglers; dropped devices never finish).
+    Available devices download the state unless their config is over their budgets; OOM devices stop before
+    computing; only aggregated devices' uploads are accepted (the round is closed to stragglers; dropped
+    devices never finish).
     """
     n = len(status)
-    reached = status != UNAVAILABLE
+    reached = (status != UNAVAILABLE) & (status != OVER_BUDGET)
+    unlimited = np.full(n, math.inf)
     computed = reached & (status != OOM)
     ok = status == OK
 
@@ -91,6 +92,9 @@ def device_columns(rnd: int, draws: DeviceDraws, configs: list[DeviceConfig], co
         "setup_bytes_down": np.where(reached, costs.setup_bytes_down, 0),
         "peak_memory_bytes": costs.peak_memory_bytes,
         "memory_bytes": draws.memory_bytes.astype(np.int64),
+        "memory_budget_bytes": unlimited if limits is None else limits.memory_bytes,
+        "compute_budget_s": unlimited if limits is None else limits.compute_s,
+        "upload_budget_bytes": unlimited if limits is None else limits.upload_bytes,
         "num_examples": per_device(records.num_examples, 0, np.int64).astype(np.int32),
         "train_loss": per_device(records.train_loss, math.nan, np.float64),
         "update_norm": per_device(records.update_norm, math.nan, np.float64),
@@ -102,7 +106,7 @@ def device_columns(rnd: int, draws: DeviceDraws, configs: list[DeviceConfig], co
 def round_row(rnd: int, *, sim_time_s: float, outcome: RoundOutcome, devices: dict[str, np.ndarray],
               costs: DeviceCosts, records: DeviceRecords, stats: dict) -> RoundRow:
     """The round's row: its clock, its devices' totals and the aggregator's stats (evaluation comes later)."""
-    n = {s: int((outcome.status == s).sum()) for s in (OK, OOM, DROPPED, STRAGGLER, UNAVAILABLE)}
+    n = {s: int((outcome.status == s).sum()) for s in (OK, OOM, DROPPED, STRAGGLER, UNAVAILABLE, OVER_BUDGET)}
     examples = records.num_examples
     return RoundRow(
         round=rnd,
@@ -119,6 +123,7 @@ def round_row(rnd: int, *, sim_time_s: float, outcome: RoundOutcome, devices: di
         n_oom=n[OOM],
         n_stragglers=n[STRAGGLER],
         n_unavailable=n[UNAVAILABLE],
+        n_over_budget=n[OVER_BUDGET],
         mean_device_flops=float(costs.flops[devices["compute_s"] > 0].mean()) if n[OK] else math.nan,
         mean_peak_memory_bytes=float(costs.peak_memory_bytes.mean()) if len(outcome.status) else math.nan,
         **{k: v for k, v in stats.items() if k in ROW_FIELDS},  # update norm, truncation, the processors' (DP)

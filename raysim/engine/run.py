@@ -38,7 +38,7 @@ from raysim.data.base import FederatedDataset
 from raysim.data.build import build_dataset
 from raysim.emulation.clock import OK, settle_round
 from raysim.emulation.cohort import sample_cohort
-from raysim.emulation.costmodel import Downloads, device_costs
+from raysim.emulation.costmodel import Downloads, budget_limits, device_costs
 from raysim.emulation.profiles import Population, load_population
 from raysim.engine import callbacks as cb
 from raysim.engine.aggregator import Aggregator, NonFiniteUpdate
@@ -51,7 +51,7 @@ from raysim.io import paths
 from raysim.io.caches import Caches
 from raysim.io.results import COMPLETE, RoundResult, RunIdentity, RunWriter, atomic_write
 from raysim.io.rundir import claim, resumable
-from raysim.methods import METHODS, embeddings, method_space
+from raysim.methods import METHODS, embeddings, full_config, method_space
 from raysim.methods.coordinates import Space, Support
 from raysim.methods.rank import truncation_rank
 from raysim.methods.split import any_split
@@ -114,9 +114,11 @@ def run_round(run: Run, rnd: int) -> RoundResult:
     setup = run.downloads.first(draws.device_id, [c.emulator for c in configs])  # emulators, once per device
     costs = device_costs(draws, [run.pool.measure(c) for c in configs], local_steps=cfg.train.local_steps,
                          server_flops_per_s=cfg.server.train_gflops * 1e9, setup=setup)
+    limits = budget_limits(draws, lambda: run.pool.measure(full_config()), local_steps=cfg.train.local_steps)
     dropped = rng.uniform(cfg.seed, "dropout", rnd, ids=cohort.device_id) < draws.dropout_prob
     outcome = settle_round(finish_s=costs.total_s, available=cohort.available, fits=costs.fits(draws),
-                           dropped=dropped, target=cohort.target, deadline_s=cfg.cohort.deadline_s)
+                           dropped=dropped, target=cohort.target, deadline_s=cfg.cohort.deadline_s,
+                           within=None if limits is None else limits.allow(costs))
     trained = np.flatnonzero(outcome.status == OK)
     records, partials = run.pool.train(run.state_ref, round=rnd, device_ids=cohort.device_id[trained],
                                        configs=[configs[i] for i in trained], flops=costs.flops[trained],
@@ -125,7 +127,7 @@ def run_round(run: Run, rnd: int) -> RoundResult:
     stats = ray.get(stats_ref)
     if "non_finite" in stats:
         raise NonFiniteUpdate(f"{stats['non_finite']}; the run stops with the state of round {rnd - 1}")
-    devices = device_columns(rnd, draws, configs, costs, outcome.status, trained, records, cfg)
+    devices = device_columns(rnd, draws, configs, costs, outcome.status, trained, records, cfg, limits)
     if any_split(cfg.methods):  # what the server saw at the split devices' cuts
         stats = {**stats, **leakage.round_columns(list(records.by_device_id().crossing),
                                                   classes=len(cfg.data.labels), seed=cfg.seed, round=rnd)}

@@ -62,6 +62,7 @@ class RoundRow:
     n_oom: int = _column(pa.int32())
     n_stragglers: int = _column(pa.int32())
     n_unavailable: int = _column(pa.int32())
+    n_over_budget: int = _column(pa.int32(), 0, doc="available devices whose config exceeds a budget they state")
     update_norm: float = _column(pa.float64())
     clip_norm: float = _column(pa.float64(), math.nan, doc="DP-FedAvg's clip norm this round (NaN without central DP)")
     noise_std: float = _column(pa.float64(), 0.0, doc="std of the noise on the sum of clipped updates (z * C)")
@@ -129,6 +130,10 @@ DEVICES_SCHEMA = pa.schema([
     ("setup_bytes_down", pa.int64()),  # a one-time download before training (an emulator, at the first round with it)
     ("peak_memory_bytes", pa.int64()),
     ("memory_bytes", pa.int64()),
+    # the limits the device's budgets set on this round (inf: none; a fraction resolved against full fine-tuning)
+    ("memory_budget_bytes", pa.float64()),
+    ("compute_budget_s", pa.float64()),
+    ("upload_budget_bytes", pa.float64()),
     ("num_examples", pa.int32()),
     ("train_loss", pa.float64()),
     ("update_norm", pa.float64()),  # L2 norm of the decoded update before any clipping

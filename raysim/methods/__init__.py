@@ -20,6 +20,6 @@ for _module in REGISTERED:
 
 DeviceConfig = device_config_class()
 
-from raysim.methods.space import default_config, method_space  # noqa: E402  (needs DeviceConfig)
+from raysim.methods.space import default_config, full_config, method_space  # noqa: E402  (needs DeviceConfig)
 
-__all__ = ["METHODS", "DeviceConfig", "Method", "default_config", "method_space"]
+__all__ = ["METHODS", "DeviceConfig", "Method", "default_config", "full_config", "method_space"]

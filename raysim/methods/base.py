@@ -45,6 +45,10 @@ class Method:
     # policy checkpoints were trained on this order: a new method's feature goes after the existing ones
     feature_slot: int | None = None
 
+    def full(self) -> Any:
+        """The value full fine-tuning takes (device budgets stated as a fraction are fractions of its costs)."""
+        return self.default
+
     def check(self, value: Any, cfg: ExperimentConfig) -> str | None:
         """What is wrong with one listed value in this experiment (None: nothing): the message of the one-line
         error naming ``methods.<key>[i]``."""

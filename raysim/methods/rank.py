@@ -34,6 +34,9 @@ class LoraRank(Method):
     dtype = pa.int32()
     feature_slot = 1
 
+    def full(self) -> int:
+        return 0  # full fine-tuning trains the targeted weights themselves
+
     def check(self, value: int, cfg: ExperimentConfig) -> str | None:
         width = cfg.model.n_embd
         return None if 0 <= value <= width else f"rank {value} must be in [0, layer width {width}]"

@@ -21,6 +21,12 @@ def method_space(methods: MethodsConfig) -> list[DeviceConfig]:
     return list(dict.fromkeys(configs))
 
 
+def full_config() -> DeviceConfig:
+    """Full fine-tuning: every method at the value that trains the whole model (device budgets stated as a
+    fraction are fractions of its costs), whatever the method space holds."""
+    return canonical(device_config_class()(**{key: m.full() for key, m in METHODS.items()}))
+
+
 def default_config(methods: MethodsConfig) -> DeviceConfig:
     """The first value of every axis."""
     return canonical(device_config_class()(**{key: getattr(methods, key)[0] for key in METHODS}))

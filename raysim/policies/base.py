@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from raysim.config import MethodsConfig
-from raysim.emulation.costmodel import Measurement, device_costs
+from raysim.emulation.costmodel import Limits, Measurement, budget_limits, device_costs
 from raysim.io.checkpoint import State
+from raysim.methods import full_config
 from raysim.registry import Registry
 from raysim.types import DeviceConfig, DeviceDraws, RoundState
 
@@ -28,7 +29,7 @@ class Prices:
     peak_memory_bytes: np.ndarray
     bytes_up: np.ndarray
     bytes_down: np.ndarray
-    fits: np.ndarray  # peak memory within the device's memory
+    fits: np.ndarray  # the device takes it: peak memory within its memory, and within every budget it states
     feasible: np.ndarray  # fits and finishes by the deadline
 
     def fallback(self) -> np.ndarray:
@@ -51,12 +52,19 @@ class CostOracle:
     deadline_s: float | None
     server_flops_per_s: float = math.inf  # split devices' server (server.train_gflops)
 
+    def limits(self, devices: DeviceDraws) -> Limits | None:
+        """What the devices' budgets allow a round (None: no device states a budget)."""
+        return budget_limits(devices, lambda: self.measure(full_config()), local_steps=self.local_steps)
+
     def price(self, devices: DeviceDraws, configs: list[DeviceConfig]) -> Prices:
-        """Predicted time, memory and bytes of each device under each config; feasibility by memory and deadline."""
+        """Predicted time, memory and bytes of each device under each config; feasibility by memory, budgets and
+        deadline."""
         columns = [device_costs(devices, [self.measure(c)] * len(devices), local_steps=self.local_steps,
                                 server_flops_per_s=self.server_flops_per_s) for c in configs]
+        limits = self.limits(devices)
         total = np.stack([c.total_s for c in columns], axis=1)
-        fits = np.stack([c.fits(devices) for c in columns], axis=1)
+        fits = np.stack([c.fits(devices) if limits is None else c.fits(devices) & limits.allow(c) for c in columns],
+                        axis=1)
         in_time = np.ones_like(fits) if self.deadline_s is None else total <= self.deadline_s
         return Prices(
             total_s=total,

@@ -22,7 +22,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from raysim.errors import ConfigError
-from raysim.io.results import COMPLETE, ROUNDS_SCHEMA, atomic_write, read_parts
+from raysim.io.results import COMPLETE, DEVICES_SCHEMA, ROUNDS_SCHEMA, atomic_write, read_parts
 
 METRIC = "eval_accuracy"
 REPORT = "report.md"
@@ -40,6 +40,7 @@ TABLE = (  # column, header, scale, digits
     ("bytes_total", "bytes (MB)", 1e-6, 1),
     ("epsilon", "ε", 1.0, 2),
     ("oom_rate", "oom rate", 1.0, 3),
+    ("over_budget_rate", "over budget rate", 1.0, 3),
     ("dropout_rate", "dropout rate", 1.0, 3),
     ("straggler_rate", "straggler rate", 1.0, 3),
 )
@@ -82,6 +83,8 @@ def run_metrics(run_dir: Path, *, target: float | None = None) -> dict:
     c = curve(summary, rounds)
     reached = np.flatnonzero(c[METRIC] >= target) if target is not None else np.empty(0, dtype=np.int64)
     selected = max(1, int(rounds["n_selected"].sum()))
+    available = int(rounds["n_selected"].sum() - rounds["n_unavailable"].sum())
+    took_part = available - int(rounds["n_over_budget"].sum() + rounds["n_oom"].sum())
     last = lambda key: float(c[key][-1]) if len(c[key]) else math.nan  # noqa: E731
     epsilon = [e for e in rounds["epsilon"] if e is not None]
     return {
@@ -99,10 +102,23 @@ def run_metrics(run_dir: Path, *, target: float | None = None) -> dict:
         "bytes_to_target": float(c["bytes_total"][reached[0]]) if len(reached) else math.nan,
         "epsilon": float(epsilon[-1]) if epsilon else math.inf,
         "oom_rate": int(rounds["n_oom"].sum()) / selected,
+        "over_budget_rate": int(rounds["n_over_budget"].sum()) / selected,
+        "took_part_rate": took_part / max(1, available),  # of the available devices selected
         "dropout_rate": int(rounds["n_dropped"].sum()) / selected,
         "straggler_rate": int(rounds["n_stragglers"].sum()) / selected,
         "wall_time_s": float(summary["wall_time_s"]),
+        **aggregated_means(run_dir),
     }
+
+
+def aggregated_means(run_dir: Path) -> dict[str, float]:
+    """Per device whose update was aggregated, its mean peak training memory, training FLOPs and bytes sent up."""
+    columns = ("status", "peak_memory_bytes", "flops", "bytes_up")
+    devices = read_parts(run_dir / "devices.parquet", DEVICES_SCHEMA).select(columns).to_pydict()
+    ok = np.asarray(devices["status"], dtype=object) == "ok"
+    mean = lambda key: float(np.mean(np.asarray(devices[key], dtype=np.float64)[ok])) if ok.any() else math.nan  # noqa: E731
+    return {"device_peak_memory_bytes": mean("peak_memory_bytes"), "device_flops": mean("flops"),
+            "device_bytes_up": mean("bytes_up")}
 
 
 def run_label(config: dict) -> dict:
