@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from raysim.config import load_mapping
 from raysim.errors import ConfigError
 from raysim.io import shipped
-from raysim.policies import rl, static  # noqa: F401  (registers the shipped policies)
+from raysim.policies import budget, rl, static  # noqa: F401  (registers the shipped policies)
 from raysim.policies.base import REGISTRY, CostOracle, Policy, PolicyContext, Prices
 
 __all__ = ["CostOracle", "Policy", "PolicyContext", "PolicySpec", "Prices", "build_policy", "policy_identity",
