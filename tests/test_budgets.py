@@ -72,6 +72,18 @@ def test_a_device_keeps_the_tightest_budget_its_class_and_population_state(tmp_p
     assert np.all(np.isinf(b.compute_fraction))
 
 
+def test_a_device_budget_depends_only_on_the_seed_and_its_id(tmp_path):
+    spread = "{dist: lognormal, median: 2, sigma: 0.6, tag: assumption, source: test}"
+    path = write_profiles(tmp_path, class_budgets=f"budgets:\n  compute_s: {spread}\n",
+                          population_budgets=f"budgets:\n  all: {{upload_mib: {spread}}}\n")
+    population = load_population(path)
+    together = population.draw(np.arange(30), seed=5).budgets
+    for i in (0, 7, 29):
+        alone = population.draw(np.array([i]), seed=5).budgets
+        assert alone.compute_s[0] == together.compute_s[i] and alone.upload_bytes[0] == together.upload_bytes[i]
+    assert len(set(together.upload_bytes)) == 30  # a draw per device, not one for all
+
+
 def test_a_population_without_budgets_draws_none():
     assert load_population("iot-edge").draw(np.arange(5), seed=0).budgets is None
 

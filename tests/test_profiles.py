@@ -70,8 +70,11 @@ def test_shipped_library_has_proposed_classes_and_populations():
 
 
 def _row(draws, i: int) -> tuple:
-    """Device ``i``'s draw, every field."""
-    return tuple(getattr(draws, f.name)[i] for f in dataclasses.fields(draws))
+    """Device ``i``'s draw, every field (and every budget, where the population states any)."""
+    values = [getattr(draws, f.name)[i] for f in dataclasses.fields(draws) if f.name != "budgets"]
+    if draws.budgets is not None:
+        values += [getattr(draws.budgets, f.name)[i] for f in dataclasses.fields(draws.budgets)]
+    return tuple(values)
 
 
 @settings(max_examples=25, deadline=None)
