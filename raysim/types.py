@@ -16,7 +16,7 @@ class Budgets:
 
     A budget is stated absolutely (``*_bytes``, ``compute_s``) or as a fraction of what full fine-tuning of the
     experiment's model costs that device (``*_fraction``; Pfeiffer et al. state memory so); a device must keep
-    within all of them (:func:`raysim.emulation.costmodel.within_budgets`).
+    within all of them (:func:`raysim.emulation.costmodel.budget_limits`).
     """
 
     memory_bytes: np.ndarray  # peak training memory the app may take

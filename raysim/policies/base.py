@@ -113,6 +113,8 @@ REGISTRY: Registry[PolicyFactory] = Registry("policy")  # a policy file's ``poli
 register = REGISTRY.register
 
 
-def update_information(context: PolicyContext) -> np.ndarray:
-    """Per config of the space, the update information a device sends back: measured trainable parameters x bits."""
-    return np.array([context.oracle.measure(c).trainable_params * c.bits for c in context.space], dtype=np.float64)
+def update_information(context: PolicyContext, configs: list[DeviceConfig] | None = None) -> np.ndarray:
+    """Per config (of the space, unless ``configs`` are given), the update information a device sends back:
+    measured trainable parameters x bits."""
+    configs = context.space if configs is None else configs
+    return np.array([context.oracle.measure(c).trainable_params * c.bits for c in configs], dtype=np.float64)

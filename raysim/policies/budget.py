@@ -59,15 +59,14 @@ class BudgetFit(Policy):
 
     def __init__(self, *, context: PolicyContext, family: list[dict] | None = None):
         self.context = context
-        members = family_members(family, context)
-        trainable = np.array([context.oracle.measure(context.space[j]).trainable_params for j in members])
-        information = update_information(context)[members]
-        order = sorted(range(len(members)), key=lambda i: (-trainable[i], -information[i], members[i]))
-        self.members = members[order]  # the family, most capacity first
+        members = [context.space[j] for j in family_members(family, context)]  # measured alone: not the whole space
+        trainable = [context.oracle.measure(c).trainable_params for c in members]
+        information = update_information(context, members)
+        order = sorted(range(len(members)), key=lambda i: (-trainable[i], -information[i], i))
+        self.configs = [members[i] for i in order]  # the family, most capacity first
 
     def assign(self, devices: DeviceDraws, state: RoundState) -> list[DeviceConfig]:
-        configs = [self.context.space[j] for j in self.members]
-        prices = self.context.oracle.price(devices, configs)
+        prices = self.context.oracle.price(devices, self.configs)
         first = np.argmax(prices.feasible, axis=1)  # the first feasible one: the most capacity
         choice = np.where(prices.feasible.any(axis=1), first, prices.fallback())
-        return [configs[i] for i in choice]
+        return [self.configs[i] for i in choice]
