@@ -36,12 +36,12 @@ _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "_
 _MIN_CHARS = 24
 
 
-def _docstrings(tree: ast.AST) -> list[str]:
+def docstrings(tree: ast.AST) -> list[str]:
     kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
     return [d for node in ast.walk(tree) if isinstance(node, kinds) if (d := ast.get_docstring(node))]
 
 
-def _comment_blocks(source: str) -> list[str]:
+def comment_blocks(source: str) -> list[str]:
     """Runs of comment lines on consecutive lines, joined into one text each."""
     blocks, current, last_line = [], [], -2
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -89,11 +89,11 @@ def build() -> pa.Table:
         try:
             source = path.read_text(encoding="utf-8")
             tree = ast.parse(source)
-            comments = _comment_blocks(source)
+            comments = comment_blocks(source)
         except (SyntaxError, UnicodeDecodeError, tokenize.TokenError):
             continue
         user = _module_name(rel)
-        add(user, "docstring", _docstrings(tree))
+        add(user, "docstring", docstrings(tree))
         add(user, "comment", comments)
     return pa.table(rows)
 
