@@ -43,13 +43,14 @@ from raysim.config.schema import (
     TrainConfig,
     split_seed,
 )
+from raysim.config.synth import GeneratorConfig, SourceConfig, SynthConfig
 from raysim.config.validate import non_finite, validate
 
 __all__ = [
     "NOT_RESULTS", "QUICKSTART", "AdaptiveClippingConfig", "AggregationConfig", "CheckpointConfig",
     "CohortConfig", "CostsConfig", "DataConfig", "EmulatorConfig", "EvalConfig", "ExperimentConfig",
     "LocalPrivacyConfig", "MethodOptions", "MethodsConfig", "ModelConfig", "PretrainConfig", "PrivacyConfig",
-    "RayConfig",
+    "RayConfig", "GeneratorConfig", "SourceConfig", "SynthConfig",
     "SpeedupsConfig", "TokenizerConfig", "TrackingConfig", "TrainConfig", "first_difference", "frozen",
     "load_experiment", "load_mapping", "non_finite", "parse_override", "result_config", "result_keys",
     "split_seed", "to_yaml", "validate", "with_defaults",

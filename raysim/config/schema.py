@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+from raysim.config.synth import SourceConfig, SynthConfig
 from raysim.methods import METHODS, Method
 
 
@@ -93,12 +94,15 @@ class DataConfig:
 
 @dataclass
 class PretrainConfig:
-    """Central pre-training on the public split, cached by content hash."""
+    """Central pre-training on public text, cached by content hash."""
 
     steps: int = 0  # 0: start federated rounds from the initial (or loaded) model
     batch_size: int = 32
     lr: float = 3e-3
     cache_dir: str = "~/.cache/raysim"
+    # what it trains on (raysim/config/synth.py): a list of {name, weight, path, run}; null: the dataset's public
+    # split as one pool (the corpus' public text and the data.public_fraction users)
+    sources: list[SourceConfig] | None = None
 
 
 @dataclass
@@ -342,6 +346,7 @@ class ExperimentConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     emulators: dict[str, EmulatorConfig] = field(default_factory=dict)  # offsite-tuning emulators, by name
+    synth: SynthConfig = field(default_factory=SynthConfig)  # raysim synth (pretrain.sources: generated, ...)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     costs: CostsConfig = field(default_factory=CostsConfig)

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from raysim.config.schema import CohortConfig, ExperimentConfig, PrivacyConfig
+from raysim.config.synth import SOURCE_NAMES
 from raysim.errors import ConfigError
 from raysim.methods import METHODS
 
@@ -146,6 +147,43 @@ def _validate_data(cfg: ExperimentConfig, c) -> None:
     c(p.steps >= 0, "pretrain.steps", "must be >= 0")
     c(p.batch_size >= 1, "pretrain.batch_size", "must be >= 1")
     c(p.lr > 0, "pretrain.lr", "must be > 0")
+    _validate_sources(cfg, c)
+
+
+def _validate_sources(cfg: ExperimentConfig, c) -> None:
+    sources, s = cfg.pretrain.sources, cfg.synth
+    if sources is None:
+        return
+    c(len(sources) >= 1, "pretrain.sources", "must list at least one source (null: the public split)")
+    c(cfg.pretrain.steps > 0, "pretrain.sources", "pre-trains nothing with pretrain.steps=0")
+    c(cfg.data.source != "synthetic", "pretrain.sources", "synthetic data has no text: use a text data.source")
+    weighted = [src.weight is not None for src in sources]
+    for i, src in enumerate(sources):
+        key = f"pretrain.sources[{i}]"
+        c(src.name in SOURCE_NAMES, f"{key}.name", f"must be one of {', '.join(SOURCE_NAMES)}")
+        c(src.weight is None or src.weight > 0, f"{key}.weight", "must be > 0")
+        c(all(weighted) or not any(weighted), f"{key}.weight", "give every source a weight, or none (pooled)")
+        c((src.path is not None) == (src.name == "file"), f"{key}.path", "a file source needs a path; others none")
+        c((src.run is not None) == (src.name == "refiltered"), f"{key}.run",
+          "a refiltered source needs the run directory of a finished DP run; others none")
+        c(src.name != "oracle" or cfg.data.public_fraction > 0, f"{key}.name",
+          "oracle is the users data.public_fraction sets aside: set data.public_fraction > 0")
+    g = s.generator
+    c(g.n_layer >= 1 and g.n_head >= 1 and g.n_embd % g.n_head == 0, "synth.generator.n_head",
+      "must divide synth.generator.n_embd (and n_layer >= 1)")
+    c(g.vocab_size >= 258, "synth.generator.vocab_size", "must be >= 258 (byte-level BPE: 256 bytes and EOS)")
+    c(g.seq_len >= 8, "synth.generator.seq_len", "must be >= 8")
+    c(g.steps >= 1 and g.batch_size >= 1 and g.lr > 0, "synth.generator", "steps, batch_size and lr must be > 0")
+    c(s.generated >= 1 and s.transformed >= 1, "synth.generated", "synth.generated and synth.transformed: >= 1")
+    c(1 <= s.max_new_tokens < g.seq_len, "synth.max_new_tokens", "must be in [1, synth.generator.seq_len)")
+    c(1 <= s.prefix_tokens <= g.seq_len - s.max_new_tokens, "synth.prefix_tokens",
+      "must be in [1, synth.generator.seq_len - synth.max_new_tokens]")
+    c(s.temperature > 0, "synth.temperature", "must be > 0")
+    c(0 < s.top_p <= 1, "synth.top_p", "must be in (0, 1]")
+    c(s.max_pool is None or s.max_pool >= 2, "synth.max_pool", "must be >= 2")
+    c(s.domain_steps >= 1, "synth.domain_steps", "must be >= 1")
+    c(0 < s.filter_fraction <= 1, "synth.filter_fraction", "must be in (0, 1]")
+    c(0 < s.refilter_fraction <= 1, "synth.refilter_fraction", "must be in (0, 1]")
 
 
 def _validate_aggregation(cfg: ExperimentConfig, c) -> None:

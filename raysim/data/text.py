@@ -137,13 +137,9 @@ def build_text_dataset(cfg: ExperimentConfig) -> TextDataset:
     d = cfg.data
     corpus = load_user_texts(cfg)
     texts, source = corpus.texts, corpus.source
-    public_names = {PUBLIC_USER} & set(texts)
-    others = sorted(set(texts) - public_names)
-    if d.public_fraction > 0:
-        draw = rng.uniform(split_seed(cfg), "public-users", ids=np.arange(len(others)))
-        public_names |= {u for u, x in zip(others, draw) if x < d.public_fraction}
-    public_texts = [t for u in sorted(public_names) for t in texts[u]]
-    tok = _tokenizer(cfg, public_texts, source)
+    public_names = _public_names(cfg, texts)
+    others = sorted(set(texts) - {PUBLIC_USER})
+    tok = _tokenizer(cfg, [t for u in sorted(public_names) for t in texts[u]], source)
     eos = eos_id(tok)
 
     def pack(names: list[str], max_blocks: int | None) -> list[np.ndarray]:
@@ -184,6 +180,31 @@ def build_text_dataset(cfg: ExperimentConfig) -> TextDataset:
         eval_labels=joined(labels, eval_users, per_user),
         pad_id=eos,
     )
+
+
+def _public_names(cfg: ExperimentConfig, texts: dict[str, list[str]]) -> set[str]:
+    """The corpus' public user (if it has one) and the users ``data.public_fraction`` sets aside."""
+    public_names = {PUBLIC_USER} & set(texts)
+    others = sorted(set(texts) - public_names)
+    if cfg.data.public_fraction > 0:
+        draw = rng.uniform(split_seed(cfg), "public-users", ids=np.arange(len(others)))
+        public_names |= {u for u, x in zip(others, draw) if x < cfg.data.public_fraction}
+    return public_names
+
+
+def public_texts(cfg: ExperimentConfig) -> tuple[dict[str, list[str]], object]:
+    """The public split's texts by part, ``public`` (the corpus' own public text) and ``oracle`` (the users
+    ``data.public_fraction`` sets aside), and the run's tokenizer (trained on both, whatever pre-trains)."""
+    corpus = load_user_texts(cfg)
+    names = _public_names(cfg, corpus.texts)
+    parts = {"public": list(corpus.texts.get(PUBLIC_USER, [])),
+             "oracle": [t for u in sorted(names - {PUBLIC_USER}) for t in corpus.texts[u]]}
+    return parts, _tokenizer(cfg, [t for u in sorted(names) for t in corpus.texts[u]], corpus.source)
+
+
+def pack_texts(tok, texts: list[str], *, seq_len: int) -> np.ndarray:
+    """``texts`` tokenized, EOS after each, cut into full sequences of ``seq_len`` tokens."""
+    return _pack([e.ids for e in tok.encode_batch(texts)], eos=eos_id(tok), seq_len=seq_len, max_blocks=None)
 
 
 def _tokenizer(cfg: ExperimentConfig, public_texts: list[str], source: str):

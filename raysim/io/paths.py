@@ -46,5 +46,8 @@ def absolute(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(
         cfg, output_dir=_path(cfg.output_dir), population=_population(cfg.population), policy=_policy(cfg.policy),
         data=data, model=dataclasses.replace(cfg.model, path=_path(cfg.model.path)),
-        pretrain=dataclasses.replace(cfg.pretrain, cache_dir=_path(cfg.pretrain.cache_dir)),
+        pretrain=dataclasses.replace(cfg.pretrain, cache_dir=_path(cfg.pretrain.cache_dir), sources=None if (
+            sources := cfg.pretrain.sources) is None else [dataclasses.replace(s, path=_path(s.path), run=_path(s.run))
+                                                          for s in sources]),
+        synth=dataclasses.replace(cfg.synth, prompts=_path(cfg.synth.prompts)),
     )

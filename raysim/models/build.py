@@ -39,6 +39,8 @@ class BaseModel:
     origin: str  # "init", "pretrained <key>", or the folder it came from
     # offsite-tuning emulators the model owner built from these weights, by name (raysim.offsite.build)
     emulators: dict = field(default_factory=dict)
+    # pretrain.sources: what each source gave pre-training and how synth made it (summary.json "synth")
+    pretrained_on: dict | None = None
 
     @property
     def vocab_size(self) -> int:

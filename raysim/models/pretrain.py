@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,10 +33,35 @@ from raysim.models.build import BaseModel, instantiate
 RECIPE_VERSION = 1
 
 
-def cache_key(base: BaseModel, public: torch.Tensor, cfg: PretrainConfig, *, seed: int) -> str:
+@dataclass(frozen=True)
+class Mixture:
+    """Pre-training data from several sources: each batch row comes from source ``i`` with probability
+    ``weights[i] / sum(weights)``, then is one of its sequences, uniformly."""
+
+    parts: tuple[torch.Tensor, ...]  # int sequences [n_i, seq_len]
+    weights: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def draw(self, batch_size: int, g: torch.Generator) -> torch.Tensor:
+        w = torch.tensor(self.weights, dtype=torch.float64)
+        source = torch.multinomial(w, batch_size, replacement=True, generator=g)
+        u = torch.rand(batch_size, generator=g, dtype=torch.float64)
+        rows = [self.parts[s][int(x * len(self.parts[s]))] for s, x in zip(source.tolist(), u.tolist())]
+        return torch.stack(rows)
+
+
+def cache_key(base: BaseModel, public: torch.Tensor | Mixture, cfg: PretrainConfig, *, seed: int) -> str:
     """A hash of everything that decides the pre-trained weights: the inputs, the recipe and the libraries that
     compute it (their kernels and defaults change between versions)."""
-    h = hashed(base, public, recipe=RECIPE_VERSION)
+    if isinstance(public, Mixture):
+        h = hashed(base, torch.empty(0, dtype=torch.int32), recipe=RECIPE_VERSION)
+        for part, weight in zip(public.parts, public.weights):
+            h.update(repr(("part", tuple(part.shape), weight)).encode())
+            h.update(part.numpy().tobytes())
+    else:
+        h = hashed(base, public, recipe=RECIPE_VERSION)
     h.update(repr((cfg.steps, cfg.batch_size, cfg.lr, seed)).encode())
     return h.hexdigest()[:16]
 
@@ -62,7 +88,8 @@ def lr_at(step: int, *, steps: int, lr: float) -> float:
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def pretrain(base: BaseModel, public: torch.Tensor, cfg: PretrainConfig, *, seed: int, progress: bool) -> BaseModel:
+def pretrain(base: BaseModel, public: torch.Tensor | Mixture, cfg: PretrainConfig, *, seed: int, progress: bool,
+             what: str = "a base model") -> BaseModel:
     """``base`` trained for ``cfg.steps`` on ``public`` sequences (or loaded from the cache)."""
     if cfg.steps == 0 or len(public) == 0:
         return base
@@ -77,14 +104,15 @@ def pretrain(base: BaseModel, public: torch.Tensor, cfg: PretrainConfig, *, seed
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     g = rng.generator(seed, "pretrain")
     # one line even with progress=false: minutes of work must not look like a hang
-    print(f"raysim: pre-training a base model on {len(public):,} public sequences for {cfg.steps} steps "
+    print(f"raysim: pre-training {what} on {len(public):,} public sequences for {cfg.steps} steps "
           f"(cached as {path})", file=sys.stderr)
     bar = tqdm(range(cfg.steps), desc="pre-training on public text", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps=cfg.steps, lr=cfg.lr)
-        x = public[torch.randint(len(public), (cfg.batch_size,), generator=g)]
+        x = (public.draw(cfg.batch_size, g) if isinstance(public, Mixture)
+             else public[torch.randint(len(public), (cfg.batch_size,), generator=g)])
         loss = model(input_ids=x, labels=x).loss
         if not torch.isfinite(loss):
             raise ArithmeticError(f"pre-training diverged at step {step} (loss {loss.item()}); lower pretrain.lr")
