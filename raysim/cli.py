@@ -1,4 +1,5 @@
-"""The ``raysim`` command line: ``run``, ``compare``, ``report``, ``train-policy``, ``profiles`` and ``privacy``.
+"""The ``raysim`` command line: ``run``, ``compare``, ``report``, ``train-policy``, ``synth``, ``profiles`` and
+``privacy``.
 
 Errors a user can cause (``ConfigError``, bad arguments) print as one line and
 exit non-zero; any other failure prints one line too unless ``--debug`` asks
@@ -76,6 +77,13 @@ def _train_policy(args: argparse.Namespace) -> int:
     cfg = load_experiment(args.experiment, list(args.overrides))
     print(f"checkpoint: {train_policy(cfg, episodes=args.episodes, out=Path(args.out), overwrite=args.overwrite)}")
     return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from raysim.synth.command import synth_command
+
+    return synth_command(args.experiment, list(args.overrides), out=args.out, overwrite=args.overwrite,
+                         progress=not args.no_progress)
 
 
 def _profiles(args: argparse.Namespace) -> int:
@@ -162,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(cmd)
     _add_report(cmd)
     _add_train_policy(cmd)
+    _add_synth(cmd)
     _add_profiles(cmd("profiles", help="list, show or validate device classes and populations",
                       description="list, show or validate device classes and populations (default: list)",
                       examples="  raysim profiles list\n  raysim profiles show gboard\n"
@@ -223,6 +232,21 @@ def _add_train_policy(cmd: Callable[..., argparse.ArgumentParser]) -> None:
     train.add_argument("--overwrite", action="store_true",
                        help="replace the checkpoint and its episodes' runs (default: refuse)")
     train.set_defaults(func=_train_policy)
+
+
+def _add_synth(cmd: Callable[..., argparse.ArgumentParser]) -> None:
+    synth = cmd("synth", help="make public pre-training data that resembles the users' (server side, public text)",
+                description="run the synth steps (generated, filtered, transformed; refiltered once its DP run has "
+                            "finished) an experiment or study names, cached under pretrain.cache_dir/synth; a run "
+                            "whose pretrain.sources name them runs them itself",
+                examples="  raysim synth experiments/public_data.yaml\n"
+                         "  raysim synth experiments/public_data.yaml synth.generated=1000 --out runs/synth")
+    synth.add_argument("experiment", help="experiment or study YAML")
+    synth.add_argument("overrides", nargs="*", help="key=value overrides, e.g. synth.generated=1000")
+    synth.add_argument("--out", help="also write each step's texts and a manifest.json to this folder")
+    synth.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (default: refuse)")
+    synth.add_argument("--no-progress", action="store_true", help="no progress bars")
+    synth.set_defaults(func=_synth)
 
 
 def _add_privacy(cmd: Callable[..., argparse.ArgumentParser]) -> None:

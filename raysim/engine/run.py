@@ -56,12 +56,12 @@ from raysim.methods.coordinates import Space, Support
 from raysim.methods.rank import truncation_rank
 from raysim.methods.split import any_split
 from raysim.models.build import BaseModel, base_seed, initial_base_model
-from raysim.models.pretrain import pretrain
 from raysim.offsite.build import build_emulators
 from raysim.policies import CostOracle, Policy, PolicyContext, PolicySpec, build_policy, policy_identity, read_policy
 from raysim.privacy import mechanisms
 from raysim.split import leakage
 from raysim.split.mechanisms import adapter_sets as mixing_sets
+from raysim.synth.sources import pretrained_base
 from raysim.types import RoundState
 
 
@@ -282,6 +282,7 @@ class Run:
         }
         if self.base.emulators:  # which blocks each emulator keeps, replaces and compresses
             summary["emulators"] = {name: e.describe() for name, e in self.base.emulators.items()}
+        summary |= {"synth": self.base.pretrained_on} if self.base.pretrained_on else {}  # pretrain.sources
         if self.cause is not None:
             summary["cause"] = self.cause
         for callback in self.callbacks:
@@ -307,7 +308,7 @@ def build_run(cfg: ExperimentConfig, *, make_policy: Callable[[PolicyContext], P
     base = initial_base_model(cfg.model, seed=cfg.seed)
     check_compatible(cfg, base)
     public, owner_seed = dataset.public_examples(), base_seed(cfg.model, seed=cfg.seed)
-    base = pretrain(base, public, cfg.pretrain, seed=owner_seed, progress=cfg.progress)
+    base = pretrained_base(cfg, dataset, base, seed=owner_seed, progress=cfg.progress)
     base = build_emulators(cfg, base, public, seed=owner_seed)  # offsite-tuning: the owner's emulators
     where = cluster.connect(address=cfg.ray.address, include_dashboard=cfg.ray.include_dashboard).description
     processors: list[UpdateProcessor] = []

@@ -75,6 +75,8 @@ def run_id(values: dict[str, Any]) -> str:
     parts = []
     for key, value in values.items():
         text = Path(value).stem if isinstance(value, str) and value.endswith((".yaml", ".yml")) else str(value)
+        if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+            text = "+".join(str(v["name"]) for v in value)  # a list of named items (pretrain.sources)
         parts.append(f"{key.split('.')[-1]}-{text}")
     return re.sub(r"[^A-Za-z0-9.=+-]+", "_", "_".join(parts)) or "run"
 
@@ -257,14 +259,13 @@ def _run_parallel(todo: list[StudyRun], *, parallel: int, caches: Caches) -> Non
     from raysim import cluster
     from raysim.data.build import build_dataset
     from raysim.models.build import base_seed, initial_base_model
-    from raysim.models.pretrain import pretrain
+    from raysim.synth.sources import pretrained_base
 
     # Pre-train in the driver first: concurrent runs would race to fill the same cache entry.
     for cfg in {to_yaml(_pretrain_part(r.cfg)): r.cfg for r in todo}.values():
         base = initial_base_model(cfg.model, seed=cfg.seed)
-        pretrain(base, build_dataset(cfg, caches=caches).public_examples(), cfg.pretrain,
-                 seed=base_seed(cfg.model, seed=cfg.seed),
-                 progress=False)
+        pretrained_base(cfg, build_dataset(cfg, caches=caches), base, seed=base_seed(cfg.model, seed=cfg.seed),
+                        progress=False)
     task = ray.remote(num_cpus=0, scheduling_strategy=cluster.on_this_node())(_run_one)
     pending, queue = [], list(todo)
     while queue or pending:
@@ -292,4 +293,4 @@ def _pretrain_part(cfg: ExperimentConfig) -> ExperimentConfig:
     from raysim.models.build import base_seed
 
     return dataclasses.replace(ExperimentConfig(), seed=base_seed(cfg.model, seed=cfg.seed), model=cfg.model,
-                               data=cfg.data, pretrain=cfg.pretrain)
+                               data=cfg.data, pretrain=cfg.pretrain, synth=cfg.synth)
