@@ -5,7 +5,6 @@ each made, and with ``--out`` write each step's texts (``<step>.parquet``, a ``t
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -64,8 +63,8 @@ def synthesize(cfg: ExperimentConfig, *, progress: bool) -> dict[str, Made]:
 
 def synth_command(path: str, overrides: list[str], *, out: str | None, overwrite: bool, progress: bool) -> int:
     out_dir = Path(out).expanduser() if out else None
-    if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"{out_dir} is not empty: pass --overwrite to replace it", field="--out")
+    if out_dir is not None:
+        _check_out(out_dir, overwrite=overwrite)
     made: dict[str, Made] = {}
     for cfg in configs(path, overrides):
         made |= synthesize(cfg, progress=progress)
@@ -74,12 +73,30 @@ def synth_command(path: str, overrides: list[str], *, out: str | None, overwrite
         print(f"{step:<32} {m.about['texts']:>7} {m.about['chars']:>10}  {m.about['sha256']}")
         print(f"    {m.texts[0][:100]!r}" if m.texts else "    (empty)")
     if out_dir is not None:
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
+        for old in _written(out_dir):
+            old.unlink()
+        out_dir.mkdir(parents=True, exist_ok=True)
         for step, m in made.items():
             atomic_write(out_dir / f"{step}.parquet", lambda tmp, m=m: pq.write_table(pa.table({"text": m.texts}), tmp))
         manifest = json.dumps({step: m.about for step, m in made.items()}, indent=2)
         atomic_write(out_dir / "manifest.json", lambda tmp: Path(tmp).write_text(manifest))
         print(f"written: {out_dir} (each step's texts as <step>.parquet; a file source reads them)")
     return 0
+
+
+def _written(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("*.parquet")) + sorted(out_dir.glob("manifest.json")) if out_dir.is_dir() else []
+
+
+def _check_out(out_dir: Path, *, overwrite: bool) -> None:
+    """An empty or new folder; with ``overwrite``, also one holding only what ``raysim synth --out`` wrote."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"{out_dir} is not empty: pass --overwrite to replace raysim synth's texts there",
+                          field="--out")
+    others = sorted(p.name for p in set(out_dir.iterdir()) - set(_written(out_dir)))
+    if others or not (out_dir / "manifest.json").is_file():
+        held = ", ".join(others[:3]) or "no manifest.json"
+        raise ConfigError(f"{out_dir} is not a raysim synth output folder (it holds {held}): --overwrite "
+                          "replaces only what raysim synth wrote", field="--out")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import transformers
+from tqdm.auto import tqdm
 
 from raysim import rng
 from raysim.config import ExperimentConfig, ModelConfig, PretrainConfig
@@ -135,6 +137,9 @@ class Synth:
                                        steps=self.s.domain_steps, what="the synth domain scorer")
         return lm.model_of(self.domain_base)
 
+    def _bar(self, items, desc: str):
+        return tqdm(items, desc=desc, disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+
     def _cached(self, step: str, make, *key: object) -> Made:
         """A step's texts from the cache, or made and cached; ``key``: what decides them but the libraries (the
         models by their content-hashed origin, the texts by hash, the step's settings)."""
@@ -160,7 +165,7 @@ class Synth:
     def _generate(self) -> Made:
         s, prompts = self.s, self.prompts
         texts = []
-        for j, ids in enumerate(self.encode(prompts)):
+        for j, ids in enumerate(self._bar(self.encode(prompts), "synth: generating, by prompt")):
             n = len(range(j, s.generated, len(prompts)))
             for b, start in enumerate(range(0, n, BATCH)):
                 rows = torch.tensor([ids] * min(BATCH, n - start))
@@ -201,7 +206,7 @@ class Synth:
         order = np.argsort(rng.uniform(s.seed, "synth-transform", ids=long_enough), kind="stable")
         chosen = long_enough[order[:s.transformed]]
         texts = []
-        for b, start in enumerate(range(0, len(chosen), BATCH)):
+        for b, start in enumerate(self._bar(range(0, len(chosen), BATCH), "synth: transforming, by batch")):
             rows = torch.tensor([ids[i][:k] for i in chosen[start:start + BATCH]])
             new = lm.sample(self.domain, rows, eos=self.eos, max_new_tokens=s.max_new_tokens,
                             temperature=s.temperature, top_p=s.top_p, seed=s.seed, purpose="transformed", batch=b)
