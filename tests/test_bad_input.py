@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import typing
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from conftest import TINY
 def float_keys(cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, bool]]:
     """Every float key of the config (dotted) and whether it is a list of floats."""
     keys = []
-    hints = typing.get_type_hints(cls, vars(config_module))
+    hints = typing.get_type_hints(cls, {**vars(config_module), **vars(sys.modules[cls.__module__])})
     for f in dataclasses.fields(cls):
         kind, dotted = hints[f.name], f"{prefix}{f.name}"
         if dataclasses.is_dataclass(kind):

@@ -87,7 +87,8 @@ def test_debug_is_accepted_after_a_nested_subcommand(argv, capsys):
 def test_every_subcommand_is_covered_by_the_help_checks():
     assert {line for line, _ in SUBCOMMANDS} == {
         "raysim run", "raysim compare", "raysim report", "raysim train-policy", "raysim profiles",
-        "raysim privacy", "raysim profiles list", "raysim profiles show", "raysim profiles validate"}
+        "raysim privacy", "raysim profiles list", "raysim profiles show", "raysim profiles validate",
+        "raysim synth"}
 
 
 @pytest.mark.parametrize("line, parser", PARSERS, ids=[line for line, _ in PARSERS])
