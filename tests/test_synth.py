@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -282,21 +279,25 @@ def test_refilter_scores_with_the_runs_own_models(dp_run, synth):
     assert min(score[t] for t in made.texts) >= max(v for t, v in score.items() if t not in set(made.texts))
 
 
-def test_raysim_synth_prints_each_step_and_refuses_a_full_out_folder(synth, cache, tmp_path):
+def test_raysim_synth_prints_each_step_and_refuses_a_full_out_folder(synth, cache, tmp_path, capsys):
+    from raysim.cli import main
+
     out = tmp_path / "synth"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    args = [sys.executable, "-m", "raysim.cli", "synth", "quickstart", *TEXT, *SMALL_SYNTH,
-            f"pretrain.cache_dir={cache}", "--no-progress", "--out", str(out)]
+    args = ["synth", "quickstart", *TEXT, *SMALL_SYNTH, f"pretrain.cache_dir={cache}", "--no-progress",
+            "--out", str(out)]
     for flags in ([], ["--overwrite"]):  # a folder synth did not write is never replaced
-        refused = subprocess.run([*args, *flags], capture_output=True, text=True)
-        assert refused.returncode == 1 and "--out" in refused.stderr and (out / "keep.txt").read_text() == "mine"
-        assert len(refused.stderr.strip().splitlines()) == 1
+        assert main([*args, *flags]) == 1 and (out / "keep.txt").read_text() == "mine"
+        err = capsys.readouterr().err
+        assert "--out" in err and len(err.strip().splitlines()) == 1
     (out / "keep.txt").unlink()
-    assert subprocess.run(args, capture_output=True, text=True).returncode == 0
-    done = subprocess.run([*args, "--overwrite"], capture_output=True, text=True)  # its own output: replaced
-    assert done.returncode == 0, done.stderr
+    assert main(args) == 0
+    assert main([*args, "--overwrite"]) == 0  # its own output: replaced
+    printed = capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["generated"]["sha256"] == synth.made["generated"].about["sha256"]
     assert pq.read_table(out / "filtered.parquet").column("text").to_pylist() == synth.made["filtered"].texts
-    assert np.all([step in done.stdout for step in ("generated", "filtered", "transformed")])
+    assert all(step in printed for step in ("generated", "filtered", "transformed"))
+    assert sorted(p.name for p in out.iterdir()) == ["filtered.parquet", "generated.parquet", "manifest.json",
+                                                     "transformed.parquet"]
