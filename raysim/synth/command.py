@@ -4,6 +4,7 @@ each made, and with ``--out`` write each step's texts (``<step>.parquet``, a ``t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -40,11 +41,12 @@ def _synth_part(cfg: ExperimentConfig) -> ExperimentConfig:
                             pretrain=type(cfg.pretrain)(cache_dir=cfg.pretrain.cache_dir))
 
 
-def synthesize(cfg: ExperimentConfig, *, progress: bool) -> dict[str, Made]:
-    """The first steps, then a re-filter for every refiltered source whose run has finished."""
+def synthesize(cfg: ExperimentConfig, *, progress: bool, first: bool = True) -> dict[str, Made]:
+    """The first steps (unless ``first`` is false: made already), then a re-filter for every refiltered source
+    whose run has finished."""
     synth = Synth(cfg, progress=progress)
     made = {}
-    for step in FIRST:
+    for step in FIRST if first else ():
         print(f"raysim synth: {step}", file=sys.stderr)
         made[step] = getattr(synth, step)()
     for i, src in enumerate(cfg.pretrain.sources or []):
@@ -66,8 +68,11 @@ def synth_command(path: str, overrides: list[str], *, out: str | None, overwrite
     if out_dir is not None:
         _check_out(out_dir, overwrite=overwrite)
     made: dict[str, Made] = {}
+    settings = set()  # the synth settings whose first steps are made: a study's runs mostly share them
     for cfg in configs(path, overrides):
-        made |= synthesize(cfg, progress=progress)
+        setting = to_yaml(dataclasses.replace(_synth_part(cfg), name=""))
+        made |= synthesize(cfg, progress=progress, first=setting not in settings)
+        settings.add(setting)
     print(f"{'step':<32} {'texts':>7} {'chars':>10}  sha256")
     for step, m in made.items():
         print(f"{step:<32} {m.about['texts']:>7} {m.about['chars']:>10}  {m.about['sha256']}")
