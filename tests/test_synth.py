@@ -267,7 +267,7 @@ def test_refilter_scores_with_the_runs_own_models(dp_run, synth):
     cfg = load_experiment(dp_run / "config.yaml")
     held_out = build_dataset(cfg).eval_examples()
     with torch.no_grad():
-        logits = models.private(input_ids=held_out).logits[:, :-1].double()
+        logits = models.loaded[2](input_ids=held_out).logits[:, :-1].double()
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), held_out[:, 1:].flatten()).item()
     # the DP model rebuilt from the run directory scores the held-out users as the run's last evaluation did
     assert loss == pytest.approx(float(rounds.eval_loss.iloc[-1]), rel=1e-4)  # float32 sums in other orders

@@ -40,14 +40,13 @@ def _policy(value: str) -> str:
 
 def absolute(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with every path and every working-directory name absolute (bad names are ConfigErrors)."""
-    d = cfg.data
+    d, sources = cfg.data, cfg.pretrain.sources
     data = dataclasses.replace(d, source=d.source if d.source in DATA_NAMES else _path(d.source),
                                tokenizer=dataclasses.replace(d.tokenizer, path=_path(d.tokenizer.path)))
     return dataclasses.replace(
         cfg, output_dir=_path(cfg.output_dir), population=_population(cfg.population), policy=_policy(cfg.policy),
         data=data, model=dataclasses.replace(cfg.model, path=_path(cfg.model.path)),
-        pretrain=dataclasses.replace(cfg.pretrain, cache_dir=_path(cfg.pretrain.cache_dir), sources=None if (
-            sources := cfg.pretrain.sources) is None else [dataclasses.replace(s, path=_path(s.path), run=_path(s.run))
-                                                          for s in sources]),
+        pretrain=dataclasses.replace(cfg.pretrain, cache_dir=_path(cfg.pretrain.cache_dir), sources=sources and [
+            dataclasses.replace(s, path=_path(s.path), run=_path(s.run)) for s in sources]),
         synth=dataclasses.replace(cfg.synth, prompts=_path(cfg.synth.prompts)),
     )

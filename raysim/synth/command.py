@@ -4,7 +4,6 @@ each made, and with ``--out`` write each step's texts (``<step>.parquet``, a ``t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ FIRST = ("generated", "filtered", "transformed")  # the steps that need no DP ru
 
 
 def configs(path: str, overrides: list[str]) -> list[ExperimentConfig]:
-    """The experiment's config, or a study's runs' configs with distinct synth settings."""
+    """The experiment's config, or a study's runs' configs."""
     from raysim.io import shipped
     from raysim.study.compare import load_study
 
@@ -31,13 +30,12 @@ def configs(path: str, overrides: list[str]) -> list[ExperimentConfig]:
         runs = [r.cfg for r in load_study(file, overrides).runs]
     else:
         runs = [load_experiment(file, overrides)]
-    return list({to_yaml(_synth_part(c)): c for c in runs}.values())
+    return runs
 
 
 def _synth_part(cfg: ExperimentConfig) -> ExperimentConfig:
-    """What decides synth's texts: its settings, the cache, the corpus (its public split) and the DP runs."""
-    runs = [s.run for s in cfg.pretrain.sources or [] if s.name == "refiltered"]
-    return ExperimentConfig(synth=cfg.synth, data=cfg.data, name=",".join(runs),
+    """What decides the first steps' texts: synth's settings, the cache and the corpus (its public split)."""
+    return ExperimentConfig(synth=cfg.synth, data=cfg.data,
                             pretrain=type(cfg.pretrain)(cache_dir=cfg.pretrain.cache_dir))
 
 
@@ -70,7 +68,7 @@ def synth_command(path: str, overrides: list[str], *, out: str | None, overwrite
     made: dict[str, Made] = {}
     settings = set()  # the synth settings whose first steps are made: a study's runs mostly share them
     for cfg in configs(path, overrides):
-        setting = to_yaml(dataclasses.replace(_synth_part(cfg), name=""))
+        setting = to_yaml(_synth_part(cfg))
         made |= synthesize(cfg, progress=progress, first=setting not in settings)
         settings.add(setting)
     print(f"{'step':<32} {'texts':>7} {'chars':>10}  sha256")

@@ -8,6 +8,7 @@ the run's held-out evaluation applies it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -32,25 +33,29 @@ from raysim.synth import lm
 
 @dataclass
 class RunModels:
+    """What identifies a finished run (its ε, its checkpoint's hash: the re-filter's cache key) and, loaded on
+    first use, its tokenizer and two models: a cached re-filter never builds them."""
+
     run: str
     epsilon: float | None
-    fingerprint: str  # the run's state and config: the re-filter's cache key
-    tokenizer: object
-    public: torch.nn.Module
-    private: torch.nn.Module
-    width: int  # the run's data.seq_len
+    fingerprint: str
+    load: Callable[[], tuple]  # -> (tokenizer, public model, DP model, the run's data.seq_len)
+
+    @functools.cached_property
+    def loaded(self) -> tuple:
+        return self.load()
 
     def log_likelihood_ratio(self, texts: list[str], *, progress: bool) -> np.ndarray:
         """Per text, mean log-likelihood per token under the DP model minus under the public model."""
-        ids = [e.ids for e in self.tokenizer.encode_batch(texts)]
-        eos = eos_id(self.tokenizer)
-        kw = {"eos": eos, "width": self.width, "progress": progress}
-        return (lm.nll(self.public, ids, desc="synth re-filter: public model", **kw)
-                - lm.nll(self.private, ids, desc="synth re-filter: DP model", **kw))
+        tokenizer, public, private, width = self.loaded
+        ids = [e.ids for e in tokenizer.encode_batch(texts)]
+        kw = {"eos": eos_id(tokenizer), "width": width, "progress": progress}
+        return (lm.nll(public, ids, desc="synth re-filter: public model", **kw)
+                - lm.nll(private, ids, desc="synth re-filter: DP model", **kw))
 
 
 def run_models(run_dir: Path, *, field: str, pretrained_base: Callable[..., BaseModel]) -> RunModels:
-    """The models of the finished run in ``run_dir`` (its pre-training redone or loaded by ``pretrained_base``,
+    """The finished run in ``run_dir`` (its pre-training redone or loaded by ``pretrained_base``,
     :func:`raysim.synth.sources.pretrained_base`); one ConfigError naming ``field`` if it is not one."""
     summary_path, state_path = run_dir / "summary.json", run_dir / ckpt.FILE
     if not summary_path.is_file() or not state_path.is_file():
@@ -58,11 +63,16 @@ def run_models(run_dir: Path, *, field: str, pretrained_base: Callable[..., Base
     summary = json.loads(summary_path.read_text())
     if summary.get("status") not in COMPLETE:
         raise ConfigError(f"{run_dir}: the run is {summary.get('status')}, not finished", field=field)
+    return RunModels(run=str(run_dir), epsilon=summary.get("epsilon"), fingerprint=_file_hash(state_path),
+                     load=functools.partial(_load, run_dir, pretrained_base))
+
+
+def _load(run_dir: Path, pretrained_base: Callable[..., BaseModel]) -> tuple:
+    """The run's tokenizer, its pre-trained model, the same with the checkpoint's global state applied as the
+    run's held-out evaluation applies it, and its sequence length."""
     cfg = load_experiment(run_dir / "config.yaml")
-    parts = ckpt.load(state_path)
-    state = ckpt.sub(parts["aggregator"], "state").tensors
-    dataset = build_dataset(cfg)
-    base = pretrained_base(cfg, dataset, initial_base_model(cfg.model, seed=cfg.seed),
+    state = ckpt.sub(ckpt.load(run_dir / ckpt.FILE)["aggregator"], "state").tensors
+    base = pretrained_base(cfg, build_dataset(cfg), initial_base_model(cfg.model, seed=cfg.seed),
                            seed=base_seed(cfg.model, seed=cfg.seed), progress=False)
     space = Space.build(cfg, base)
     whole = Structure(rank=0, heads=space.units, mlp=space.inner, blocks=(), embeddings=False,
@@ -70,9 +80,8 @@ def run_models(run_dir: Path, *, field: str, pretrained_base: Callable[..., Base
     private = Submodel(space=space, base=base, cfg=cfg, device=torch.device("cpu"), structure=whole)
     private.load_frozen(state, None, version=object())
     private.lm.eval()
-    _, tok = public_texts(cfg)
-    return RunModels(run=str(run_dir), epsilon=summary.get("epsilon"), fingerprint=_file_hash(state_path),
-                     tokenizer=tok, public=lm.model_of(base), private=private.lm, width=cfg.data.seq_len)
+    _, tokenizer = public_texts(cfg)
+    return tokenizer, lm.model_of(base), private.lm, cfg.data.seq_len
 
 
 def _file_hash(path: Path) -> str:

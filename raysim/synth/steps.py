@@ -108,6 +108,11 @@ class Synth:
         return train_tokenizer(self._read(self.pool), vocab_size=self.s.generator.vocab_size,
                                cache_dir=Path(self.cfg.pretrain.cache_dir))
 
+    @functools.cached_property
+    def pool_ids(self) -> list[list[int]]:
+        """The pool's texts tokenized (what the filter scores and the transform starts from)."""
+        return self.encode(self._read(self.pool))
+
     @property
     def eos(self) -> int:
         return eos_id(self.tokenizer)
@@ -182,7 +187,7 @@ class Synth:
                             self.domain_base.origin, self.s.filter_fraction)
 
     def _filter(self) -> Made:
-        ids = self.encode(self._read(self.pool))
+        ids = self.pool_ids
         width = self.s.generator.seq_len
         score = (lm.nll(self.generator, ids, eos=self.eos, width=width, progress=self.progress,
                         desc="synth filter: generator") -
@@ -201,7 +206,7 @@ class Synth:
 
     def _transform(self) -> Made:
         s, k = self.s, self.s.prefix_tokens
-        ids = self.encode(self._read(self.pool))
+        ids = self.pool_ids
         long_enough = np.flatnonzero([len(t) > k for t in ids])
         order = np.argsort(rng.uniform(s.seed, "synth-transform", ids=long_enough), kind="stable")
         chosen = long_enough[order[:s.transformed]]
